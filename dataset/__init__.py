@@ -1,0 +1,1 @@
+"""ImageNet data: lists, the LMDB format, datasets, augmentations and loaders."""

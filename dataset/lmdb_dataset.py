@@ -1,0 +1,91 @@
+"""An ImageFolder-style dataset over an LMDB of the original WSLD format.
+
+The environment is opened lazily, in whichever process first reads a sample, so the dataset
+works in the main process and in fork or spawn DataLoader workers. Sample names live in one
+numpy byte array: a Python list of 1.28M strings would be copied page by page into every
+forked worker as reference counts are touched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import lmdb
+import numpy as np
+from torch.utils.data import Dataset
+
+from dataset.image_io import decode_rgb
+from dataset.lmdb_format import decode_record
+
+# Open environments of this process, by real path. py-lmdb refuses to open one environment
+# twice in a process (an inherited, forked copy included), so datasets on the same LMDB share
+# one handle; the pid tells a handle inherited through fork, which is closed and reopened.
+_OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def open_lmdb_readonly(path: str) -> lmdb.Environment:
+    """This process's read-only, lock-free handle on the LMDB environment at path."""
+    key = os.path.realpath(path)
+    cached = _OPEN_ENVS.get(key)
+    if cached is not None:
+        pid, env = cached
+        if pid == os.getpid():
+            return env
+        env.close()  # inherited through fork: closing only unmaps it in this process
+    if not os.path.isfile(os.path.join(key, "data.mdb")):
+        raise FileNotFoundError(f"no LMDB at '{path}' (data.mdb missing); build it with dataset/img2lmdb.py")
+    env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048)
+    _OPEN_ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def read_list(list_path: str) -> np.ndarray:
+    """The list file's lines (``wnid/file``) as a compact numpy bytes array."""
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"image list '{list_path}' not found; make it with dataset/mk_img_list.py")
+    with open(list_path, encoding="utf-8") as f:
+        names = [line.strip().encode("utf-8") for line in f if line.strip()]
+    return np.array(names, dtype=np.bytes_)
+
+
+class ImageFolder(Dataset):
+    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list.
+
+    ``sample`` is the decoded RGB image (H x W x 3 uint8) passed through ``transform``; with
+    ``decode=False`` the transform receives the stored file bytes instead, so that it can
+    decode at a reduced size.
+    """
+
+    def __init__(self, root: str, list_path: str, transform: Callable | None = None,
+                 target_transform: Callable | None = None, decode: bool = True) -> None:
+        self.root = root
+        self.names = read_list(list_path)
+        self.transform = transform
+        self.target_transform = target_transform
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name(self, index: int) -> str:
+        return self.names[index].decode("utf-8")
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """The stored image bytes and label of sample index."""
+        key = self.names[index]
+        with open_lmdb_readonly(self.root).begin(buffers=False) as txn:
+            value = txn.get(key)
+        if value is None:
+            raise KeyError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
+                           f"'{self.root}'; rebuild it with dataset/img2lmdb.py")
+        return decode_record(value)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        data, target = self.read_raw(index)
+        sample: Any = decode_rgb(data) if self.decode else data
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target

@@ -1,0 +1,82 @@
+"""Training configuration: edit this file, or override any key on the command line.
+
+    python3 train_with_distillation.py data.data_path=/path/to/imagenet optim.init_lr=0.2
+
+Every key of the original WSLD configuration is kept with its default; keys marked (new) are
+this repository's additions. README.md describes each key.
+"""
+
+from utils.config import AttrDict
+
+cfg = AttrDict(
+    # 'resnet': ResNet-34 teacher -> ResNet-18 student; 'mobilenet': ResNet-50 -> MobileNetV1.
+    net_type="resnet",
+    train_params=dict(
+        epochs=100,
+        use_seed=False,
+        seed=0,
+        print_freq=50,
+        output_dir="",  # (new) '' means ./output/<net_type>
+        amp="auto",  # (new) 'auto' | 'bf16' | 'fp16' | 'off'
+        eval_teacher=True,  # (new) report the teacher's validation error before training
+        max_steps_per_epoch=0,  # (new) 0 = whole epoch; a positive number cuts epochs short
+    ),
+    optim=dict(
+        init_lr=0.1,
+        min_lr=0,
+        momentum=0.9,
+        weight_decay=1e-4,
+        nesterov=True,  # (new)
+        lr_schedule="step",  # (new) 'step' (divide by 10 every lr_step_epochs) | 'cosine'
+        lr_step_epochs=30,  # (new)
+        lr_decay=0.1,  # (new)
+        use_grad_clip=False,
+        grad_clip=10,
+        label_smooth=False,
+        smooth_alpha=0.1,
+        if_resume=False,
+        resume_path="",  # a checkpoint file, or 'auto' for <output_dir>/checkpoint.pth.tar
+        cosine=dict(
+            use_restart=False,
+            restart=dict(
+                lr_period=[10, 20, 40, 80, 160, 320],
+                lr_step=[0, 10, 30, 70, 150, 310],
+            ),
+        ),
+    ),
+    data=dict(
+        data_path="/path/to/imagenet",
+        num_workers=32,  # data-loading workers in all, shared among the processes of a machine
+        batch_size=256,  # global batch, split evenly across processes
+        dataset="imagenet",
+        train_data_type="lmdb",  # 'lmdb' | 'img' (the JPEG class folders)
+        val_data_type="lmdb",
+        train_list="train_list.txt",  # (new) list files beside the split folders
+        val_list="val_list.txt",  # (new)
+        patch_dataset=False,
+        num_examples=1281167,
+        input_size=(3, 224, 224),
+        type_of_data_aug="random_sized",  # 'random_sized' | 'rand_scale'
+        random_sized=dict(min_scale=0.08),
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        color=False,
+    ),
+    model=dict(  # (new)
+        num_classes=1000,
+        teacher="",  # '' follows net_type; or resnet18 | resnet34 | resnet50 | mobilenet_v1
+        student="",
+        teacher_weights="torchvision",  # 'torchvision' (official weights) or a local file
+        student_weights="",  # '' trains the student from scratch
+    ),
+    distill=dict(  # (new)
+        method="wsld",  # 'wsld' | 'kd' | 'none'
+        temperature=2.0,
+        alpha=2.5,
+    ),
+    dist=dict(  # (new)
+        nprocs=0,  # 0: one process per visible GPU (one on the CPU); N: N processes
+        backend="",  # '' picks nccl on CUDA, gloo on the CPU
+        timeout_s=300,  # a process that waits longer on its peers gives up instead of hanging
+    ),
+)

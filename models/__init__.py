@@ -1,0 +1,1 @@
+"""Networks: torchvision's ResNets and MobileNetV1, with official-weight loading."""

@@ -1,0 +1,67 @@
+"""Real-image fixtures: small ImageNet-layout trees built from photos that scikit-learn ships."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataset.demo_data import sample_photos, write_photo_tree
+
+TRAIN_PER_CLASS = 6
+VAL_PER_CLASS = 3
+NUM_CLASSES = 4
+
+# The awkward files of ImageNet, by the name they get in the tree.
+ODD_FILES = {
+    "png": "train/n00000001/n00000001_png.JPEG",  # a PNG named .JPEG
+    "cmyk": "train/n00000002/n00000002_cmyk.JPEG",  # a CMYK JPEG
+    "grey": "train/n00000003/n00000003_grey.JPEG",  # a greyscale JPEG
+    "grey_val": "val/n00000000/n00000000_grey.JPEG",
+    "progressive": "train/n00000000/n00000000_prog.JPEG",  # a progressive RGB JPEG
+}
+
+
+def write_odd_files(root: str) -> None:
+    photo = Image.fromarray(sample_photos()[1][40:200, 60:260])
+    photo.save(os.path.join(root, ODD_FILES["png"]), format="PNG")
+    photo.convert("CMYK").save(os.path.join(root, ODD_FILES["cmyk"]), format="JPEG", quality=90)
+    photo.convert("L").save(os.path.join(root, ODD_FILES["grey"]), format="JPEG", quality=90)
+    photo.convert("L").save(os.path.join(root, ODD_FILES["grey_val"]), format="JPEG", quality=90)
+    photo.save(os.path.join(root, ODD_FILES["progressive"]), format="JPEG", quality=85, progressive=True)
+
+
+def truncate_file(path: str, keep_fraction: float = 0.4) -> None:
+    """Cut an image file short, as an interrupted download leaves it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep_fraction)])
+
+
+@pytest.fixture(scope="session")
+def photo_tree(tmp_path_factory) -> str:
+    """A read-only ImageNet-layout tree: train/ and val/ class folders of JPEG photos plus the odd files.
+
+    Tests that change files work on a copy (see ``tree_copy``).
+    """
+    root = str(tmp_path_factory.mktemp("imagenet"))
+    write_photo_tree(root, {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS}, num_classes=NUM_CLASSES)
+    write_odd_files(root)
+    return root
+
+
+@pytest.fixture()
+def tree_copy(photo_tree, tmp_path) -> str:
+    """A private, writable copy of photo_tree."""
+    dst = str(tmp_path / "imagenet")
+    shutil.copytree(photo_tree, dst)
+    return dst
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

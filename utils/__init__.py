@@ -1,0 +1,1 @@
+"""Helpers shared by the training script: configuration, distributed setup, checkpoints, metrics, logs."""
