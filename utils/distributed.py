@@ -1,0 +1,221 @@
+"""Starting and joining the training processes: spawn per device, torchrun, or a single process.
+
+``launch`` runs ``fn(proc, *args)`` once per process, where ``proc`` says which process this
+is. Under torchrun the process is already one of many and ``fn`` runs directly; otherwise N > 1
+processes are spawned on this machine, rendezvous on a free localhost port, and the first one
+to fail stops the others, so a dead process never leaves its peers waiting on a collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+# The environment torchrun (and torch.distributed.launch) sets for every process it starts.
+_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    """A spawned process failed; the message is that process's one-line error."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Where a process sits in the job. ``init_method`` is None when no process group is needed."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    init_method: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def find_free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_process() -> ProcessInfo | None:
+    """This process's place in a torchrun job, or None when torchrun did not start it."""
+    if not all(key in os.environ for key in _TORCHRUN_KEYS):
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    return ProcessInfo(rank=int(os.environ["RANK"]), world_size=world_size,
+                       local_rank=int(os.environ["LOCAL_RANK"]),
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                       init_method="env://")
+
+
+def planned_world_size(nprocs: int) -> int:
+    """How many processes ``launch`` will run: torchrun's count, nprocs, or one per CUDA device."""
+    proc = torchrun_process()
+    if proc is not None:
+        return proc.world_size
+    if nprocs > 0:
+        return nprocs
+    return max(1, torch.cuda.device_count())
+
+
+def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0,
+           user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
+
+    nprocs = 0 means one process per visible CUDA device (one on the CPU). Exceptions of the
+    types in ``user_errors`` raised in a spawned process come back as a LaunchError carrying
+    their message, without a traceback; other failures carry the process's exit status (its
+    traceback has already been printed by the process itself).
+    """
+    proc = torchrun_process()
+    if proc is not None:
+        fn(proc, *args)
+        return
+    world_size = planned_world_size(nprocs)
+    if world_size == 1:
+        fn(ProcessInfo(), *args)
+        return
+    template = ProcessInfo(world_size=world_size, local_world_size=world_size,
+                           init_method=f"tcp://127.0.0.1:{find_free_port()}")
+    _spawn_and_join(fn, args, template, user_errors)
+
+
+def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo,
+                    user_errors: tuple[type[BaseException], ...]) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    processes = []
+    for rank in range(template.world_size):
+        proc = replace(template, rank=rank, local_rank=rank)
+        process = ctx.Process(target=_spawned_entry, args=(fn, proc, args, user_errors, errors),
+                              name=f"rank{rank}")
+        process.start()
+        processes.append(process)
+    try:
+        failed = _wait_for_first_failure(processes)
+    except KeyboardInterrupt:
+        _stop(processes)
+        raise
+    if failed is None:
+        return
+    _stop(processes)
+    message = errors.get() if not errors.empty() else _describe_exit(failed)
+    raise LaunchError(message, exit_code=failed.exitcode if (failed.exitcode or 0) > 0 else 1)
+
+
+def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple,
+                   user_errors: tuple[type[BaseException], ...], errors: Any) -> None:
+    """A spawned process: run fn, and turn a user error into a message for the parent and exit 2."""
+    try:
+        fn(proc, *args)
+    except user_errors as exc:
+        errors.put(f"{exc} (process {proc.rank})" if proc.world_size > 1 else str(exc))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _wait_for_first_failure(processes: list) -> Any:
+    """Block until every process has ended well (None) or one has failed (that process)."""
+    pending = {p.sentinel: p for p in processes}
+    while pending:
+        for sentinel in multiprocessing.connection.wait(list(pending)):
+            process = pending.pop(sentinel)
+            process.join()
+            if process.exitcode != 0:
+                return process
+    return None
+
+
+def _stop(processes: list, grace_s: float = 10.0) -> None:
+    """Terminate the processes still running, then kill those that ignore it."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _describe_exit(process: Any) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"{process.name} was killed by {signal.Signals(-code).name}; the job was stopped"
+        except ValueError:
+            pass
+    return f"{process.name} exited with status {code}; see its messages above"
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(proc: ProcessInfo, backend: str, timeout_s: float) -> None:
+    """Join the job's process group; collectives that wait longer than timeout_s fail instead of hanging."""
+    if proc.init_method is None or dist.is_initialized():
+        return
+    dist.init_process_group(backend=backend, init_method=proc.init_method, rank=proc.rank,
+                            world_size=proc.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes, in place; a no-op in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cpu_threads_per_process(local_world_size: int) -> int:
+    """The CPU cores of this machine shared evenly among its processes (at least one each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))

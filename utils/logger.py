@@ -1,0 +1,132 @@
+"""The run's record: printed lines teed to ``log.txt``, one JSON line per epoch, and a plot.
+
+Only the main process writes; the others get a logger that drops everything, so call sites
+need no rank checks. ``metrics.jsonl`` is rewritten on resume without the epochs that will be
+trained again, so it never holds an epoch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from utils.checkpoint import atomic_write
+
+LOG_NAME = "log.txt"
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The epoch records of a metrics.jsonl file ([] when there is none); a torn last line is dropped."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash mid-write
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinity are not JSON; write them as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
+    """Loss and error against epoch, train and validation, written atomically as a PNG."""
+    # Imported here: only the main process plots. A bare Figure renders with Agg and stays
+    # out of pyplot's global list of open figures.
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in records]
+
+    def series(key: str) -> list[float]:
+        return [float("nan") if r.get(key) is None else r[key] for r in records]
+
+    fig = Figure(figsize=(10, 4), tight_layout=True)
+    loss_ax, err_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, series("train_loss"), marker="o", label="train")
+    loss_ax.plot(epochs, series("val_loss"), marker="o", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    err_ax.plot(epochs, series("train_top1_err"), marker="o", label="train top-1")
+    err_ax.plot(epochs, series("val_top1_err"), marker="o", label="validation top-1")
+    err_ax.plot(epochs, series("val_top5_err"), marker="o", label="validation top-5")
+    err_ax.set(xlabel="epoch", ylabel="error (%)", title="Error")
+    for ax in (loss_ax, err_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+class RunLogger:
+    """Prints on the main process, appending every line to ``<output_dir>/log.txt``."""
+
+    def __init__(self, output_dir: str, enabled: bool = True) -> None:
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self._log_file = None
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            self._log_file = open(os.path.join(output_dir, LOG_NAME), "a", encoding="utf-8")  # noqa: SIM115
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.output_dir, METRICS_NAME)
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        print(message, flush=True)
+        self.to_file(message)
+
+    def to_file(self, message: str) -> None:
+        """A line for log.txt only (e.g. an error that is printed elsewhere)."""
+        if self._log_file is not None:
+            self._log_file.write(message + "\n")
+            self._log_file.flush()
+
+    def start_metrics(self, completed_epochs: int) -> None:
+        """Keep only the records of epochs 1..completed_epochs, the ones a resumed run will not redo."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", 0) <= completed_epochs]
+        with atomic_write(self.metrics_path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        """Append one epoch's record to metrics.jsonl and redraw curves.png from all of them."""
+        if not self.enabled:
+            return
+        line = json.dumps({k: _json_number(v) for k, v in record.items()})
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        plot_curves(read_metrics(self.metrics_path), os.path.join(self.output_dir, CURVES_NAME))
+
+    def close(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def print_error(message: str) -> None:
+    """The one line a user sees for a problem they can fix."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
