@@ -17,7 +17,6 @@ from utils.checkpoint import (
     atomic_write,
     capture_rng_state,
     load_checkpoint,
-    model_state_dict,
     resolve_resume_path,
     restore_rng_state,
     save_checkpoint,
@@ -83,16 +82,6 @@ def test_load_rejects_missing_truncated_and_code_bearing_files(tmp_path):
     torch.save([1, 2], str(listing))
     with pytest.raises(CheckpointError, match="holds a list"):
         load_checkpoint(str(listing))
-
-
-def test_model_state_dict_accepts_checkpoints_bare_dicts_and_dataparallel_keys():
-    weights = {"conv.weight": torch.ones(1), "fc.bias": torch.zeros(1)}
-    assert model_state_dict({"state_dict": weights, "epoch": 1}).keys() == weights.keys()
-    assert model_state_dict(weights).keys() == weights.keys()
-    wrapped = {"state_dict": {f"module.{k}": v for k, v in weights.items()}}
-    assert model_state_dict(wrapped).keys() == weights.keys()
-    with pytest.raises(CheckpointError, match="no model weights"):
-        model_state_dict({"epoch": 3})
 
 
 def test_resolve_resume_path(tmp_path):

@@ -98,20 +98,6 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return dict(obj)
 
 
-def model_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The model weights of a training checkpoint or of a bare state dict, without ``module.`` prefixes.
-
-    The original WSLD code saved DataParallel models, whose keys all start with ``module.``.
-    """
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("checkpoint holds no model weights (expected a 'state_dict' of tensors)")
-    prefix = "module."
-    if all(key.startswith(prefix) for key in state):
-        return {key[len(prefix):]: value for key, value in state.items()}
-    return dict(state)
-
-
 def resolve_resume_path(if_resume: bool, resume_path: str, output_dir: str) -> str | None:
     """The checkpoint to resume from, or None to start afresh.
 
