@@ -1,1 +1,85 @@
-"""Networks: torchvision's ResNets and MobileNetV1, with official-weight loading."""
+"""Networks: torchvision's ResNets and MobileNetV1, with safe weight loading.
+
+The ResNets are torchvision's own architectures, so their state-dict keys are the official ones
+and torchvision's IMAGENET1K_V1 files load into them unchanged.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable
+
+from torch import nn
+from torchvision import models as tv_models
+
+from models.mobilenet import MobileNetV1
+from models.weights import PathOrState, WeightsError, load_weights, official_checkpoint
+
+__all__ = ["MODEL_NAMES", "MobileNetV1", "WeightsError", "build_model", "load_weights",
+           "official_weights_path", "teacher_student_names"]
+
+# name -> (constructor taking num_classes, torchvision's official weights or None)
+_ARCHITECTURES = MappingProxyType({
+    "resnet18": (tv_models.resnet18, tv_models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (tv_models.resnet34, tv_models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (tv_models.resnet50, tv_models.ResNet50_Weights.IMAGENET1K_V1),
+    "mobilenet_v1": (MobileNetV1, None),
+})
+MODEL_NAMES = tuple(_ARCHITECTURES)
+
+# cfg.net_type -> (teacher, student), the original's two pairs.
+_NET_TYPES = MappingProxyType({
+    "resnet": ("resnet34", "resnet18"),
+    "mobilenet": ("resnet50", "mobilenet_v1"),
+})
+OFFICIAL_WEIGHTS = "torchvision"
+
+
+def teacher_student_names(net_type: str, teacher: str = "", student: str = "") -> tuple[str, str]:
+    """The (teacher, student) model names of ``cfg.net_type``; non-empty explicit names win."""
+    if net_type not in _NET_TYPES:
+        raise ValueError(f"unknown net_type '{net_type}'; choose one of {', '.join(_NET_TYPES)}")
+    default_teacher, default_student = _NET_TYPES[net_type]
+    return teacher or default_teacher, student or default_student
+
+
+def official_weights_path(name: str) -> str:
+    """The cached file of torchvision's IMAGENET1K_V1 weights for name, downloaded if absent.
+
+    Useful to fetch the file once (on one process) before several processes load it.
+    """
+    _, official = _architecture(name)
+    if official is None:
+        raise ValueError(f"torchvision has no official weights for '{name}'; "
+                         "pass a local weights file instead")
+    return official_checkpoint(official.url)
+
+
+def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None = None) -> nn.Module:
+    """Build a network and load its weights.
+
+    weights: None or '' for random initialisation; 'torchvision' for the official ImageNet
+    weights (1000 classes only); otherwise a checkpoint file (a state dict, or one under
+    'state_dict'/'model', ``module.`` prefixes allowed) or a state mapping.
+    Raises ValueError for a bad name or combination, FileNotFoundError for a missing file and
+    WeightsError for weights that cannot be used.
+    """
+    constructor, _ = _architecture(name)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if weights == OFFICIAL_WEIGHTS and num_classes != 1000:
+        raise ValueError(f"the official '{name}' weights have 1000 classes, but num_classes is {num_classes}; "
+                         "train this model from scratch or pass a local weights file")
+    official_path = official_weights_path(name) if weights == OFFICIAL_WEIGHTS else None
+    model = constructor(num_classes=num_classes)
+    if official_path is not None:
+        load_weights(model, official_path, name)
+    elif weights is not None and weights != "":
+        load_weights(model, weights, name)
+    return model
+
+
+def _architecture(name: str) -> tuple[Callable[..., nn.Module], tv_models.WeightsEnum | None]:
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    return _ARCHITECTURES[name]

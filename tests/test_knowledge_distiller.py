@@ -24,6 +24,15 @@ from knowledge_distiller import (
 NUM_CLASSES = 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on tensors this small, waking OpenMP workers on a busy machine costs more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference: the paper's equation evaluated per sample in 50-digit decimal arithmetic, so that
 # it stays exact where float64 would itself round (a loss of 1e-13 next to 1).

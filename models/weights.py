@@ -1,0 +1,171 @@
+"""Loading weights safely: local checkpoints in their common forms, and torchvision's official files.
+
+Every file goes through ``torch.load(weights_only=True)``: only tensors and plain containers are
+unpickled, so a checkpoint that would run code is refused before any of it runs. Keys must match
+the model exactly; nothing is copied into the model until they do.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Any, Union
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+
+# Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Keys under which training scripts nest the state dict beside the optimizer, epoch, ...
+NESTING_KEYS = ("state_dict", "model")
+MAX_LISTED_KEYS = 10
+
+PathOrState = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be used: unreadable, unsafe, not matching the model, or not available.
+
+    The message is one line that says what is wrong and what to do.
+    """
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """The unpickled contents of a checkpoint file, tensors on the CPU.
+
+    Raises FileNotFoundError for a missing file and WeightsError for one that is unreadable or
+    would run code when unpickled.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file '{path}' does not exist; check the path")
+    if os.path.isdir(path):
+        raise WeightsError(f"weights path '{path}' is a directory; pass the checkpoint file inside it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = _blocked_global(str(exc))
+        if blocked is not None:
+            raise WeightsError(
+                f"refused to load '{path}': it holds a Python object ({blocked}) that could run code when "
+                "unpickled; load it only if you trust it and re-save just the tensors with "
+                "torch.save(model.state_dict(), path)") from None
+        raise WeightsError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
+                           f"({_first_line(exc)}); is the file complete?") from None
+    except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
+        raise WeightsError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
+                           f"({_first_line(exc)}); is the file complete?") from None
+
+
+def _blocked_global(message: str) -> str | None:
+    """The name of the global the weights-only unpickler refused, if that is why it failed."""
+    for pattern in (r"GLOBAL ([\w.]+)", r"([\w.]+) was not an allowed global"):
+        match = re.search(pattern, message)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The parameter tensors of a checkpoint, wrapper prefixes removed.
+
+    Accepts a plain state dict, or one nested under 'state_dict' or 'model' (at any depth), with
+    keys carrying a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix or not.
+    """
+    state = checkpoint
+    while isinstance(state, Mapping):
+        nested = next((state[k] for k in NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
+        if nested is None:
+            break
+        state = nested
+    if not isinstance(state, Mapping) or not state:
+        raise WeightsError(f"{source} holds no state dict (found {type(state).__name__}); expected tensors "
+                           f"by parameter name, or a dict with one under {' or '.join(map(repr, NESTING_KEYS))}")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise WeightsError(f"{source} is not a state dict: {len(not_tensors)} entries are not tensors "
+                           f"({_listed(not_tensors)}); expected tensors by parameter name, or a dict "
+                           f"with them under {' or '.join(map(repr, NESTING_KEYS))}")
+    state = {str(k): v for k, v in state.items()}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix):]: value for key, value in state.items()}
+                stripped = True
+    return state
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    return shown + (f", ... ({len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str, name: str = "") -> None:
+    """Raise WeightsError, listing the differences, unless state fits model key for key and shape for shape."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_listed(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_listed(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shapes differ, checkpoint vs model ({_listed(mismatched)})")
+    target = name or type(model).__name__
+    raise WeightsError(f"{source} does not fit {target}: {'; '.join(problems)}; "
+                       "check the model name and cfg.model.num_classes")
+
+
+def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -> nn.Module:
+    """Load a checkpoint file or a state mapping into model, strictly; returns model.
+
+    On any error (FileNotFoundError, WeightsError) the model is left as it was.
+    """
+    if isinstance(path_or_state, Mapping):
+        source, checkpoint = "the given state dict", path_or_state
+    else:
+        source = f"weights file '{os.fspath(path_or_state)}'"
+        checkpoint = read_checkpoint(path_or_state)
+    state = extract_state_dict(checkpoint, source)
+    check_state_dict(model, state, source, name)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def official_checkpoint(url: str) -> str:
+    """The local path of an official weights file: torch hub's cache, downloaded there if absent.
+
+    Raises WeightsError, naming the file and the folder it belongs in, when it cannot be had
+    (offline, say).
+    """
+    filename = os.path.basename(urlparse(url).path)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, filename)
+    if os.path.isfile(path):
+        return path
+    match = torch.hub.HASH_REGEX.search(filename)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # Downloads to a temporary file, checks the hash the name carries, then renames: a failed
+        # or concurrent download never leaves a partial file under the final name.
+        torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None)
+    except Exception as exc:  # network, disk and hash errors alike mean: fetch it by hand
+        raise WeightsError(f"cannot download the official weights {filename} ({_first_line(exc)}); "
+                           f"download {url} elsewhere and put it in {folder} "
+                           "(set TORCH_HOME to use another cache)") from None
+    return path
