@@ -46,7 +46,7 @@ def hard_cross_entropy(log_probs: Tensor, label: Tensor, label_smoothing: float 
     With smoothing eps the target is ``(1 - eps) * one_hot + eps / C`` (as torch and the
     original's label-smoothing loss define it).
     """
-    nll = -log_probs.gather(1, label.unsqueeze(1)).squeeze(1)
+    nll = -log_probs.gather(1, label.long().unsqueeze(1)).squeeze(1)
     if label_smoothing == 0.0:
         return nll
     return (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=1)
