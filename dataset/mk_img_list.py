@@ -1,0 +1,128 @@
+"""Write ``<output_path>/<split>_list.txt`` for every split folder of an ImageNet-layout tree.
+
+A split folder is a folder of class folders (``train/n01440764/...``); each list has one
+``wnid/file`` line per image file (.jpeg, .jpg, .png in any case), sorted, so lists are the
+same on every file system. A rerun replaces the lists (the original appended to them, which
+duplicated every line).
+
+    python3 dataset/mk_img_list.py --image_path /path/to/imagenet --output_path /path/to/imagenet
+
+This module also owns the list file format for the packer and the datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+LIST_SUFFIX = "_list.txt"
+
+
+class ImageListError(ValueError):
+    """A problem with the image tree or a list that the user can fix; the message is one line."""
+
+
+def _visible_subfolders(path: str) -> list[str]:
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def class_folders(split_dir: str) -> list[str]:
+    """The sorted class folder names of a split: the order that defines the labels, as in torchvision's ImageFolder."""
+    if not os.path.isdir(split_dir):
+        raise ImageListError(f"image folder '{split_dir}' not found; pass the folder that holds train/ and val/ as --image_path")
+    return _visible_subfolders(split_dir)
+
+
+def split_folders(image_path: str) -> list[str]:
+    """The names of the folders under image_path that hold class folders, sorted."""
+    if not os.path.isdir(image_path):
+        raise ImageListError(f"image folder '{image_path}' not found; pass the folder that holds train/ and val/")
+    return [name for name in _visible_subfolders(image_path) if _visible_subfolders(os.path.join(image_path, name))]
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(split_dir: str) -> list[str]:
+    """Sorted ``class/file`` paths (with '/' on every OS) of the image files under split_dir's class folders."""
+    lines = []
+    for wnid in class_folders(split_dir):
+        class_dir = os.path.join(split_dir, wnid)
+        for folder, subfolders, files in os.walk(class_dir, followlinks=True):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            relative = os.path.relpath(folder, split_dir).replace(os.sep, "/")
+            for name in files:
+                if not is_image_file(name):
+                    continue
+                if "\n" in name or "\r" in name:
+                    raise ImageListError(f"file name {os.path.join(folder, name)!r} has a line break; rename it")
+                lines.append(f"{relative}/{name}")
+    return sorted(lines)
+
+
+def list_file_path(list_dir: str, split: str) -> str:
+    return os.path.join(list_dir, split + LIST_SUFFIX)
+
+
+def read_list(path: str) -> list[str]:
+    """The lines of a list file, without surrounding white space or blank lines."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image list '{path}' not found; make it with dataset/mk_img_list.py") from None
+    except UnicodeDecodeError:
+        raise ImageListError(f"image list '{path}' is not UTF-8 text; remake it with dataset/mk_img_list.py") from None
+
+
+def write_list(path: str, lines: list[str]) -> None:
+    """Replace the list at path atomically, so that an interrupted write never leaves half a list."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def make_lists(image_path: str, output_path: str) -> dict[str, int]:
+    """Write one list per split folder; returns the number of images per split."""
+    splits = split_folders(image_path)
+    if not splits:
+        raise ImageListError(f"no split folders (folders of class folders such as train/n01440764/) under '{image_path}'")
+    os.makedirs(output_path, exist_ok=True)
+    counts = {}
+    for split in splits:
+        lines = list_images(os.path.join(image_path, split))
+        write_list(list_file_path(output_path, split), lines)
+        counts[split] = len(lines)
+    return counts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image_path", required=True, help="folder holding the split folders (train/, val/)")
+    parser.add_argument("--output_path", required=True, help="folder for the <split>_list.txt files")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        counts = make_lists(args.image_path, args.output_path)
+    except (ImageListError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split, count in counts.items():
+        print(f"{split}: {count} images -> {list_file_path(args.output_path, split)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
