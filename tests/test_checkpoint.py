@@ -53,6 +53,9 @@ def test_atomic_write_replaces_only_at_the_end(tmp_path):
         f.write(b"new")
         assert path.read_bytes() == b"old"  # not visible until the block completes
     assert path.read_bytes() == b"new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it
 
 
 def test_save_checkpoint_copies_best(tmp_path):

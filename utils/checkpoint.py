@@ -43,6 +43,12 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[IO[bytes]]:
     """A binary file that replaces path only once the ``with`` block has completed."""
@@ -50,6 +56,7 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

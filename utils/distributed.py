@@ -207,6 +207,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy src's buffers (BatchNorm running statistics) to every process.
+
+    DDP sends rank 0's buffers at the start of each training forward, so after the last step
+    every process holds statistics updated by its own batch. Aligning them makes all processes
+    validate the model that rank 0 saves.
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

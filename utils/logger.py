@@ -53,14 +53,15 @@ def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
     def series(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else r[key] for r in records]
 
-    fig = Figure(figsize=(10, 4), tight_layout=True)
+    fig = Figure(figsize=(10, 4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)
     loss_ax, err_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, series("train_loss"), marker="o", label="train")
-    loss_ax.plot(epochs, series("val_loss"), marker="o", label="validation")
+    loss_ax.plot(epochs, series("train_loss"), marker="o", markersize=3, label="train")
+    loss_ax.plot(epochs, series("val_loss"), marker="o", markersize=3, label="validation")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    err_ax.plot(epochs, series("train_top1_err"), marker="o", label="train top-1")
-    err_ax.plot(epochs, series("val_top1_err"), marker="o", label="validation top-1")
-    err_ax.plot(epochs, series("val_top5_err"), marker="o", label="validation top-5")
+    err_ax.plot(epochs, series("train_top1_err"), marker="o", markersize=3, label="train top-1")
+    err_ax.plot(epochs, series("val_top1_err"), marker="o", markersize=3, label="validation top-1")
+    err_ax.plot(epochs, series("val_top5_err"), marker="o", markersize=3, label="validation top-5")
     err_ax.set(xlabel="epoch", ylabel="error (%)", title="Error")
     for ax in (loss_ax, err_ax):
         ax.grid(alpha=0.3)
