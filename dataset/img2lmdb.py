@@ -1,0 +1,338 @@
+"""Pack one split of an ImageNet-layout tree into an LMDB of the original WSLD record format.
+
+    python3 dataset/img2lmdb.py --image_path /path/to/imagenet --list_path /path/to/imagenet \\
+        --output_path /path/to/imagenet --split train
+
+Reads ``<list_path>/<split>_list.txt`` (or the original's ``<split>_datalist``) and writes the
+LMDB ``<output_path>/<split>`` (``<split>_<N>`` with ``--image_size N``). The output folder may
+be the split's image folder itself: the LMDB's two files sit beside the class folders.
+
+- Lossless: RGB and greyscale JPEGs are stored byte for byte; PNGs, CMYK JPEGs and other
+  readable files become RGB JPEGs. Every image is checked to decode.
+- Labels are the indices of the sorted class folders of ``<image_path>/train`` (of the split
+  itself when there is no train folder), as torchvision's ImageFolder and the official
+  pretrained teachers number them, so a split that lacks a class never shifts the labels.
+- Parallel, committed in batches, restartable: a rerun skips the keys already stored. At the end
+  every list line is checked to be in the LMDB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import signal
+import sys
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lmdb  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataset.image_io import DEFAULT_JPEG_QUALITY, ImageDecodeError, prepare_for_storage  # noqa: E402
+from dataset.lmdb_format import encode_key, encode_record  # noqa: E402
+from dataset.mk_img_list import (  # noqa: E402
+    ImageListError,
+    class_folders,
+    list_file_path,
+    read_list,
+    write_list,
+)
+
+ORIGINAL_LIST_SUFFIX = "_datalist"
+INITIAL_MAP_SIZE = 1 << 30  # doubled whenever a commit finds the map full
+DEFAULT_COMMIT_EVERY = 1000
+
+
+class PackError(Exception):
+    """A problem the user can fix (missing folder or file, bad image, bad list); the message is one line."""
+
+
+class _Task(NamedTuple):
+    line: str
+    path: str
+    label: int
+
+
+class _Outcome(NamedTuple):
+    task: _Task
+    image_bytes: bytes | None  # what to store; None for a file kept as is that the worker did not send back
+    kept_as_is: bool
+    fingerprint: tuple[int, int] | None  # (size, CRC-32) of a file kept as is
+    error: str | None = None
+    missing: bool = False
+
+
+@dataclass
+class PackSummary:
+    """What a packing run did, for the final report."""
+
+    lmdb_path: str
+    list_path: str
+    num_classes: int
+    stored: int = 0  # list lines found in the LMDB by the final check
+    packed: int = 0  # written by this run
+    converted: int = 0  # of those, re-encoded rather than kept byte for byte
+    already_stored: int = 0  # found from an earlier, interrupted run
+    extra_entries: int = 0  # LMDB entries that no list line names
+    skipped: list[str] = field(default_factory=list)
+
+
+def find_list_file(list_dir: str, split: str) -> str:
+    """``<split>_list.txt`` in list_dir, else the original tool's ``<split>_datalist``."""
+    candidates = [list_file_path(list_dir, split), os.path.join(list_dir, split + ORIGINAL_LIST_SUFFIX)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise PackError(f"no image list '{candidates[0]}' (nor '{candidates[1]}'); "
+                    f"make it with dataset/mk_img_list.py")
+
+
+def label_map(image_path: str, split: str) -> dict[str, int]:
+    """Class folder name -> label: its index among the sorted class folders of train/ (else of the split)."""
+    train_dir = os.path.join(image_path, "train")
+    source = train_dir if os.path.isdir(train_dir) else os.path.join(image_path, split)
+    classes = class_folders(source)
+    if not classes:
+        raise PackError(f"no class folders in '{source}'")
+    return {wnid: index for index, wnid in enumerate(classes)}
+
+
+def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_key_size: int) -> list[int]:
+    """The label of every list line, after checking the lines are unique, well formed and of a known class."""
+    seen: set[str] = set()
+    result = []
+    for number, line in enumerate(lines, start=1):
+        wnid, _, name = line.partition("/")
+        where = f"line {number} of '{list_file}'"
+        if not wnid or not name:
+            raise PackError(f"{where} is '{line}', not 'class_folder/file'")
+        if wnid not in labels:
+            raise PackError(f"{where} names class '{wnid}', which is not a class folder of the train split")
+        if line in seen:
+            raise PackError(f"{where} repeats '{line}'; remake the list with dataset/mk_img_list.py")
+        if len(encode_key(line)) > max_key_size:
+            raise PackError(f"{where} is longer than LMDB's {max_key_size}-byte key limit")
+        seen.add(line)
+        result.append(labels[wnid])
+    return result
+
+
+def _fingerprint(data: bytes) -> tuple[int, int]:
+    return len(data), zlib.crc32(data)
+
+
+def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept: bool) -> _Outcome:
+    """Worker: read and check one image file, converting it when it cannot be stored as is.
+
+    A file kept as is is not sent back unless send_kept: piping every file through to the main
+    process costs more than the main process reading it again from the page cache, and the
+    fingerprint proves it stores exactly the bytes that were checked.
+    """
+    try:
+        with open(task.path, "rb") as f:
+            data = f.read()
+        image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
+    except FileNotFoundError:
+        return _Outcome(task, None, False, None, "file not found", missing=True)
+    except (OSError, ImageDecodeError) as exc:
+        return _Outcome(task, None, False, None, str(exc))
+    if kept:
+        return _Outcome(task, image_bytes if send_kept else None, True, _fingerprint(data))
+    return _Outcome(task, image_bytes, False, None)
+
+
+def _stored_bytes(outcome: _Outcome) -> bytes:
+    """The image bytes to store for a successful outcome, reading a kept file again if needed."""
+    if outcome.image_bytes is not None:
+        return outcome.image_bytes
+    with open(outcome.task.path, "rb") as f:
+        data = f.read()
+    if _fingerprint(data) != outcome.fingerprint:
+        raise PackError(f"'{outcome.task.path}' changed while it was being packed; rerun the same command")
+    return data
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is handled once, by the main process, which saves what it has."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
+    """Commit batch in one transaction, doubling the map size whenever it is full."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in batch:
+                    txn.put(key, value)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _stored_mask(env: lmdb.Environment, keys: Iterable[bytes]) -> list[bool]:
+    with env.begin() as txn, txn.cursor() as cursor:
+        return [cursor.set_key(key) for key in keys]
+
+
+def _record_skipped(path: str, names: list[str]) -> None:
+    """Add names to the skipped file, keeping those an earlier run recorded."""
+    previous = read_list(path) if os.path.isfile(path) else []
+    write_list(path, sorted(set(previous) | set(names)))
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pack_split(image_path: str, list_path: str, output_path: str, split: str, image_size: int | None = None,
+               workers: int | None = None, skip_bad: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
+               jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress: bool = True,
+               initial_map_size: int = INITIAL_MAP_SIZE) -> PackSummary:
+    """Pack the images that split's list names into ``<output_path>/<split>[_<image_size>]``.
+
+    Raises PackError for anything the user must fix; what was committed before stays committed,
+    so the same call resumes where it stopped.
+    """
+    split_dir = os.path.join(image_path, split)
+    if not os.path.isdir(split_dir):
+        raise PackError(f"image folder '{split_dir}' not found; --image_path must hold the {split}/ folder")
+    if image_size is not None and image_size <= 0:
+        raise PackError(f"--image_size must be positive, not {image_size}")
+    list_file = find_list_file(list_path, split)
+    lines = read_list(list_file)
+    if not lines:
+        raise PackError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
+    labels = label_map(image_path, split)
+    lmdb_path = os.path.join(output_path, split if image_size is None else f"{split}_{image_size}")
+    summary = PackSummary(lmdb_path=lmdb_path, list_path=list_file, num_classes=len(labels))
+    try:
+        os.makedirs(lmdb_path, exist_ok=True)
+        env = lmdb.open(lmdb_path, map_size=initial_map_size, subdir=True, meminit=False)
+    except (OSError, lmdb.Error) as exc:
+        raise PackError(f"cannot open an LMDB at '{lmdb_path}': {exc}") from None
+    try:
+        line_labels = list_labels(lines, labels, list_file, env.max_key_size())
+        stored = _stored_mask(env, (encode_key(line) for line in lines))
+        tasks = [_Task(line, os.path.join(split_dir, *line.split("/")), label)
+                 for line, label, done in zip(lines, line_labels, stored) if not done]
+        summary.already_stored = len(lines) - len(tasks)
+        if summary.already_stored:
+            print(f"{split}: {summary.already_stored} of {len(lines)} images already in '{lmdb_path}'; "
+                  f"packing the other {len(tasks)}", flush=True)
+        _pack_tasks(env, tasks, summary, workers=workers or default_workers(), image_size=image_size,
+                    jpeg_quality=jpeg_quality, skip_bad=skip_bad, commit_every=commit_every,
+                    progress=progress, split=split)
+        if summary.skipped:
+            _record_skipped(os.path.join(output_path, f"{split}_skipped.txt"), summary.skipped)
+            skipped = set(summary.skipped)
+            lines = [line for line in lines if line not in skipped]
+            write_list(list_file, lines)
+        missing = [line for line, done in zip(lines, _stored_mask(env, map(encode_key, lines))) if not done]
+        if missing:
+            raise PackError(f"check failed: {len(missing)} list lines are not in '{lmdb_path}' "
+                            f"(first: '{missing[0]}'); rerun the same command")
+        summary.stored = len(lines)
+        summary.extra_entries = env.stat()["entries"] - len(lines)
+    finally:
+        env.close()
+    return summary
+
+
+def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary, *, workers: int,
+                image_size: int | None, jpeg_quality: int, skip_bad: bool, commit_every: int,
+                progress: bool, split: str) -> None:
+    """Prepare the tasks' records in worker processes and commit them, in list order, in batches."""
+    use_pool = workers > 1 and len(tasks) > 1
+    work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality, send_kept=not use_pool)
+    pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=_ignore_sigint) if use_pool else None
+    batch: list[tuple[bytes, bytes]] = []
+    bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
+    try:
+        outcomes = pool.imap(work, tasks, chunksize=16) if pool is not None else map(work, tasks)
+        for outcome in outcomes:
+            bar.update()
+            task = outcome.task
+            if outcome.error is not None:
+                if outcome.missing:
+                    raise PackError(f"'{task.path}' (list line '{task.line}') not found; "
+                                    f"the list is out of date: remake it with dataset/mk_img_list.py")
+                if not skip_bad:
+                    raise PackError(f"cannot read '{task.path}': {outcome.error}; replace or delete it, "
+                                    f"or pass --skip_bad to leave it out")
+                summary.skipped.append(task.line)
+                continue
+            batch.append((encode_key(task.line), encode_record(_stored_bytes(outcome), task.label)))
+            summary.packed += 1
+            summary.converted += not outcome.kept_as_is
+            if len(batch) >= commit_every:
+                write_batch(env, batch)
+                batch.clear()
+    finally:
+        bar.close()
+        # Whatever stopped the loop (a bad file, Ctrl-C), the images prepared so far are kept.
+        if batch:
+            write_batch(env, batch)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image_path", required=True, help="folder holding the split folders (train/, val/)")
+    parser.add_argument("--list_path", required=True, help="folder holding <split>_list.txt")
+    parser.add_argument("--output_path", required=True, help="the LMDB goes to <output_path>/<split>")
+    parser.add_argument("--split", required=True, help="split folder to pack, e.g. train or val")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="resize the shorter side to this many pixels (LMDB <split>_<N>)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes preparing images (default: all cores)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="leave unreadable images out (named in <output_path>/<split>_skipped.txt "
+                             "and removed from the list) instead of stopping")
+    parser.add_argument("--commit_every", type=int, default=DEFAULT_COMMIT_EVERY,
+                        help="images per LMDB transaction: what an interruption can lose")
+    parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                        help="quality of the JPEGs written for converted or resized images")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.commit_every < 1 or not 1 <= args.jpeg_quality <= 100:
+        parser.error("--workers and --commit_every must be positive and --jpeg_quality within 1..100")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = pack_split(args.image_path, args.list_path, args.output_path, args.split,
+                             image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad,
+                             commit_every=args.commit_every, jpeg_quality=args.jpeg_quality)
+    except (PackError, ImageListError, OSError, lmdb.Error) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the images packed so far are saved: rerun the same command to go on",
+              file=sys.stderr)
+        return 130
+    if summary.skipped:
+        print(f"{args.split}: skipped {len(summary.skipped)} unreadable images, listed in "
+              f"'{os.path.join(args.output_path, args.split + '_skipped.txt')}' and removed from '{summary.list_path}'")
+    if summary.extra_entries > 0:
+        print(f"{args.split}: note: {summary.extra_entries} LMDB entries are not in the list (from an earlier list?)")
+    print(f"{args.split}: {summary.stored} images stored in '{summary.lmdb_path}', every list line checked "
+          f"({summary.packed} packed now, {summary.converted} of them converted to RGB JPEG; "
+          f"{summary.already_stored} already there; labels from {summary.num_classes} classes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The packer: labels, losslessness, conversions, resizing, restarts, the final check and bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataset import img2lmdb
+from dataset.image_io import decode_rgb, parse_jpeg_header
+from dataset.lmdb_format import decode_record
+from dataset.mk_img_list import main as make_lists
+from dataset.mk_img_list import read_list
+from tests.conftest import NUM_CLASSES, ODD_FILES, truncate_file
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERTED = {ODD_FILES["png"], ODD_FILES["cmyk"]}
+
+
+def pack(tree: str, out: str, split: str = "train", *extra: str) -> int:
+    return img2lmdb.main(["--image_path", tree, "--list_path", out, "--output_path", out,
+                          "--split", split, "--workers", "1", *extra])
+
+
+def listed_and_packed(tree: str, out: str, split: str = "train", *extra: str) -> list[str]:
+    assert make_lists(["--image_path", tree, "--output_path", out]) == 0
+    assert pack(tree, out, split, *extra) == 0
+    return read_list(os.path.join(out, f"{split}_list.txt"))
+
+
+def read_lmdb(path: str) -> dict[str, tuple[bytes, int]]:
+    env = lmdb.open(path, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {key.decode("utf-8"): decode_record(value) for key, value in txn.cursor()}
+    finally:
+        env.close()
+
+
+def file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_labels_are_sorted_train_classes_even_where_val_lacks_one(tree_copy, tmp_path):
+    from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+    shutil.rmtree(os.path.join(tree_copy, "val", "n00000000"))
+    out = str(tmp_path / "out")
+    train_lines = listed_and_packed(tree_copy, out, "train")
+    assert pack(tree_copy, out, "val") == 0
+    class_to_idx = TorchvisionImageFolder(os.path.join(tree_copy, "train")).class_to_idx
+    assert sorted(class_to_idx) == [f"n{i:08d}" for i in range(NUM_CLASSES)]
+    for split in ("train", "val"):
+        records = read_lmdb(os.path.join(out, split))
+        assert records
+        for key, (_, label) in records.items():
+            assert label == class_to_idx[key.split("/")[0]]
+    val_labels = {label for _, label in read_lmdb(os.path.join(out, "val")).values()}
+    assert val_labels == {1, 2, 3}  # not shifted down to 0..2 by the missing class
+    assert set(read_lmdb(os.path.join(out, "train"))) == set(train_lines)
+
+
+def test_plain_jpegs_stored_byte_for_byte_and_oddities_converted(photo_tree, tmp_path, capsys):
+    out = str(tmp_path)
+    lines = listed_and_packed(photo_tree, out, "train", "--workers", "2")
+    records = read_lmdb(os.path.join(out, "train"))
+    assert sorted(records) == lines
+    for line, (stored, _) in records.items():
+        original = file_bytes(os.path.join(photo_tree, "train", line))
+        if f"train/{line}" in CONVERTED:
+            header = parse_jpeg_header(stored)
+            assert header is not None and header.storable and header.components == 3
+            with Image.open(io.BytesIO(original)) as image:
+                expected = np.asarray(image.convert("RGB")).astype(np.int16)
+            assert np.abs(decode_rgb(stored).astype(np.int16) - expected).mean() < 2.0
+        else:  # plain, greyscale and progressive JPEGs
+            assert stored == original, line
+    assert f"{len(lines)} images stored" in capsys.readouterr().out
+
+
+def test_image_size_resizes_the_shorter_side_into_its_own_lmdb(photo_tree, tmp_path):
+    out = str(tmp_path)
+    lines = listed_and_packed(photo_tree, out, "val", "--image_size", "48")
+    assert not os.path.exists(os.path.join(out, "val"))
+    records = read_lmdb(os.path.join(out, "val_48"))
+    assert sorted(records) == lines
+    for line, (stored, label) in records.items():
+        assert min(decode_rgb(stored).shape[:2]) == 48
+        assert label == int(line[1:9])
+
+
+def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tree_copy, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
+    lines = read_list(os.path.join(out, "train_list.txt"))
+    bad = 17
+    truncate_file(os.path.join(tree_copy, "train", lines[bad]))
+    assert pack(tree_copy, out, "train", "--commit_every", "4") == 2  # stops at the damaged file
+    assert lines[bad] in error_line(capsys)
+    assert sorted(read_lmdb(os.path.join(out, "train"))) == lines[:bad]  # everything before it was kept
+
+    shutil.copy(os.path.join(photo_tree, "train", lines[bad]), os.path.join(tree_copy, "train", lines[bad]))
+    assert pack(tree_copy, out, "train", "--commit_every", "4") == 0
+    assert f"{bad} of {len(lines)} images already in" in capsys.readouterr().out
+    records = read_lmdb(os.path.join(out, "train"))
+    assert sorted(records) == lines
+    assert records[lines[bad]][0] == file_bytes(os.path.join(photo_tree, "train", lines[bad]))
+
+
+def test_final_check_catches_a_lost_entry(photo_tree, tmp_path, monkeypatch, capsys):
+    real_write_batch = img2lmdb.write_batch
+    monkeypatch.setattr(img2lmdb, "write_batch", lambda env, batch: real_write_batch(env, batch[1:]))
+    out = str(tmp_path)
+    assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
+    assert pack(photo_tree, out, "val") == 2
+    assert "check failed: 1 list lines are not in" in error_line(capsys)
+
+
+def test_map_size_grows_as_needed(photo_tree, tmp_path):
+    out = str(tmp_path)
+    assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
+    small = 64 * 1024
+    summary = img2lmdb.pack_split(photo_tree, out, out, "train", workers=1, commit_every=8, progress=False,
+                                  initial_map_size=small)
+    lines = read_list(os.path.join(out, "train_list.txt"))
+    assert summary.stored == summary.packed == len(lines)
+    assert sorted(read_lmdb(summary.lmdb_path)) == lines
+    assert os.path.getsize(os.path.join(summary.lmdb_path, "data.mdb")) > small
+
+
+def test_original_list_name_and_lmdb_beside_the_class_folders(tree_copy, capsys):
+    """The original's documented layout: lists, images and LMDBs all in one folder."""
+    assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0
+    os.replace(os.path.join(tree_copy, "val_list.txt"), os.path.join(tree_copy, "val_datalist"))
+    assert pack(tree_copy, tree_copy, "val") == 0
+    assert os.path.isfile(os.path.join(tree_copy, "val", "data.mdb"))
+    assert sorted(read_lmdb(os.path.join(tree_copy, "val"))) == read_list(os.path.join(tree_copy, "val_datalist"))
+    assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0  # LMDB files are not listed
+    assert read_list(os.path.join(tree_copy, "val_list.txt")) == read_list(os.path.join(tree_copy, "val_datalist"))
+
+
+@pytest.mark.parametrize("problem", ["no image folder", "no split folder", "no list", "missing file",
+                                     "truncated jpeg", "truncated png", "unknown class", "repeated line"])
+def test_bad_input_is_a_one_line_error(tree_copy, tmp_path, capsys, problem):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
+    list_file = os.path.join(out, "train_list.txt")
+    lines = read_list(list_file)
+    image_path, expected = tree_copy, None
+    if problem == "no image folder":
+        image_path = expected = str(tmp_path / "nowhere")
+    elif problem == "no split folder":
+        shutil.rmtree(os.path.join(tree_copy, "train"))
+        expected = os.path.join(tree_copy, "train")
+    elif problem == "no list":
+        os.remove(list_file)
+        expected = list_file
+    elif problem == "missing file":
+        os.remove(os.path.join(tree_copy, "train", lines[5]))
+        expected = lines[5]
+    elif problem in ("truncated jpeg", "truncated png"):
+        name = ODD_FILES["progressive" if problem == "truncated jpeg" else "png"]
+        truncate_file(os.path.join(tree_copy, name))
+        expected = os.path.join(tree_copy, name)
+    elif problem == "unknown class":
+        with open(list_file, "a") as f:
+            f.write("n99999999/x.JPEG\n")
+        expected = "n99999999"
+    elif problem == "repeated line":
+        with open(list_file, "a") as f:
+            f.write(lines[3] + "\n")
+        expected = lines[3]
+    assert img2lmdb.main(["--image_path", image_path, "--list_path", out, "--output_path", out,
+                          "--split", "train", "--workers", "1"]) == 2
+    assert expected in error_line(capsys)
+
+
+def test_command_line_error_exit_code_and_no_traceback(tree_copy, tmp_path):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
+    damaged = os.path.join(tree_copy, ODD_FILES["grey"])
+    truncate_file(damaged)
+    command = [sys.executable, "dataset/img2lmdb.py", "--image_path", tree_copy, "--list_path", out,
+               "--output_path", out, "--split", "train", "--workers", "2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read") and damaged in last
+
+    missing_list = command[:5] + [str(tmp_path)] + command[6:]
+    result = subprocess.run(missing_list, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "train_list.txt" in result.stderr
+
+
+def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
+    list_file = os.path.join(out, "train_list.txt")
+    lines = read_list(list_file)
+    truncated, garbage = lines[2], lines[11]
+    truncate_file(os.path.join(tree_copy, "train", truncated))
+    with open(os.path.join(tree_copy, "train", garbage), "wb") as f:
+        f.write(b"this is not an image")
+
+    assert pack(tree_copy, out, "train", "--skip_bad", "--commit_every", "5") == 0
+    skipped_file = os.path.join(out, "train_skipped.txt")
+    assert read_list(skipped_file) == sorted([truncated, garbage])
+    kept = [line for line in lines if line not in (truncated, garbage)]
+    assert read_list(list_file) == kept
+    assert sorted(read_lmdb(os.path.join(out, "train"))) == kept
+    assert "skipped 2 unreadable images" in capsys.readouterr().out
+
+    assert pack(tree_copy, out, "train", "--skip_bad") == 0  # a rerun keeps the record of what was skipped
+    assert read_list(skipped_file) == sorted([truncated, garbage])
+    assert f"{len(kept)} of {len(kept)} images already in" in capsys.readouterr().out
