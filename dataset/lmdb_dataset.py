@@ -1,4 +1,4 @@
-"""An ImageFolder-style dataset over an LMDB of the original WSLD format.
+"""An ImageFolder-style dataset over an LMDB of the original WSLD format (ours or the original tool's).
 
 The environment is opened lazily, in whichever process first reads a sample, so the dataset
 works in the main process and in fork or spawn DataLoader workers. Sample names live in one
@@ -17,11 +17,19 @@ from torch.utils.data import Dataset
 
 from dataset.image_io import decode_rgb
 from dataset.lmdb_format import decode_record
+from dataset.mk_img_list import read_list as read_list_lines
 
 # Open environments of this process, by real path. py-lmdb refuses to open one environment
 # twice in a process (an inherited, forked copy included), so datasets on the same LMDB share
 # one handle; the pid tells a handle inherited through fork, which is closed and reopened.
 _OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+class MissingSampleError(KeyError):
+    """A list line whose key the LMDB lacks: the list and the LMDB are out of step."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0])
 
 
 def open_lmdb_readonly(path: str) -> lmdb.Environment:
@@ -33,6 +41,7 @@ def open_lmdb_readonly(path: str) -> lmdb.Environment:
         if pid == os.getpid():
             return env
         env.close()  # inherited through fork: closing only unmaps it in this process
+        del _OPEN_ENVS[key]
     if not os.path.isfile(os.path.join(key, "data.mdb")):
         raise FileNotFoundError(f"no LMDB at '{path}' (data.mdb missing); build it with dataset/img2lmdb.py")
     env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048)
@@ -41,11 +50,10 @@ def open_lmdb_readonly(path: str) -> lmdb.Environment:
 
 
 def read_list(list_path: str) -> np.ndarray:
-    """The list file's lines (``wnid/file``) as a compact numpy bytes array."""
-    if not os.path.isfile(list_path):
-        raise FileNotFoundError(f"image list '{list_path}' not found; make it with dataset/mk_img_list.py")
-    with open(list_path, encoding="utf-8") as f:
-        names = [line.strip().encode("utf-8") for line in f if line.strip()]
+    """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes array."""
+    names = [line.encode("utf-8") for line in read_list_lines(list_path)]
+    if not names:
+        raise ValueError(f"image list '{list_path}' is empty; remake it with dataset/mk_img_list.py")
     return np.array(names, dtype=np.bytes_)
 
 
@@ -54,7 +62,8 @@ class ImageFolder(Dataset):
 
     ``sample`` is the decoded RGB image (H x W x 3 uint8) passed through ``transform``; with
     ``decode=False`` the transform receives the stored file bytes instead, so that it can
-    decode at a reduced size.
+    decode at a reduced size. ``target`` is the stored class index (an int) passed through
+    ``target_transform``.
     """
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
@@ -77,8 +86,8 @@ class ImageFolder(Dataset):
         with open_lmdb_readonly(self.root).begin(buffers=False) as txn:
             value = txn.get(key)
         if value is None:
-            raise KeyError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
-                           f"'{self.root}'; rebuild it with dataset/img2lmdb.py")
+            raise MissingSampleError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
+                                     f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
         return decode_record(value)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
