@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -64,7 +63,7 @@ class _Outcome(NamedTuple):
     task: _Task
     image_bytes: bytes | None  # what to store; None for a file kept as is that the worker did not send back
     kept_as_is: bool
-    fingerprint: tuple[int, int] | None  # (size, CRC-32) of a file kept as is
+    fingerprint: tuple[int, int] | None  # (size, modification time in ns) of a file kept as is
     error: str | None = None
     missing: bool = False
 
@@ -124,8 +123,11 @@ def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_ke
     return result
 
 
-def _fingerprint(data: bytes) -> tuple[int, int]:
-    return len(data), zlib.crc32(data)
+def _read_with_fingerprint(path: str) -> tuple[bytes, tuple[int, int]]:
+    """A file's bytes and (size, modification time), from the one open file, so they belong together."""
+    with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        return f.read(), (stat.st_size, stat.st_mtime_ns)
 
 
 def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept: bool) -> _Outcome:
@@ -133,18 +135,17 @@ def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept
 
     A file kept as is is not sent back unless send_kept: piping every file through to the main
     process costs more than the main process reading it again from the page cache, and the
-    fingerprint proves it stores exactly the bytes that were checked.
+    fingerprint tells the main process if the file changed in between.
     """
     try:
-        with open(task.path, "rb") as f:
-            data = f.read()
+        data, fingerprint = _read_with_fingerprint(task.path)
         image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
     except FileNotFoundError:
         return _Outcome(task, None, False, None, "file not found", missing=True)
     except (OSError, ImageDecodeError) as exc:
         return _Outcome(task, None, False, None, str(exc))
     if kept:
-        return _Outcome(task, image_bytes if send_kept else None, True, _fingerprint(data))
+        return _Outcome(task, image_bytes if send_kept else None, True, fingerprint)
     return _Outcome(task, image_bytes, False, None)
 
 
@@ -152,9 +153,8 @@ def _stored_bytes(outcome: _Outcome) -> bytes:
     """The image bytes to store for a successful outcome, reading a kept file again if needed."""
     if outcome.image_bytes is not None:
         return outcome.image_bytes
-    with open(outcome.task.path, "rb") as f:
-        data = f.read()
-    if _fingerprint(data) != outcome.fingerprint:
+    data, fingerprint = _read_with_fingerprint(outcome.task.path)
+    if fingerprint != outcome.fingerprint or len(data) != fingerprint[0]:
         raise PackError(f"'{outcome.task.path}' changed while it was being packed; rerun the same command")
     return data
 

@@ -229,3 +229,14 @@ def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, cap
     assert pack(tree_copy, out, "train", "--skip_bad") == 0  # a rerun keeps the record of what was skipped
     assert read_list(skipped_file) == sorted([truncated, garbage])
     assert f"{len(kept)} of {len(kept)} images already in" in capsys.readouterr().out
+
+
+def test_a_file_changed_after_its_check_is_not_stored(tree_copy):
+    path = os.path.join(tree_copy, "train", "n00000001", "n00000001_0.JPEG")
+    task = img2lmdb._Task("n00000001/n00000001_0.JPEG", path, 1)
+    outcome = img2lmdb.prepare_image(task, shorter_side=None, quality=95, send_kept=False)
+    assert outcome.error is None and outcome.kept_as_is and outcome.image_bytes is None
+    assert img2lmdb._stored_bytes(outcome) == file_bytes(path)
+    shutil.copy(os.path.join(tree_copy, ODD_FILES["grey"]), path)  # replaced between check and store
+    with pytest.raises(img2lmdb.PackError, match="changed while it was being packed"):
+        img2lmdb._stored_bytes(outcome)
