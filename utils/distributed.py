@@ -127,7 +127,8 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple,
     try:
         fn(proc, *args)
     except user_errors as exc:
-        errors.put(f"{exc} (process {proc.rank})" if proc.world_size > 1 else str(exc))
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        errors.put(f"{message} (process {proc.rank})")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,0 +1,246 @@
+"""End to end: the training script on a small real-image dataset, on the CPU, with 2 gloo processes.
+
+Runs go through ``main(argv)`` in this process where they can (it spawns the training
+processes itself); the run that checks what a user sees at the command line is a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import train_with_distillation
+from dataset import img2lmdb, mk_img_list
+from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save
+from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="session")
+def data(photo_tree, tmp_path_factory) -> dict[str, str]:
+    """The photo tree as JPEG folders and as LMDBs, each with its lists, and a teacher weights file."""
+    root = tmp_path_factory.mktemp("train_data")
+    images = str(root / "images")
+    shutil.copytree(photo_tree, images)
+    assert mk_img_list.main(["--image_path", images, "--output_path", images]) == 0
+    lmdb_root = str(root / "lmdb")
+    for split in ("train", "val"):
+        assert img2lmdb.main(["--image_path", images, "--list_path", images, "--output_path", lmdb_root,
+                              "--split", split, "--workers", "1"]) == 0
+        shutil.copy(os.path.join(images, f"{split}_list.txt"), lmdb_root)
+    torch.manual_seed(0)
+    teacher = str(root / "teacher_resnet18.pth")
+    torch.save(torchvision.models.resnet18(num_classes=NUM_CLASSES).state_dict(), teacher)
+    return {"images": images, "lmdb": lmdb_root, "teacher": teacher}
+
+
+def overrides(data: dict[str, str], output_dir: str, **changes: object) -> list[str]:
+    """A tiny, seeded, 2-process run: 32 x 32 inputs, global batch 8, 2 epochs."""
+    values: dict[str, object] = {
+        "data.data_path": data["lmdb"], "data.input_size": (3, 32, 32), "data.batch_size": 8,
+        "data.num_workers": 0, "model.num_classes": NUM_CLASSES, "model.teacher": "resnet18",
+        "model.teacher_weights": data["teacher"], "train_params.epochs": 2, "train_params.print_freq": 2,
+        "train_params.use_seed": True, "train_params.eval_teacher": True, "train_params.output_dir": output_dir,
+        "optim.init_lr": 0.01, "dist.nprocs": 2, "dist.timeout_s": 60,
+    }
+    values.update({key.replace("__", "."): value for key, value in changes.items()})
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def read_log(output_dir: str) -> str:
+    with open(os.path.join(output_dir, LOG_NAME), encoding="utf-8") as f:
+        return f.read()
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory) -> str:
+    """The reference run: WSLD, LMDB data, 2 processes, 2 epochs. Returns its output folder."""
+    out = str(tmp_path_factory.mktemp("full_run") / "out")
+    assert train_with_distillation.main(overrides(data, out)) == 0
+    return out
+
+
+def test_run_writes_logs_metrics_and_checkpoints(full_run):
+    log = read_log(full_run)
+    assert '"batch_size": 8' in log  # the effective configuration
+    assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
+    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +loss [\d.]+ \([\d.]+\) +top-1 err [\d.]+ "
+                     r"\([\d.]+\) +top-5 err [\d.]+ \([\d.]+\) .*ETA \d+:\d\d:\d\d", log)
+    assert re.search(r"Validation epoch \[2/2\] +top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
+
+    records = read_metrics(os.path.join(full_run, METRICS_NAME))
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert {"lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err",
+                "epoch_seconds", "images_per_second"} <= record.keys()
+        assert record["val_images"] == 13  # every validation image once, none padded in
+        assert all(math.isfinite(record[k]) for k in ("train_loss", "val_loss", "images_per_second"))
+    best = min(records, key=lambda r: r["val_top1_err"])
+    best_line = re.search(r"Best accuracy \(top-1 and 5 error\): ([\d.]+) ([\d.]+)", log)
+    assert best_line and float(best_line[1]) == pytest.approx(best["val_top1_err"], abs=1e-3)
+    assert float(best_line[2]) == pytest.approx(best["val_top5_err"], abs=1e-3)
+
+    with open(os.path.join(full_run, CURVES_NAME), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(full_run, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["model"]["teacher"] == "resnet18"
+
+    checkpoint = torch.load(os.path.join(full_run, CHECKPOINT_NAME), weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["data"]["batch_size"] == 8
+    assert {"optimizer", "scheduler", "scaler", "rng", "best_top1_err"} <= checkpoint.keys()
+    student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    student.load_state_dict(checkpoint["state_dict"], strict=True)  # torchvision keys, no 'module.'
+    best_checkpoint = torch.load(os.path.join(full_run, BEST_NAME), weights_only=True)
+    assert best_checkpoint["epoch"] == best["epoch"]
+
+
+def test_distributed_validation_equals_single_process_evaluation(full_run, data, capsys):
+    base = overrides(data, full_run)
+    assert train_with_distillation.main(["--evaluate", os.path.join(full_run, CHECKPOINT_NAME), *base]) == 0
+    student = last_json_line(capsys.readouterr().out)
+    assert train_with_distillation.main(["--evaluate", "teacher", *base]) == 0
+    teacher = last_json_line(capsys.readouterr().out)
+
+    last_epoch = read_metrics(os.path.join(full_run, METRICS_NAME))[-1]
+    assert student["images"] == 13 and teacher["images"] == 13
+    assert student["top1_err"] == last_epoch["val_top1_err"]
+    assert student["top5_err"] == last_epoch["val_top5_err"]
+    assert student["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-5)
+    logged = re.search(r"Teacher network performance: top-1 err ([\d.]+) +top-5 err ([\d.]+) +loss ([\d.]+)",
+                       read_log(full_run))
+    assert [float(x) for x in logged.groups()] == pytest.approx(
+        [teacher["top1_err"], teacher["top5_err"], teacher["loss"]], abs=1e-3)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
+    """Stopped after epoch 1 and resumed, a seeded run ends where the uninterrupted one does.
+
+    With a loader worker: its augmentation draws must restart the same way in both runs.
+    """
+    def run(out: str, **changes: object) -> None:
+        argv = overrides(data, out, dist__nprocs=1, train_params__eval_teacher=False, data__num_workers=1,
+                         **changes)
+        assert train_with_distillation.main(argv) == 0
+
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "out")
+    run(reference)
+    run(out, train_params__epochs=1)
+    run(out, optim__resume_path="auto")
+
+    resumed = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
+    expected = torch.load(os.path.join(reference, CHECKPOINT_NAME), weights_only=True)
+    assert resumed["epoch"] == 2
+    for key, value in expected["state_dict"].items():
+        diff = (resumed["state_dict"][key].double() - value.double()).abs().max().item()
+        assert diff <= 1e-5, f"{key} differs by {diff}"
+    assert "Resumed from" in read_log(out)
+    records = read_metrics(os.path.join(out, METRICS_NAME))
+    assert [r["epoch"] for r in records] == [1, 2]  # epoch 2 is not recorded twice
+    assert records[1]["val_loss"] == pytest.approx(read_metrics(os.path.join(reference, METRICS_NAME))[1]["val_loss"])
+
+
+def test_kd_on_image_folders_with_a_loader_worker(data, tmp_path):
+    out = str(tmp_path / "out")
+    argv = overrides(data, out, data__data_path=data["images"], data__train_data_type="img",
+                     data__val_data_type="img", distill__method="kd", data__num_workers=1,
+                     train_params__epochs=1, train_params__eval_teacher=False, dist__nprocs=1)
+    assert train_with_distillation.main(argv) == 0
+    assert "KDLoss" in read_log(out)
+    assert [r["val_images"] for r in read_metrics(os.path.join(out, METRICS_NAME))] == [13]
+
+
+def test_student_alone_never_loads_a_teacher(data, tmp_path):
+    out = str(tmp_path / "out")
+    argv = overrides(data, out, distill__method="none", train_params__eval_teacher=False,
+                     model__teacher_weights=str(tmp_path / "absent.pth"), train_params__epochs=1, dist__nprocs=1)
+    assert train_with_distillation.main(argv) == 0
+    log = read_log(out)
+    assert "Teacher (none)" in log and "Teacher network performance" not in log
+    assert os.path.isfile(os.path.join(out, BEST_NAME))
+
+
+def test_non_finite_loss_stops_all_processes_and_keeps_the_checkpoint(full_run, data, tmp_path):
+    """At the command line: one error line naming epoch and step, non-zero exit, the good checkpoint kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    good = out / CHECKPOINT_NAME
+    shutil.copy(os.path.join(full_run, CHECKPOINT_NAME), good)
+    before = good.read_bytes()
+    argv = overrides(data, str(out), optim__init_lr=1e30, train_params__print_freq=1,
+                     train_params__eval_teacher=False)
+    proc = subprocess.run([sys.executable, "train_with_distillation.py", *argv], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    error_lines = proc.stderr.strip().splitlines()
+    assert len(error_lines) == 1, proc.stderr
+    assert re.match(r"error: non-finite loss at epoch 1, step \d+", error_lines[0])
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert good.read_bytes() == before
+    assert not (out / BEST_NAME).exists()
+    assert "error: non-finite loss" in read_log(str(out))
+
+
+def _write_truncated_checkpoint(path: str) -> str:
+    atomic_save({"state_dict": {"w": torch.randn(1000)}, "epoch": 1}, path)
+    with open(path, "rb") as f:
+        head = f.read(200)
+    with open(path, "wb") as f:
+        f.write(head)
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_data_path", r"data\.data_path '.*' is not a folder"),
+    ("missing_lmdb", r"img2lmdb"),
+    ("missing_list", r"mk_img_list"),
+    ("unknown_key", r"unknown config key 'optim\.init_l'; did you mean 'optim\.init_lr'"),
+    ("indivisible_batch", r"data\.batch_size=7 .* does not divide among 2 processes"),
+    ("missing_teacher_weights", r"absent_teacher\.pth"),
+    ("unreadable_resume", r"cannot read checkpoint"),
+    ("missing_evaluate_checkpoint", r"absent_student\.pth"),
+])
+def test_bad_input_is_one_line_and_exit_2(case, expected, data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = overrides(data, out)
+    if case == "missing_data_path":
+        argv += [f"data.data_path={tmp_path / 'nowhere'}"]
+    elif case in ("missing_lmdb", "missing_list"):
+        partial = str(tmp_path / "partial")
+        shutil.copytree(data["lmdb"], partial)
+        if case == "missing_lmdb":
+            shutil.rmtree(os.path.join(partial, "train"))
+        else:
+            os.remove(os.path.join(partial, "val_list.txt"))
+        argv += [f"data.data_path={partial}"]
+    elif case == "unknown_key":
+        argv += ["optim.init_l=0.1"]
+    elif case == "indivisible_batch":
+        argv += ["data.batch_size=7"]
+    elif case == "missing_teacher_weights":
+        argv += [f"model.teacher_weights={tmp_path / 'absent_teacher.pth'}"]
+    elif case == "unreadable_resume":
+        bad = _write_truncated_checkpoint(str(tmp_path / "bad.pth"))
+        argv += ["optim.if_resume=True", f"optim.resume_path={bad}"]
+    elif case == "missing_evaluate_checkpoint":
+        argv = ["--evaluate", str(tmp_path / "absent_student.pth"), *argv]
+    assert train_with_distillation.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert re.search(expected, lines[0]), lines[0]
+    assert not os.path.exists(os.path.join(out, CHECKPOINT_NAME))

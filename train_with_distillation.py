@@ -1,0 +1,574 @@
+"""Distil a frozen teacher into a student on ImageNet with weighted soft labels (WSLD, ICLR 2021).
+
+    python3 train_with_distillation.py data.data_path=/data/imagenet          # every visible GPU
+    torchrun --nproc_per_node=8 train_with_distillation.py data.data_path=/data/imagenet
+    python3 train_with_distillation.py --cfg my_cfg.py optim.init_lr=0.2       # another config module
+    python3 train_with_distillation.py --evaluate output/resnet/model_best.pth.tar data.data_path=...
+
+Defaults come from imagenet_train_cfg.py; ``key.sub=value`` arguments override any key. The
+configuration is checked, and the data and weights looked for, before any process starts, so
+a mistake costs one line and a second rather than a traceback per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dataset.imagenet_data import ImageNet12
+from dataset.prefetch_data import DevicePrefetcher
+from knowledge_distiller import WSLDistiller, build_loss
+from models import WeightsError, build_model, load_weights, teacher_student_names
+from utils import distributed
+from utils.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    capture_rng_state,
+    load_checkpoint,
+    resolve_resume_path,
+    restore_rng_state,
+    save_checkpoint,
+)
+from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file
+from utils.logger import RunLogger, print_error
+from utils.metrics import AverageMeter, all_reduce_sums, error_percent, topk_correct
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+LR_SCHEDULES = ("step", "cosine")
+CONFIG_NAME = "config.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message is one line."""
+
+
+# Problems the user can fix: one line on stderr and a non-zero exit, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, CheckpointError, FileNotFoundError, WeightsError, TrainingError, ValueError)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Weighted soft label distillation (WSLD) on ImageNet.",
+        epilog="Overrides: any key of the config as key.sub=value, e.g. optim.init_lr=0.2 "
+               "data.data_path=/data/imagenet dist.nprocs=2.")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config values to change (Python literals, else strings)")
+    parser.add_argument("--cfg", metavar="FILE.py", default="",
+                        help="config module to use instead of imagenet_train_cfg.py")
+    parser.add_argument("--evaluate", metavar="CKPT", default="",
+                        help="evaluate a student checkpoint (or 'teacher', the configured teacher) "
+                             "on the validation set in one process, then exit")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> AttrDict:
+    """The effective config: the defaults or --cfg's module, then the command-line overrides."""
+    if args.cfg:
+        cfg = load_config_file(args.cfg)
+    else:
+        from imagenet_train_cfg import cfg as defaults
+
+        cfg = copy.deepcopy(defaults)
+    apply_overrides(cfg, args.overrides)
+    if not cfg.train_params.output_dir:
+        cfg.train_params.output_dir = os.path.join("output", cfg.net_type)
+    return cfg
+
+
+def check_config(cfg: AttrDict, world_size: int) -> None:
+    """Raise ConfigError for values that would fail later, inside every process."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    batch = cfg.data.batch_size
+    require(isinstance(batch, int) and batch > 0, f"data.batch_size must be a positive integer, got {batch!r}")
+    require(batch % world_size == 0,
+            f"data.batch_size={batch} (the global batch) does not divide among {world_size} processes; "
+            f"use a multiple of {world_size}")
+    require(cfg.train_params.amp in AMP_MODES,
+            f"train_params.amp must be one of {', '.join(AMP_MODES)}, got {cfg.train_params.amp!r}")
+    require(cfg.optim.lr_schedule in LR_SCHEDULES,
+            f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.optim.lr_schedule!r}")
+    require(cfg.optim.init_lr > 0, f"optim.init_lr must be positive, got {cfg.optim.init_lr}")
+    require(cfg.optim.lr_step_epochs > 0, f"optim.lr_step_epochs must be positive, got {cfg.optim.lr_step_epochs}")
+    restart = cfg.optim.cosine.restart
+    require(len(restart.lr_step) == len(restart.lr_period) > 0 and restart.lr_step[0] == 0
+            and all(p > 0 for p in restart.lr_period),
+            "optim.cosine.restart needs lr_step (starting at 0) and positive lr_period of the same length")
+    require(isinstance(cfg.train_params.epochs, int) and cfg.train_params.epochs >= 0,
+            f"train_params.epochs must be a non-negative integer, got {cfg.train_params.epochs!r}")
+    require(cfg.train_params.print_freq > 0, "train_params.print_freq must be positive")
+    require(len(cfg.data.input_size) == 3, f"data.input_size must be (3, H, W), got {cfg.data.input_size!r}")
+    require(cfg.dist.timeout_s > 0, "dist.timeout_s must be positive")
+    devices = torch.cuda.device_count()
+    require(not (devices and cfg.dist.nprocs > devices),
+            f"dist.nprocs={cfg.dist.nprocs} but this machine has {devices} CUDA devices; use at most {devices} "
+            f"(0 means one process per device)")
+    teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)  # ValueError for bad names
+    make_loss(cfg)  # ValueError for a bad method, temperature or alpha
+
+
+def check_inputs(cfg: AttrDict) -> None:
+    """Look for the data, the weights and the checkpoint to resume, once, before processes start.
+
+    Loading the teacher here also fetches official weights once rather than in every process.
+    """
+    data = open_data(cfg, num_workers=0)
+    data.train_set()[0]  # opens the LMDB or folder and decodes an image: the data is really there
+    data.val_set()[0]
+    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
+    if needs_teacher(cfg):
+        build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
+    if cfg.model.student_weights:
+        build_model(student_name, cfg.model.num_classes, cfg.model.student_weights)
+    output_dir = cfg.train_params.output_dir
+    resume = resolve_resume_path(cfg.optim.if_resume, cfg.optim.resume_path, output_dir)
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+            raise CheckpointError(f"'{resume}' holds weights but no training state; resume from a "
+                                  f"checkpoint.pth.tar this script wrote, or pass it as model.student_weights")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create train_params.output_dir '{output_dir}' ({exc.strerror}); "
+                          "choose a writable folder") from None
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def make_loss(cfg: AttrDict) -> nn.Module:
+    smoothing = cfg.optim.smooth_alpha if cfg.optim.label_smooth else 0.0
+    return build_loss(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha,
+                      cfg.model.num_classes, smoothing)
+
+
+def needs_teacher(cfg: AttrDict) -> bool:
+    return make_loss(cfg).needs_teacher or bool(cfg.train_params.eval_teacher)
+
+
+def open_data(cfg: AttrDict, num_workers: int) -> ImageNet12:
+    """The train and validation data of cfg.data, read by num_workers loader processes each."""
+    root = cfg.data.data_path
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.data_path '{root}' is not a folder; point it at the folder that "
+                                f"holds train/, val/ and the list files")
+    return ImageNet12(os.path.join(root, "train"), os.path.join(root, "val"), num_workers,
+                      cfg.data.type_of_data_aug, cfg.data, seed=cfg.train_params.seed)
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: 'auto' is bf16 on CUDA devices that support it, full precision elsewhere."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
+
+
+def lr_at_epoch(epoch: int, optim_cfg: AttrDict, epochs: int) -> float:
+    """The learning rate of a 0-based epoch: step decay, cosine, or cosine with warm restarts."""
+    init_lr, min_lr = optim_cfg.init_lr, optim_cfg.min_lr
+    if optim_cfg.lr_schedule == "step":
+        return init_lr * optim_cfg.lr_decay ** (epoch // optim_cfg.lr_step_epochs)
+    if optim_cfg.cosine.use_restart:
+        restart = optim_cfg.cosine.restart
+        cycle = max(i for i, start in enumerate(restart.lr_step) if start <= epoch)
+        progress = min(1.0, (epoch - restart.lr_step[cycle]) / restart.lr_period[cycle])
+    else:
+        progress = epoch / max(1, epochs)
+    return min_lr + (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: AttrDict, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """An epoch-based schedule, stepped once per epoch; its state is plain numbers."""
+    def factor(epoch: int) -> float:
+        return lr_at_epoch(epoch, optim_cfg, epochs) / optim_cfg.init_lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Distinct for every (epoch, rank) pair of jobs with fewer than 10,000 processes."""
+    return seed + 10_000 * (epoch + 1) + rank
+
+
+def format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+# ----------------------------------------------------------------------------- training and validation
+
+def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, epoch: int, epochs: int,
+                    cfg: AttrDict, log: RunLogger) -> dict[str, float]:
+    """One pass over the training data; returns the epoch's loss and errors summed over all processes.
+
+    Per-step numbers stay on the device and are read every print_freq steps, so the GPU is not
+    made to wait for the CPU each step. Every step's loss is checked for finiteness on the
+    device, and the first bad step is reported at the next read, before any checkpoint is written.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    steps = len(loader)
+    if cfg.train_params.max_steps_per_epoch > 0:
+        steps = min(steps, cfg.train_params.max_steps_per_epoch)
+    world_size = distributed.get_world_size()
+    print_freq = cfg.train_params.print_freq
+    clip = cfg.optim.grad_clip if cfg.optim.use_grad_clip else None
+
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum, top1_sum, top5_sum = zero.clone(), zero.clone(), zero.clone()
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    images_seen = 0
+    window_loss, window_top1, window_top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    last_loss, last_top1, last_top5, last_images = 0.0, 0.0, 0.0, 0
+    start = window_start = time.perf_counter()
+
+    for step, (images, target) in enumerate(loader):
+        if step >= steps:
+            break
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, loss = model(images, target)
+        bad = ~torch.isfinite(loss.detach())
+        first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+        scaler.step(optimizer)
+        scaler.update()
+
+        batch = target.shape[0]
+        correct1, correct5 = topk_correct(logits.detach(), target)
+        loss_sum += loss.detach().double() * batch
+        top1_sum += correct1
+        top5_sum += correct5
+        images_seen += batch
+
+        if (step + 1) % print_freq == 0 or step + 1 == steps:
+            raise_if_non_finite(first_bad_step, epoch)
+            now = time.perf_counter()
+            totals = torch.stack([loss_sum, top1_sum, top5_sum]).tolist()
+            n = images_seen - last_images
+            window_loss.update((totals[0] - last_loss) / n, n)
+            window_top1.update(error_percent(totals[1] - last_top1, n), n)
+            window_top5.update(error_percent(totals[2] - last_top5, n), n)
+            speed = n * world_size / max(now - window_start, 1e-9)
+            per_step = (now - start) / (step + 1)
+            epoch_eta = per_step * (steps - step - 1)
+            run_eta = epoch_eta + per_step * steps * (epochs - epoch - 1)
+            log.info(f"Epoch: [{epoch + 1}/{epochs}][{step + 1}/{steps}]  speed {speed:.1f} img/s  "
+                     f"loss {window_loss.val:.4f} ({window_loss.avg:.4f})  "
+                     f"top-1 err {window_top1.val:.2f} ({window_top1.avg:.2f})  "
+                     f"top-5 err {window_top5.val:.2f} ({window_top5.avg:.2f})  "
+                     f"lr {optimizer.param_groups[0]['lr']:.6g}  "
+                     f"ETA {format_duration(epoch_eta)} (run {format_duration(run_eta)})")
+            last_loss, last_top1, last_top5, last_images = totals[0], totals[1], totals[2], images_seen
+            window_start = now
+
+    raise_if_non_finite(first_bad_step, epoch)
+    seconds = time.perf_counter() - start
+    sums = all_reduce_sums({"loss": loss_sum, "top1": top1_sum, "top5": top5_sum,
+                            "images": images_seen, "seconds": seconds}, device)
+    return {"loss": sums["loss"] / max(sums["images"], 1),
+            "top1_err": error_percent(sums["top1"], sums["images"]),
+            "top5_err": error_percent(sums["top5"], sums["images"]),
+            "images": sums["images"], "seconds": seconds,
+            "images_per_second": sums["images"] / max(sums["seconds"] / world_size, 1e-9)}
+
+
+def raise_if_non_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
+    step = int(first_bad_step.item())
+    if step >= 0:
+        raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped and "
+                            f"the last checkpoint was kept. Lower optim.init_lr or enable optim.use_grad_clip")
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Loss and top-1/top-5 error over the whole validation set, exactly, under any number of processes.
+
+    Each process sees a disjoint shard with no padding; summed losses, correct counts and image
+    counts are all-reduced, so the result is the one a single process gets.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    images = 0
+    for batch_images, target in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch_images)
+        loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").double()
+        correct1, correct5 = topk_correct(logits, target)
+        top1 += correct1
+        top5 += correct5
+        images += target.shape[0]
+    model.train(was_training)
+    sums = all_reduce_sums({"loss": loss_sum, "top1": top1, "top5": top5, "images": images}, device)
+    count = sums["images"]
+    return {"loss": sums["loss"] / count if count else float("nan"),
+            "top1_err": error_percent(sums["top1"], count),
+            "top5_err": error_percent(sums["top5"], count), "images": int(count)}
+
+
+def describe(stats: dict[str, float]) -> str:
+    return (f"top-1 err {stats['top1_err']:.3f}  top-5 err {stats['top5_err']:.3f}  "
+            f"loss {stats['loss']:.4f}  ({stats['images']} images)")
+
+
+# ----------------------------------------------------------------------------- one process of the job
+
+def select_device(proc: distributed.ProcessInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(proc.local_rank)
+        return torch.device("cuda", proc.local_rank)
+    return torch.device("cpu")
+
+
+def configure_process(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device) -> None:
+    """Threads, cuDNN and determinism settings, then the process group."""
+    if device.type == "cpu":
+        torch.set_num_threads(distributed.cpu_threads_per_process(proc.local_world_size))
+    if device.type == "cuda":
+        if cfg.train_params.use_seed:  # slower kernels whose results do not vary run to run
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = not cfg.train_params.use_seed
+    # On the CPU the kernels this training uses give the same results for the same thread
+    # count, so seeding alone makes a run reproducible there.
+    backend = cfg.dist.backend or distributed.default_backend(device)
+    distributed.init_process_group(proc, backend, cfg.dist.timeout_s)
+
+
+def run(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
+    """The whole training job as seen by one process."""
+    device = select_device(proc)
+    configure_process(proc, cfg, device)
+    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
+    try:
+        train(proc, cfg, device, log)
+    except USER_ERRORS as exc:
+        log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
+        raise
+    finally:
+        log.close()
+        distributed.cleanup()
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint carries besides weights and optimizer state."""
+
+    epochs_done: int = 0
+    best_top1_err: float = math.inf
+    best_top5_err: float = math.inf  # at the epoch of the best top-1, as the original reports it
+
+
+def build_networks(cfg: AttrDict, device: torch.device) -> tuple[nn.Module | None, WSLDistiller]:
+    """The teacher (None when neither the loss nor its evaluation needs it) and the distiller."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
+    loss = make_loss(cfg)
+    teacher = None
+    if loss.needs_teacher or cfg.train_params.eval_teacher:
+        teacher = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
+        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    student = build_model(student_name, cfg.model.num_classes, cfg.model.student_weights or None)
+    distiller = WSLDistiller(teacher if loss.needs_teacher else None, student, loss)
+    return teacher, distiller.to(device, memory_format=memory_format)
+
+
+def resume(path: str, student: nn.Module, arch: str, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+           restore_rng: bool) -> Progress:
+    """Restore everything a checkpoint of this script holds; returns where training stands."""
+    checkpoint = load_checkpoint(path)
+    load_weights(student, checkpoint, arch)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if restore_rng:
+        restore_rng_state(checkpoint["rng"])
+    return Progress(int(checkpoint["epoch"]), float(checkpoint["best_top1_err"]),
+                    float(checkpoint["best_top5_err"]))
+
+
+def checkpoint_state(student: nn.Module, arch: str, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                     progress: Progress, cfg: AttrDict) -> dict[str, Any]:
+    """A checkpoint as the original laid it out (weights under 'state_dict'), plus all resume needs."""
+    return {"state_dict": student.state_dict(), "arch": arch, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": progress.epochs_done,
+            "best_top1_err": progress.best_top1_err, "best_top5_err": progress.best_top5_err,
+            "config": cfg.to_dict(), "rng": capture_rng_state()}
+
+
+def write_config(cfg: AttrDict, output_dir: str) -> None:
+    with atomic_write(os.path.join(output_dir, CONFIG_NAME)) as f:
+        f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode("utf-8"))
+
+
+def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, log: RunLogger) -> None:
+    tp, world_size = cfg.train_params, max(1, proc.world_size)
+    log.info("Effective configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
+    if proc.is_main:
+        write_config(cfg, tp.output_dir)
+    log.info(f"{world_size} process(es) on {device.type}, {cfg.data.batch_size // world_size} images each per step")
+
+    batch_size = cfg.data.batch_size // world_size
+    data = open_data(cfg, cfg.data.num_workers // max(1, proc.local_world_size))
+    train_loader, val_loader = data.getTrainLoader(batch_size), data.getTestLoader(batch_size)
+    channels_last = device.type == "cuda"
+    train_data = DevicePrefetcher(train_loader, device, cfg.data.mean, cfg.data.std, channels_last)
+    val_data = DevicePrefetcher(val_loader, device, cfg.data.mean, cfg.data.std, channels_last)
+    amp_dtype = resolve_amp(tp.amp, device)
+
+    if tp.use_seed:
+        seed_everything(tp.seed)  # the same initial weights in every process and every run
+    teacher, distiller = build_networks(cfg, device)
+    student = distiller.student
+    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
+    log.info(f"Teacher {teacher_name if distiller.teacher is not None else '(none)'}, student {student_name}, "
+             f"loss {distiller.loss}, precision {amp_dtype or torch.float32}")
+
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.optim.init_lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scheduler = make_scheduler(optimizer, cfg.optim, tp.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    progress = Progress()
+    resume_path = resolve_resume_path(cfg.optim.if_resume, cfg.optim.resume_path, tp.output_dir)
+    if resume_path is not None:
+        # Only the main process's generators were saved; seeded runs reseed every epoch anyway.
+        progress = resume(resume_path, student, student_name, optimizer, scheduler, scaler, restore_rng=proc.is_main)
+        log.info(f"Resumed from '{resume_path}' after epoch {progress.epochs_done}")
+    log.start_metrics(progress.epochs_done)
+
+    model: nn.Module = distiller
+    if distributed.is_distributed():
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if tp.eval_teacher and teacher is not None:
+        log.info(f"Teacher network performance: {describe(validate(teacher, val_data, amp_dtype))}")
+    teacher = None  # the distiller keeps it when the loss needs it
+
+    first_epoch = progress.epochs_done
+    for epoch in range(first_epoch, tp.epochs):
+        if tp.use_seed:
+            seed_everything(epoch_seed(tp.seed, epoch, proc.rank))
+        if tp.use_seed and train_loader.persistent_workers and epoch > first_epoch:
+            # Persistent workers would carry their generators over from the last epoch, where a
+            # resumed run starts fresh ones: fresh workers, seeded from this epoch's seed.
+            train_loader = data.getTrainLoader(batch_size)
+            train_data = DevicePrefetcher(train_loader, device, cfg.data.mean, cfg.data.std, channels_last)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(model, train_data, optimizer, scaler, amp_dtype, epoch, tp.epochs, cfg, log)
+        distributed.broadcast_buffers(student)  # validate, everywhere, the weights rank 0 saves
+        val_stats = validate(student, val_data, amp_dtype)
+        if not math.isfinite(val_stats["loss"]):
+            raise TrainingError(f"non-finite validation loss after epoch {epoch + 1}; training stopped and "
+                                f"the last checkpoint was kept. Lower optim.init_lr or enable optim.use_grad_clip")
+        scheduler.step()
+        log.info(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
+
+        is_best = val_stats["top1_err"] < progress.best_top1_err
+        progress.epochs_done = epoch + 1
+        if is_best:
+            progress.best_top1_err, progress.best_top5_err = val_stats["top1_err"], val_stats["top5_err"]
+        if proc.is_main:
+            state = checkpoint_state(student, student_name, optimizer, scheduler, scaler, progress, cfg)
+            save_checkpoint(state, tp.output_dir, is_best)
+        log.log_epoch({
+            "epoch": epoch + 1, "lr": lr,
+            "train_loss": train_stats["loss"], "train_top1_err": train_stats["top1_err"],
+            "train_top5_err": train_stats["top5_err"],
+            "val_loss": val_stats["loss"], "val_top1_err": val_stats["top1_err"],
+            "val_top5_err": val_stats["top5_err"], "val_images": val_stats["images"],
+            "epoch_seconds": train_stats["seconds"], "images_per_second": train_stats["images_per_second"],
+        })
+    distributed.barrier()  # nobody leaves while the main process is still writing
+    log.info(f"Best accuracy (top-1 and 5 error): {progress.best_top1_err:.3f} {progress.best_top5_err:.3f}")
+
+
+# ----------------------------------------------------------------------------- evaluation only
+
+def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
+    """Validation error of a student checkpoint, or of the configured teacher, in this one process."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
+    if target == "teacher":
+        model = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
+    else:
+        model = load_weights(build_model(student_name, cfg.model.num_classes), target, student_name)
+    val_loader = open_data(cfg, cfg.data.num_workers).getTestLoader(cfg.data.batch_size)
+    channels_last = device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    val_data = DevicePrefetcher(val_loader, device, cfg.data.mean, cfg.data.std, channels_last)
+    return validate(model, val_data, resolve_amp(cfg.train_params.amp, device))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args)
+        if args.evaluate:
+            check_config(cfg, world_size=1)
+            stats = evaluate(cfg, args.evaluate)
+            print(f"Evaluation of {args.evaluate}: {describe(stats)}")
+            print(json.dumps({"checkpoint": args.evaluate, **stats}))
+            return 0
+        check_config(cfg, distributed.planned_world_size(cfg.dist.nprocs))
+        check_inputs(cfg)
+        distributed.launch(run, (cfg,), nprocs=cfg.dist.nprocs, user_errors=USER_ERRORS)
+    except distributed.LaunchError as exc:
+        print_error(str(exc))
+        return exc.exit_code
+    except USER_ERRORS as exc:
+        print_error(one_line(exc))
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    return 0
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
