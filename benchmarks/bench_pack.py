@@ -6,7 +6,7 @@ scale) and spreads the work over all cores. Both run as whole processes on the s
 ImageNet-like JPEGs (crops of scikit-learn's photos, 300..1000 px, quality 75..95), into fresh
 LMDBs; the best of --repeats runs counts. Afterwards every stored image of both LMDBs is decoded.
 
-    python benchmarks/bench_pack.py [--num_images 2000] [--repeats 2]
+    python benchmarks/bench_pack.py [--num_images 3000] [--repeats 3]
 
 The last line prints the speed-up.
 """
@@ -89,8 +89,8 @@ def count_decodable(lmdb_path: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_images", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num_images", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", nargs=3, metavar=("IMAGE_PATH", "LIST_FILE", "LMDB_PATH"),
                         help=argparse.SUPPRESS)  # the baseline's own process
     args = parser.parse_args()

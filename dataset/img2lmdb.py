@@ -31,6 +31,7 @@ from typing import NamedTuple
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cv2  # noqa: E402
 import lmdb  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -113,7 +114,8 @@ def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_ke
         if not wnid or not name:
             raise PackError(f"{where} is '{line}', not 'class_folder/file'")
         if wnid not in labels:
-            raise PackError(f"{where} names class '{wnid}', which is not a class folder of the train split")
+            raise PackError(f"{where} names class '{wnid}', which is not among the {len(labels)} class "
+                            f"folders that number the labels (those of train/)")
         if line in seen:
             raise PackError(f"{where} repeats '{line}'; remake the list with dataset/mk_img_list.py")
         if len(encode_key(line)) > max_key_size:
@@ -159,9 +161,11 @@ def _stored_bytes(outcome: _Outcome) -> bytes:
     return data
 
 
-def _ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is handled once, by the main process, which saves what it has."""
+def _init_worker() -> None:
+    """Pool initializer: Ctrl-C is handled once, by the main process, which saves what it has;
+    one OpenCV thread per worker, as the workers already fill the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
 
 
 def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
@@ -254,7 +258,7 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
     """Prepare the tasks' records in worker processes and commit them, in list order, in batches."""
     use_pool = workers > 1 and len(tasks) > 1
     work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality, send_kept=not use_pool)
-    pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=_ignore_sigint) if use_pool else None
+    pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
     batch: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
     try:
@@ -299,9 +303,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="processes preparing images (default: all cores)")
     parser.add_argument("--skip_bad", action="store_true",
                         help="leave unreadable images out (named in <output_path>/<split>_skipped.txt "
-                             "and removed from the list) instead of stopping")
+                             "and removed from the list) instead of stopping; a missing file still stops "
+                             "the run, as it means the list is out of date")
     parser.add_argument("--commit_every", type=int, default=DEFAULT_COMMIT_EVERY,
-                        help="images per LMDB transaction: what an interruption can lose")
+                        help="images per LMDB transaction: the most that killing the packer can lose")
     parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="quality of the JPEGs written for converted or resized images")
     args = parser.parse_args(argv)
