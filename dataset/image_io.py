@@ -28,8 +28,10 @@ _SOI, _EOI, _SOS, _APP14 = 0xD8, 0xD9, 0xDA, 0xEE
 # OpenCV applies the EXIF orientation unless told not to; torchvision's PIL loader (which the
 # official teachers were trained with) does not, so neither do we.
 _CV_COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-_CV_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-               4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_CV_COLOR_AT_SCALE = {scale: flag | cv2.IMREAD_IGNORE_ORIENTATION for scale, flag in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (8, cv2.IMREAD_REDUCED_COLOR_8))}
+_CV_CHECK = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class ImageDecodeError(ValueError):
@@ -117,8 +119,8 @@ def decode_rgb(data: bytes) -> np.ndarray:
 def _decode_bgr_any(data: bytes) -> np.ndarray:
     """A BGR array from any file PIL or OpenCV reads, with PIL's colour conversions.
 
-    PIL goes first: it handles CMYK/YCCK JPEGs (Adobe's inverted channels included), palettes and
-    16-bit PNGs, and its strict loader raises on truncated files, where libjpeg builds may only
+    PIL goes first: it handles CMYK/YCCK JPEGs (Adobe's inverted channels included) and
+    palettes, and its strict loader raises on truncated files, where libjpeg builds may only
     warn. OpenCV is asked only about formats PIL does not know at all.
     """
     try:
@@ -137,15 +139,20 @@ def _decode_bgr_any(data: bytes) -> np.ndarray:
     return image
 
 
-def _decode_jpeg_bgr(data: bytes, header: JpegHeader, min_shorter_side: int) -> np.ndarray:
-    """Decode a storable JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) keeping the shorter side >= min_shorter_side."""
+def _require_end(header: JpegHeader) -> None:
+    # Some libjpeg builds only warn about a file cut short and return grey rows in its place.
     if not header.has_end:
         raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
+
+
+def _decode_jpeg_bgr(data: bytes, header: JpegHeader, min_shorter_side: int) -> np.ndarray:
+    """Decode a storable JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps its shorter side >= min_shorter_side."""
+    _require_end(header)
     shorter = min(header.height, header.width)
     scale = 8
     while scale > 1 and shorter // scale < min_shorter_side:
         scale //= 2
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _CV_REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _CV_COLOR_AT_SCALE[scale])
     if image is None:
         raise ImageDecodeError("damaged JPEG data")
     return image
@@ -176,10 +183,8 @@ def check_jpeg_decodes(data: bytes, header: JpegHeader) -> None:
     block of every component (the colour ones too), so damaged data anywhere is caught, but it
     skips most of the inverse DCT and the colour conversion.
     """
-    if not header.has_end:
-        raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
-    flags = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
-    if cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags) is None:
+    _require_end(header)
+    if cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _CV_CHECK) is None:
         raise ImageDecodeError("damaged JPEG data")
 
 
@@ -188,10 +193,10 @@ def prepare_for_storage(data: bytes, shorter_side: int | None = None,
     """The JPEG bytes to store for an image file, and whether they are the file itself.
 
     Without shorter_side, a storable JPEG (see JpegHeader.storable) is checked (see
-    check_jpeg_decodes) and returned unchanged; anything else is
-    decoded and re-encoded as an RGB JPEG. With shorter_side, the image is scaled to that
-    shorter side first (a file already that size and storable is kept as is). Raises
-    ImageDecodeError for truncated or unreadable data.
+    check_jpeg_decodes) and returned unchanged; anything else is decoded and re-encoded as an
+    RGB JPEG. With shorter_side, the image is scaled to that shorter side first (a storable
+    file already that size is kept as is). Raises ImageDecodeError for truncated or unreadable
+    data.
     """
     try:
         header = parse_jpeg_header(data)
