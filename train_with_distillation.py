@@ -527,12 +527,12 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
 def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
     """Validation error of a student checkpoint, or of the configured teacher, in this one process."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    val_loader = open_data(cfg, cfg.data.num_workers).getTestLoader(cfg.data.batch_size)
     teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
     if target == "teacher":
         model = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
     else:
         model = load_weights(build_model(student_name, cfg.model.num_classes), target, student_name)
-    val_loader = open_data(cfg, cfg.data.num_workers).getTestLoader(cfg.data.batch_size)
     channels_last = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     val_data = DevicePrefetcher(val_loader, device, cfg.data.mean, cfg.data.std, channels_last)

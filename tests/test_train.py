@@ -6,13 +6,16 @@ processes itself); the run that checks what a user sees at the command line is a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ import torchvision
 
 import train_with_distillation
 from dataset import img2lmdb, mk_img_list
+from imagenet_train_cfg import cfg as default_cfg
+from utils import distributed
 from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save
 from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 
@@ -154,24 +159,58 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
     assert records[1]["val_loss"] == pytest.approx(read_metrics(os.path.join(reference, METRICS_NAME))[1]["val_loss"])
 
 
-def test_kd_on_image_folders_with_a_loader_worker(data, tmp_path):
+def test_kd_on_image_folders_with_a_loader_worker_clipping_and_smoothing(data, tmp_path):
     out = str(tmp_path / "out")
     argv = overrides(data, out, data__data_path=data["images"], data__train_data_type="img",
                      data__val_data_type="img", distill__method="kd", data__num_workers=1,
+                     optim__use_grad_clip=True, optim__grad_clip=1.0, optim__label_smooth=True,
                      train_params__epochs=1, train_params__eval_teacher=False, dist__nprocs=1)
     assert train_with_distillation.main(argv) == 0
-    assert "KDLoss" in read_log(out)
+    assert "KDLoss(temperature=2.0, alpha=2.5, num_classes=4, label_smoothing=0.1)" in read_log(out)
     assert [r["val_images"] for r in read_metrics(os.path.join(out, METRICS_NAME))] == [13]
 
 
-def test_student_alone_never_loads_a_teacher(data, tmp_path):
+def test_student_alone_from_a_config_module_never_loads_a_teacher(data, tmp_path):
+    config_module = tmp_path / "student_only_cfg.py"
+    config_module.write_text(f"base = {os.path.join(REPO_ROOT, 'imagenet_train_cfg.py')!r}\n"
+                             "overrides = {'distill.method': 'none', 'train_params.eval_teacher': False}\n")
     out = str(tmp_path / "out")
-    argv = overrides(data, out, distill__method="none", train_params__eval_teacher=False,
-                     model__teacher_weights=str(tmp_path / "absent.pth"), train_params__epochs=1, dist__nprocs=1)
-    assert train_with_distillation.main(argv) == 0
+    argv = overrides(data, out, model__teacher_weights=str(tmp_path / "absent.pth"), train_params__epochs=1,
+                     dist__nprocs=1)
+    argv = [a for a in argv if not a.startswith("train_params.eval_teacher=")]
+    assert train_with_distillation.main(["--cfg", str(config_module), *argv]) == 0
     log = read_log(out)
     assert "Teacher (none)" in log and "Teacher network performance" not in log
     assert os.path.isfile(os.path.join(out, BEST_NAME))
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["distill"]["method"] == "none"
+
+
+@pytest.mark.parametrize("schedule, restart, expected", [
+    ("step", False, {0: 0.1, 29: 0.1, 30: 0.01, 60: 0.001, 99: 0.0001}),
+    ("cosine", False, {0: 0.1, 50: 0.05, 100: 0.0}),
+    ("cosine", True, {0: 0.1, 5: 0.05, 10: 0.1, 20: 0.05, 30: 0.1}),
+])
+def test_learning_rate_schedules(schedule, restart, expected):
+    optim = copy.deepcopy(default_cfg.optim)
+    optim.lr_schedule, optim.cosine.use_restart = schedule, restart
+    for epoch, lr in expected.items():
+        assert train_with_distillation.lr_at_epoch(epoch, optim, epochs=100) == pytest.approx(lr, abs=1e-12)
+
+
+def test_scheduler_state_survives_weights_only_loading(tmp_path):
+    cfg = default_cfg
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.init_lr)
+    scheduler = train_with_distillation.make_scheduler(optimizer, cfg.optim, epochs=100)
+    for _ in range(31):
+        optimizer.step()
+        scheduler.step()
+    path = str(tmp_path / "s.pth")
+    atomic_save({"scheduler": scheduler.state_dict()}, path)
+    restored = train_with_distillation.make_scheduler(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.init_lr), cfg.optim, epochs=100)
+    restored.load_state_dict(torch.load(path, weights_only=True)["scheduler"])
+    assert restored.last_epoch == 31 and restored.get_last_lr() == pytest.approx([0.01])
 
 
 def test_non_finite_loss_stops_all_processes_and_keeps_the_checkpoint(full_run, data, tmp_path):
@@ -193,6 +232,19 @@ def test_non_finite_loss_stops_all_processes_and_keeps_the_checkpoint(full_run, 
     assert good.read_bytes() == before
     assert not (out / BEST_NAME).exists()
     assert "error: non-finite loss" in read_log(str(out))
+
+
+def _die_or_hang(proc: distributed.ProcessInfo) -> None:
+    """Rank 1 dies abruptly; rank 0 stands for a process stuck waiting on it, and never returns."""
+    if proc.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Event().wait()
+
+
+def test_a_dead_process_stops_the_whole_job():
+    with pytest.raises(distributed.LaunchError, match="rank1 was killed by SIGKILL") as info:
+        distributed.launch(_die_or_hang, nprocs=2)
+    assert info.value.exit_code != 0
 
 
 def _write_truncated_checkpoint(path: str) -> str:
