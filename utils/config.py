@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 
@@ -112,12 +113,8 @@ def apply_overrides(cfg: AttrDict, overrides: Iterable[str]) -> AttrDict:
     return cfg
 
 
-def load_config_file(path: str) -> AttrDict:
-    """Load ``cfg`` from a Python config module (the project's own format, as the original's).
-
-    A module may define ``cfg`` in full, or ``base`` (another config file, relative to it) plus
-    ``overrides``, a dict of dotted keys checked against the base like command-line overrides.
-    """
+def load_config_module(path: str) -> ModuleType:
+    """Execute a config module (a .py file the user writes, as in the original) and return it."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist; pass a path to a .py file defining cfg")
     spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(os.path.abspath(path)))}", path)
@@ -125,6 +122,16 @@ def load_config_file(path: str) -> AttrDict:
         raise ConfigError(f"config file '{path}' is not a Python module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str) -> AttrDict:
+    """Load ``cfg`` from a Python config module (the project's own format, as the original's).
+
+    A module may define ``cfg`` in full, or ``base`` (another config file, relative to it) plus
+    ``overrides``, a dict of dotted keys checked against the base like command-line overrides.
+    """
+    module = load_config_module(path)
     if hasattr(module, "cfg"):
         return copy.deepcopy(AttrDict(module.cfg))
     if hasattr(module, "base"):
