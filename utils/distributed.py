@@ -124,6 +124,8 @@ def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo,
 def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple,
                    user_errors: tuple[type[BaseException], ...], errors: Any) -> None:
     """A spawned process: run fn, and turn a user error into a message for the parent and exit 2."""
+    # Stopped by the parent because a peer failed: unwind, so half-written files are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         fn(proc, *args)
     except user_errors as exc:
