@@ -1,0 +1,343 @@
+"""Training and validation augmentations that decode each JPEG once, at reduced size where they can.
+
+The transforms reproduce torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip``, random
+shorter-side scaling + ``RandomCrop``, ``Resize`` + ``CenterCrop`` and ``ColorJitter``
+(brightness, contrast, saturation): the same random parameters, drawn from the same
+distributions, and the same antialiased bilinear filter. What they save is work:
+
+* Given the file bytes, the size comes from the JPEG header, the crop is chosen first, and the
+  image is decoded with DCT scaling (1/2, 1/4, 1/8) when the crop keeps at least 1.5 pixels per
+  output pixel: a 1600 px photo cropped to 1400 px for a 224 px output is decoded at 400 px.
+* Images stay uint8 throughout. The one resize runs on the crop only, with torch's vectorised
+  uint8 kernel, which implements PIL's filter (PIL itself resamples the rare sub-pixel boxes
+  that a scaled decode leaves); the mirror and the BGR -> RGB swap happen on the small output.
+
+Every transform returns a 3 x H x W RGB uint8 array, C-contiguous: what the collate function
+copies into the batch as it is. Randomness comes from Python's ``random`` module, which the
+DataLoader seeds in each worker and the training script may seed in the main process.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dataset.image_io import decode_rgb, parse_jpeg_header
+
+Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
+SizeHW = tuple[int, int]
+
+# torchvision's validation convention: resize to size / 0.875 (256 for 224), centre-crop size.
+VAL_RESIZE_RATIO = 0.875
+JPEG_REDUCTIONS = (8, 4, 2)
+# A DCT-scaled decode averages f x f blocks; resampling that at nearly 1:1 blurs each output
+# pixel by its sub-pixel phase, unlike one resize of the full image. Measured on photos against
+# torchvision, mean absolute error per image at most: 4.9 levels when the scaled crop may be as
+# small as the output, 3.0 at 1.25 times its size, 2.0 at 1.5 (and 0.2 without scaling).
+REDUCED_DECODE_MARGIN = 1.5
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+class Box(NamedTuple):
+    """A crop in pixels of the full-size image, as torchvision's ``get_params`` returns it."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def as_size(size: int | Sequence[int]) -> SizeHW:
+    """(height, width) from an int or a pair."""
+    if isinstance(size, int):
+        return size, size
+    height, width = (int(s) for s in size)
+    return height, width
+
+
+# ---------------------------------------------------------------------------------------------
+# Random parameters, drawn as torchvision draws them (from Python's random module).
+
+
+def sample_resized_crop_box(width: int, height: int, scale: Sequence[float],
+                            ratio: Sequence[float]) -> Box:
+    """torchvision RandomResizedCrop's box: ten tries of area and log-ratio sampling, then a
+    central crop clamped to the ratio range."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * random.uniform(scale[0], scale[1])
+        aspect = math.exp(random.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return Box(random.randint(0, height - h), random.randint(0, width - w), h, w)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return Box((height - h) // 2, (width - w) // 2, h, w)
+
+
+def shorter_side_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize(shorter)``: the long side is truncated."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and resampling.
+
+
+def image_header(data: bytes) -> tuple[int, int, bool] | None:
+    """(width, height, is_jpeg) from the file's header alone; None when it cannot be parsed."""
+    jpeg = parse_jpeg_header(data)
+    if jpeg is not None:
+        return jpeg.width, jpeg.height, True
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[0], image.size[1], False
+    except Exception:  # PIL raises many types for unreadable headers; decoding reports them
+        return None
+
+
+def jpeg_reduction(width: float, height: float, need_width: float, need_height: float,
+                   margin: float = REDUCED_DECODE_MARGIN) -> int:
+    """The largest DCT scale-down factor that leaves a width x height region at least margin
+    times as large as need_width x need_height; 1 when none does."""
+    for factor in JPEG_REDUCTIONS:
+        if width >= factor * margin * need_width and height >= factor * margin * need_height:
+            return factor
+    return 1
+
+
+def decode_scaled(data: bytes, factor: int = 1) -> np.ndarray:
+    """The image at 1/factor of its size (JPEG DCT scaling), H x W x 3 uint8 in BGR order.
+
+    EXIF orientation is ignored, as PIL (and so torchvision) ignores it. Files OpenCV cannot
+    read go through ``decode_rgb`` at full size; undecodable bytes raise its ValueError.
+    """
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION) if buffer.size else None
+    if image is None:
+        image = np.ascontiguousarray(decode_rgb(data)[:, :, ::-1])
+    return image
+
+
+def resize_antialiased(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x height x width uint8, antialiased bilinear (PIL's filter, to one
+    level), channel order kept. torch's uint8 kernel wants a contiguous input to run fast."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
+def resize_region(image: np.ndarray, region: tuple[float, float, float, float], height: int,
+                  width: int) -> torch.Tensor:
+    """Crop region = (x0, y0, x1, y1) and resize it to 3 x height x width, antialiased; the
+    filter sees only the region's pixels, as in torchvision's crop-then-resize.
+
+    A fractional region (left by a scaled decode) goes to PIL, the one library that resamples
+    a sub-pixel box with this filter; it is cropped to the whole pixels around it first.
+    """
+    x0, y0, x1, y1 = region
+    ix0, iy0 = math.floor(x0), math.floor(y0)
+    ix1, iy1 = min(math.ceil(x1), image.shape[1]), min(math.ceil(y1), image.shape[0])
+    crop = image[iy0:iy1, ix0:ix1]
+    if (ix0, iy0, ix1, iy1) == (x0, y0, x1, y1):
+        return resize_antialiased(crop, height, width)
+    box = (x0 - ix0, y0 - iy0, min(x1, ix1) - ix0, min(y1, iy1) - iy0)
+    resized = Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.Resampling.BILINEAR, box=box)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+
+
+def _finish(image: torch.Tensor, flip: bool, bgr: bool) -> np.ndarray:
+    """3 x H x W -> RGB, mirrored if asked, C-contiguous (one copy at most)."""
+    dims = ([0] if bgr else []) + ([2] if flip else [])
+    out = image.flip(dims) if dims else image
+    return out.contiguous().numpy()
+
+
+class _Source(NamedTuple):
+    """A sample ready to decode, with its full size."""
+
+    sample: Sample  # file bytes, or a decoded RGB array
+    width: int
+    height: int
+    is_jpeg: bool  # file bytes that DCT scaling applies to
+
+
+class _Decoded(NamedTuple):
+    image: np.ndarray  # H x W x 3 uint8: BGR when decoded here, RGB when given decoded
+    scale_x: float  # decoded pixels per full-size pixel
+    scale_y: float
+    bgr: bool
+
+
+def _inspect(sample: Sample) -> _Source:
+    if isinstance(sample, np.ndarray):
+        return _Source(sample, sample.shape[1], sample.shape[0], False)
+    header = image_header(sample)
+    if header is None:  # no parsable header: decode now, raising the error that says why
+        decoded = decode_rgb(sample)
+        return _Source(decoded, decoded.shape[1], decoded.shape[0], False)
+    return _Source(sample, *header)
+
+
+def _decode(source: _Source, factor: int) -> _Decoded:
+    """Decode at 1/factor. The scales come from the result, so that an image whose decoder
+    ignored the request (or whose header misstated its size) still lines up."""
+    if isinstance(source.sample, np.ndarray):
+        return _Decoded(source.sample, 1.0, 1.0, False)
+    image = decode_scaled(source.sample, factor)
+    height, width = image.shape[:2]
+    if (height, width) == (-(-source.height // factor), -(-source.width // factor)):
+        return _Decoded(image, 1.0 / factor, 1.0 / factor, True)  # libjpeg rounds sizes up
+    return _Decoded(image, width / source.width, height / source.height, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The augmentations.
+
+
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop(size, scale, ratio) (bilinear, antialiased) followed by
+    RandomHorizontalFlip(flip_p), from file bytes or a decoded RGB array."""
+
+    def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> None:
+        self.size = as_size(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.flip_p = flip_p
+
+    def __call__(self, sample: Sample) -> np.ndarray:
+        source = _inspect(sample)
+        box = sample_resized_crop_box(source.width, source.height, self.scale, self.ratio)
+        return self._render(source, box, random.random() < self.flip_p)
+
+    def apply(self, sample: Sample, box: Box, flip: bool) -> np.ndarray:
+        """The output for a given box and flip: the deterministic half, for tests."""
+        return self._render(_inspect(sample), box, flip)
+
+    def _render(self, source: _Source, box: Box, flip: bool) -> np.ndarray:
+        out_h, out_w = self.size
+        factor = jpeg_reduction(box.width, box.height, out_w, out_h) if source.is_jpeg else 1
+        decoded = _decode(source, factor)
+        sx, sy = decoded.scale_x, decoded.scale_y
+        region = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
+        return _finish(resize_region(decoded.image, region, out_h, out_w), flip, decoded.bgr)
+
+
+def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int, size: SizeHW,
+                             flip: bool) -> np.ndarray:
+    """torchvision's Resize(shorter), then the size crop at (top, left) of the resized image.
+    The resize covers the whole (reduced) image, so the crop's border pixels see the same
+    filter support as in a resize-then-crop."""
+    new_w, new_h = shorter_side_size(source.width, source.height, shorter)
+    factor = jpeg_reduction(source.width, source.height, new_w, new_h) if source.is_jpeg else 1
+    decoded = _decode(source, factor)
+    resized = resize_antialiased(decoded.image, new_h, new_w)
+    return _finish(resized[:, top:top + size[0], left:left + size[1]], flip, decoded.bgr)
+
+
+class RandomScaleCropFlip:
+    """The original's 'rand_scale': shorter side uniform in [min_side, max_side], a uniformly
+    placed crop of size (torchvision's RandomCrop), horizontal flip with probability flip_p."""
+
+    def __init__(self, size: int | Sequence[int], min_side: int = 256, max_side: int = 480,
+                 flip_p: float = 0.5) -> None:
+        self.size = as_size(size)
+        if not max(self.size) <= min_side <= max_side:
+            raise ValueError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= max_side {max_side}")
+        self.min_side, self.max_side, self.flip_p = min_side, max_side, flip_p
+
+    def __call__(self, sample: Sample) -> np.ndarray:
+        source = _inspect(sample)
+        shorter = random.randint(self.min_side, self.max_side)
+        new_w, new_h = shorter_side_size(source.width, source.height, shorter)
+        top, left = random.randint(0, new_h - self.size[0]), random.randint(0, new_w - self.size[1])
+        return _resize_shorter_and_crop(source, shorter, top, left, self.size, random.random() < self.flip_p)
+
+    def apply(self, sample: Sample, shorter: int, top: int, left: int, flip: bool) -> np.ndarray:
+        """The output for given parameters: the deterministic half, for tests."""
+        return _resize_shorter_and_crop(_inspect(sample), shorter, top, left, self.size, flip)
+
+
+class ResizeCenterCrop:
+    """Validation: shorter side to round(size / 0.875) (256 for 224), centre crop of size."""
+
+    def __init__(self, size: int | Sequence[int], resize_ratio: float = VAL_RESIZE_RATIO) -> None:
+        self.size = as_size(size)
+        self.shorter = int(round(max(self.size) / resize_ratio))
+
+    def __call__(self, sample: Sample) -> np.ndarray:
+        source = _inspect(sample)
+        new_w, new_h = shorter_side_size(source.width, source.height, self.shorter)
+        top = int(round((new_h - self.size[0]) / 2.0))
+        left = int(round((new_w - self.size[1]) / 2.0))
+        return _resize_shorter_and_crop(source, self.shorter, top, left, self.size, flip=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour jitter on the small 3 x H x W uint8 output, with PIL's ImageEnhance arithmetic.
+
+
+def _planes(image: np.ndarray) -> np.ndarray:
+    """A 3 x H x W array as one (3H) x W plane, the 2-D shape OpenCV's arithmetic takes."""
+    return np.ascontiguousarray(image).reshape(-1, image.shape[-1])
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """PIL's 'L' conversion of a 3 x H x W RGB array: ITU-R 601 weights in 16-bit fixed point."""
+    r, g, b = (plane.astype(np.uint32) for plane in image)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend with black: image * factor, saturated."""
+    flat = _planes(image)
+    return cv2.addWeighted(flat, factor, flat, 0.0, 0.0).reshape(image.shape)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend with the mean grey level, rounded as PIL's ImageEnhance.Contrast rounds it."""
+    mean = int(luma(image).mean() + 0.5)
+    flat = _planes(image)
+    return cv2.addWeighted(flat, factor, flat, 0.0, (1.0 - factor) * mean).reshape(image.shape)
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend each channel with the image's own grey levels."""
+    grey = luma(image)
+    return np.stack([cv2.addWeighted(np.ascontiguousarray(plane), factor, grey, 1.0 - factor, 0.0)
+                     for plane in image])
+
+
+class ColorJitter:
+    """torchvision's ColorJitter(brightness, contrast, saturation) on a 3 x H x W RGB uint8
+    array: each factor uniform in [max(0, 1 - v), 1 + v], applied in a random order."""
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4) -> None:
+        self.adjustments = [(fn, (max(0.0, 1.0 - v), 1.0 + v))
+                            for fn, v in ((adjust_brightness, brightness), (adjust_contrast, contrast),
+                                          (adjust_saturation, saturation)) if v > 0]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        for fn, (lo, hi) in random.sample(self.adjustments, len(self.adjustments)):
+            image = fn(image, random.uniform(lo, hi))
+        return image

@@ -1,0 +1,313 @@
+"""The fast augmentations against torchvision's PIL pipeline, on real photographs."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from dataset import transforms
+from dataset.demo_data import sample_photos
+from dataset.image_io import decode_rgb
+from dataset.transforms import (
+    Box,
+    ColorJitter,
+    RandomResizedCropFlip,
+    RandomScaleCropFlip,
+    ResizeCenterCrop,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_saturation,
+    image_header,
+    sample_resized_crop_box,
+)
+
+TOLERANCE = 3.0  # mean absolute difference on 0..255 allowed against torchvision
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """scikit-learn's two photographs as JPEGs at their own 640 x 427, and enlarged (smoothly,
+    so they stay natural images) to sizes where the crops allow 1/2 and 1/4 scaled decoding."""
+    china, flower = (Image.fromarray(p) for p in sample_photos())
+    return {
+        "china": jpeg_bytes(china),
+        "flower": jpeg_bytes(flower, quality=80),
+        "flower_1400": jpeg_bytes(flower.resize((1400, 934), Image.Resampling.BICUBIC)),
+        "china_2100": jpeg_bytes(china.resize((2100, 1401), Image.Resampling.BICUBIC)),
+    }
+
+
+@pytest.fixture()
+def decode_factors(monkeypatch) -> list[int]:
+    """The DCT scale factors the transforms decode at, in call order."""
+    factors: list[int] = []
+    real = transforms.decode_scaled
+
+    def spy(data: bytes, factor: int = 1) -> np.ndarray:
+        factors.append(factor)
+        return real(data, factor)
+
+    monkeypatch.setattr(transforms, "decode_scaled", spy)
+    return factors
+
+
+def pil_image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def chw(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def check_output(out: np.ndarray, size: int = 224) -> None:
+    assert out.dtype == np.uint8 and out.shape == (3, size, size) and out.flags["C_CONTIGUOUS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The crop box: same distribution as torchvision's RandomResizedCrop.get_params.
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov distance: the largest gap between the empirical CDFs."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    cdf_b = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+def box_features(boxes: np.ndarray, width: int, height: int) -> dict[str, np.ndarray]:
+    top, left, h, w = boxes.T.astype(np.float64)
+    return {"area": h * w / (width * height), "log_ratio": np.log(w / h),
+            "centre_x": (left + w / 2) / width, "centre_y": (top + h / 2) / height}
+
+
+@pytest.mark.parametrize("width,height", [(640, 427), (300, 300), (1000, 150), (120, 900)])
+def test_crop_box_distribution_matches_torchvision(width, height):
+    n = 4000
+    random.seed(1)
+    ours = np.array([sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+    torch.manual_seed(1)
+    image = torch.empty(1, height, width)
+    theirs = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    assert ((ours[:, 2] > 0) & (ours[:, 0] + ours[:, 2] <= height)).all()
+    assert ((ours[:, 3] > 0) & (ours[:, 1] + ours[:, 3] <= width)).all()
+    # 1.95 * sqrt(2 / n) is the KS critical value at the 0.1 % level.
+    critical = 1.95 * math.sqrt(2 / n)
+    ours_f, theirs_f = box_features(ours, width, height), box_features(theirs, width, height)
+    for name in ours_f:
+        assert ks_statistic(ours_f[name], theirs_f[name]) < critical, name
+
+
+def test_crop_box_falls_back_to_torchvision_central_crop():
+    random.seed(0)
+    # So elongated that no sampled box fits: the central crop clamped to ratio 4/3.
+    assert sample_resized_crop_box(4000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == Box(0, 1993, 10, 13)
+    assert sample_resized_crop_box(10, 4000, (0.9, 1.0), (3 / 4, 4 / 3)) == Box(1993, 0, 13, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pixels: for one fixed box and flip, within TOLERANCE of torchvision's PIL result.
+
+
+def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224) -> np.ndarray:
+    out = TF.resized_crop(pil_image(data), *box, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    return chw(TF.hflip(out) if flip else out)
+
+
+@pytest.mark.parametrize("name,box,flip,factor", [
+    ("china", Box(50, 80, 300, 400), False, 1),  # downscale
+    ("flower", Box(40, 300, 150, 120), True, 1),  # upscale
+    ("china", Box(0, 100, 427, 180), True, 1),  # down in height, up in width
+    ("flower_1400", Box(100, 150, 800, 1000), False, 2),  # whole pixels at 1/2
+    ("flower_1400", Box(101, 151, 733, 911), True, 2),  # a sub-pixel box at 1/2
+    ("china_2100", Box(0, 301, 1401, 1777), False, 4),
+])
+def test_random_resized_crop_matches_torchvision(photos, decode_factors, name, box, flip, factor):
+    out = RandomResizedCropFlip(224).apply(photos[name], box, flip)
+    check_output(out)
+    assert decode_factors == [factor]
+    assert mean_abs_diff(out, torchvision_resized_crop(photos[name], box, flip)) <= TOLERANCE
+
+
+def test_unscaled_crops_are_torchvision_to_within_rounding(photos):
+    out = RandomResizedCropFlip(224).apply(photos["china"], Box(50, 80, 300, 400), True)
+    reference = torchvision_resized_crop(photos["china"], Box(50, 80, 300, 400), True)
+    assert mean_abs_diff(out, reference) < 0.5
+    assert np.abs(out.astype(int) - reference).max() <= 2
+
+
+def test_decoded_arrays_give_what_file_bytes_give(photos):
+    data, box = photos["flower"], Box(30, 60, 350, 420)
+    from_bytes = RandomResizedCropFlip(224).apply(data, box, True)
+    from_array = RandomResizedCropFlip(224).apply(decode_rgb(data), box, True)
+    assert np.abs(from_bytes.astype(int) - from_array).max() <= 1
+
+
+def test_random_call_is_reproducible_and_varies(photos):
+    transform = RandomResizedCropFlip(224)
+    random.seed(5)
+    first = [transform(photos["china"]) for _ in range(3)]
+    random.seed(5)
+    again = [transform(photos["china"]) for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_min_scale_bounds_the_crop_area():
+    random.seed(0)
+    boxes = [sample_resized_crop_box(640, 427, (0.5, 1.0), (3 / 4, 4 / 3)) for _ in range(500)]
+    areas = np.array([b.height * b.width for b in boxes]) / (640 * 427)
+    assert areas.min() > 0.49 and areas.max() <= 1.0
+
+
+@pytest.mark.parametrize("name,factor", [("china", 1), ("flower", 1), ("flower_1400", 2), ("china_2100", 2)])
+def test_validation_transform_matches_torchvision(photos, decode_factors, name, factor):
+    out = ResizeCenterCrop(224)(photos[name])
+    check_output(out)
+    assert decode_factors == [factor]
+    reference = chw(T.CenterCrop(224)(T.Resize(256)(pil_image(photos[name]))))
+    assert mean_abs_diff(out, reference) <= (0.5 if factor == 1 else TOLERANCE)
+
+
+def test_validation_resize_follows_the_crop_size():
+    assert ResizeCenterCrop(224).shorter == 256
+    assert ResizeCenterCrop(160).shorter == 183  # round(160 / 0.875)
+
+
+@pytest.mark.parametrize("name,shorter,top,left,flip", [
+    ("china", 256, 0, 0, False), ("china", 480, 200, 411, True), ("flower_1400", 300, 30, 170, True),
+])
+def test_rand_scale_matches_torchvision_for_fixed_parameters(photos, name, shorter, top, left, flip):
+    out = RandomScaleCropFlip(224).apply(photos[name], shorter, top, left, flip)
+    check_output(out)
+    resized = T.Resize(shorter)(pil_image(photos[name]))
+    reference = TF.crop(resized, top, left, 224, 224)
+    reference = chw(TF.hflip(reference) if flip else reference)
+    assert mean_abs_diff(out, reference) <= TOLERANCE
+
+
+def test_rand_scale_draws_shorter_side_position_and_flip_uniformly(photos):
+    """Seeded, the transform equals apply() with its draws: the shorter side in [256, 480],
+    then the crop position within the resized image, then the flip."""
+    transform = RandomScaleCropFlip(224)
+    width, height = 640, 427
+    sides, flips = set(), set()
+    for seed in range(6):
+        random.seed(seed)
+        out = transform(photos["china"])
+        random.seed(seed)
+        shorter = random.randint(256, 480)
+        new_w, new_h = transforms.shorter_side_size(width, height, shorter)
+        top, left = random.randint(0, new_h - 224), random.randint(0, new_w - 224)
+        flip = random.random() < 0.5
+        assert np.array_equal(out, transform.apply(photos["china"], shorter, top, left, flip))
+        sides.add(shorter)
+        flips.add(flip)
+    assert len(sides) > 1 and flips == {True, False}
+
+
+def test_rand_scale_rejects_sides_below_the_crop():
+    with pytest.raises(ValueError, match="min_side"):
+        RandomScaleCropFlip(224, min_side=200)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour jitter.
+
+
+@pytest.fixture(scope="module")
+def small_photo() -> np.ndarray:
+    return np.ascontiguousarray(sample_photos()[0][100:324, 200:424].transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.85, 1.0, 1.4])
+@pytest.mark.parametrize("ours,theirs", [(adjust_brightness, TF.adjust_brightness),
+                                         (adjust_contrast, TF.adjust_contrast),
+                                         (adjust_saturation, TF.adjust_saturation)])
+def test_colour_adjustments_match_torchvision(small_photo, ours, theirs, factor):
+    out = ours(small_photo, factor)
+    reference = chw(theirs(Image.fromarray(small_photo.transpose(1, 2, 0)), factor))
+    assert out.dtype == np.uint8 and out.shape == small_photo.shape
+    # PIL truncates blends where OpenCV rounds: one level at most.
+    assert np.abs(out.astype(int) - reference).max() <= 1
+
+
+def test_colour_jitter_applies_drawn_factors_in_a_random_order(small_photo):
+    jitter = ColorJitter(0.4, 0.4, 0.4)
+    orders, factors = set(), []
+    for seed in range(12):
+        random.seed(seed)
+        out = jitter(small_photo)
+        random.seed(seed)
+        expected = small_photo
+        order = []
+        for fn, (lo, hi) in random.sample(jitter.adjustments, 3):
+            factor = random.uniform(lo, hi)
+            expected = fn(expected, factor)
+            order.append(fn.__name__)
+            factors.append(factor)
+        assert np.array_equal(out, expected)
+        orders.add(tuple(order))
+    assert len(orders) > 1
+    assert min(factors) >= 0.6 and max(factors) <= 1.4 and max(factors) - min(factors) > 0.4
+
+
+def test_colour_jitter_ranges_follow_torchvision():
+    ranges = {fn.__name__: bounds for fn, bounds in ColorJitter(0.4, 0.0, 1.5).adjustments}
+    assert ranges == {"adjust_brightness": (0.6, 1.4), "adjust_saturation": (0.0, 2.5)}
+
+
+def test_colour_jitter_changes_the_image(small_photo):
+    random.seed(0)
+    out = ColorJitter()(small_photo)
+    assert out.shape == small_photo.shape and out.dtype == np.uint8
+    assert mean_abs_diff(out, small_photo) > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Awkward files.
+
+
+@pytest.mark.parametrize("kind", ["png", "cmyk", "grey", "progressive"])
+def test_awkward_files_match_torchvision(photo_tree, kind):
+    from tests.conftest import ODD_FILES
+
+    with open(f"{photo_tree}/{ODD_FILES[kind]}", "rb") as f:
+        data = f.read()
+    box = Box(10, 20, 120, 150)
+    out = RandomResizedCropFlip(64).apply(data, box, True)
+    check_output(out, 64)
+    assert mean_abs_diff(out, torchvision_resized_crop(data, box, True, 64)) <= 1.5
+
+
+def test_header_reads_size_and_kind(photos):
+    png = io.BytesIO()
+    Image.fromarray(sample_photos()[0]).save(png, format="PNG")
+    assert image_header(photos["china"]) == (640, 427, True)
+    assert image_header(png.getvalue()) == (640, 427, False)
+    assert image_header(b"not an image") is None
+
+
+def test_undecodable_bytes_raise_value_error():
+    with pytest.raises(ValueError, match="cannot decode"):
+        RandomResizedCropFlip(224)(b"\x00" * 100)
