@@ -1,0 +1,89 @@
+"""A dataset over ImageNet's JPEG class folders, read through the same list file as the LMDB.
+
+It mirrors ``dataset.lmdb_dataset.ImageFolder`` (same list, same labels, same ``decode`` switch),
+so a split can move between ``img`` and ``lmdb`` without changing a single label: a class's index
+is its position among the sorted class folders of the train split, as the LMDB packer numbers it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from dataset import mk_img_list
+from dataset.image_io import decode_rgb
+from dataset.lmdb_dataset import read_list
+
+
+def require_folder(root: str) -> None:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder '{root}' not found; set data.data_path to the folder "
+                                "that holds the train/ and val/ class folders")
+
+
+def class_folders(root: str) -> list[str]:
+    """The sorted class folders of a split, in label order: the list maker's and packer's."""
+    require_folder(root)
+    return mk_img_list.class_folders(root)
+
+
+def labels_for(names: np.ndarray, classes: Sequence[str], list_path: str) -> np.ndarray:
+    """The class index of every list line ``wnid/file``, as a compact int32 array."""
+    index = {name.encode("utf-8"): label for label, name in enumerate(classes)}
+    wnids, inverse = np.unique(np.char.partition(names, b"/")[:, 0], return_inverse=True)
+    unknown = [w.decode("utf-8") for w in wnids if w not in index]
+    if unknown:
+        raise ValueError(f"list '{list_path}' names classes that are not class folders of the train "
+                         f"split (e.g. '{unknown[0]}'); remake it with dataset/mk_img_list.py")
+    return np.array([index[w] for w in wnids], dtype=np.int32)[inverse.reshape(-1)]
+
+
+class FolderDataset(Dataset):
+    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list, read from root.
+
+    ``classes`` gives the label order (the train split's sorted class folders); it defaults to
+    root's own class folders. With ``decode=False`` the transform receives the file's bytes, so
+    that it can decode at a reduced size.
+    """
+
+    def __init__(self, root: str, list_path: str, transform: Callable | None = None,
+                 target_transform: Callable | None = None, decode: bool = True,
+                 classes: Sequence[str] | None = None) -> None:
+        require_folder(root)
+        self.classes = list(classes) if classes is not None else class_folders(root)
+        self.root = root
+        self.names = read_list(list_path)
+        self.targets = labels_for(self.names, self.classes, list_path)
+        self.transform = transform
+        self.target_transform = target_transform
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name(self, index: int) -> str:
+        return self.names[index].decode("utf-8")
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.name(index))
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """The image file's bytes and label of sample index."""
+        with open(self.path(index), "rb") as f:
+            return f.read(), int(self.targets[index])
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        data, target = self.read_raw(index)
+        try:
+            sample: Any = decode_rgb(data) if self.decode else data
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except ValueError as exc:  # an unreadable image: say which file
+            raise ValueError(f"{self.path(index)}: {exc}") from None
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
