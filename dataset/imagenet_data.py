@@ -1,0 +1,201 @@
+"""ImageNet12: the original's entry point for the train and validation loaders.
+
+    imagenet = ImageNet12(trainFolder=os.path.join(data_path, 'train'),
+                          testFolder=os.path.join(data_path, 'val'),
+                          num_workers=8, type_of_data_augmentation='random_sized',
+                          data_config=cfg.data)
+    train_loader, val_loader = imagenet.getTrainTestLoader(batch_size_per_process)
+
+Loaders yield ``(images, labels)``: a uint8 N x 3 x H x W tensor and int64 labels. Images stay
+uint8 until ``dataset.prefetch_data.DevicePrefetcher`` normalises them on the training device, so
+the workers never build (or the pin-memory thread copy) a float batch four times the size.
+
+Under an initialised process group, each process reads its own shard: the training shard is
+reshuffled per epoch (call ``loader.sampler.set_epoch(epoch)``, in a single process too) and
+every rank takes the same number of steps; the validation shards are disjoint and cover the set
+exactly once, so summing counts over ranks gives exactly the single-process result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.transforms import Compose
+
+from dataset import lmdb_dataset
+from dataset.folder_dataset import FolderDataset, class_folders
+from dataset.transforms import (
+    ColorJitter,
+    RandomResizedCropFlip,
+    RandomScaleCropFlip,
+    ResizeCenterCrop,
+)
+from utils.config import ConfigError
+
+DATA_TYPES = ("lmdb", "img")
+AUGMENTATIONS = ("random_sized", "rand_scale")
+# The original's colour jitter (data.color=True): brightness, contrast and saturation 0.4.
+COLOR_JITTER = 0.4
+RAND_SCALE_SIDES = (256, 480)
+
+
+def collate_uint8(batch: Sequence[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 3 x H x W (or H x W x 3) uint8 images into one N x 3 x H x W uint8 tensor, each
+    written once into place: no float copy, no intermediate tensors."""
+    first = batch[0][0]
+    planar = first.shape[0] == 3
+    height, width = first.shape[1:] if planar else first.shape[:2]
+    images = torch.empty((len(batch), 3, height, width), dtype=torch.uint8)
+    out = images.numpy()
+    for i, (image, _) in enumerate(batch):
+        np.copyto(out[i], image if planar else np.moveaxis(image, -1, 0), casting="no")
+    labels = torch.tensor([int(label) for _, label in batch], dtype=torch.int64)
+    return images, labels
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of n takes indices r, r + n, r + 2n, ...: disjoint shards that cover the dataset
+    exactly once, without the padding DistributedSampler adds (which would count some
+    validation images twice). Shard lengths differ by at most one."""
+
+    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.dataset_size, self.num_replicas, self.rank = dataset_size, num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.dataset_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_size, self.num_replicas))
+
+
+def process_group_shape() -> tuple[int, int]:
+    """(world_size, rank) of the initialised process group; (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def limit_worker_threads(worker_id: int) -> None:
+    """DataLoader workers decode one image at a time: OpenCV's thread pool would only
+    oversubscribe the cores the other workers use (torch already runs one thread there)."""
+    cv2.setNumThreads(1)
+
+
+def open_split(data_type: str, root: str, list_path: str, transform: Callable,
+               classes: Sequence[str] | None = None) -> Dataset:
+    """The dataset of one split: an LMDB or a JPEG class-folder tree, handing file bytes to
+    transform so that it decodes each image once, at reduced size where it can."""
+    if data_type == "lmdb":
+        if not os.path.isfile(os.path.join(root, "data.mdb")):
+            raise FileNotFoundError(f"no LMDB at '{root}' (data.mdb missing); build it with "
+                                    "dataset/img2lmdb.py, or set data.*_data_type='img'")
+        return lmdb_dataset.ImageFolder(root, list_path, transform=transform, decode=False)
+    if data_type == "img":
+        return FolderDataset(root, list_path, transform=transform, decode=False, classes=classes)
+    raise ConfigError(f"unknown data type '{data_type}'; use one of {', '.join(DATA_TYPES)}")
+
+
+class ImageNet12:
+    """Train and validation loaders over ImageNet-layout data, configured by ``cfg.data``.
+
+    The list files are ``<parent of trainFolder>/<data.train_list>`` and
+    ``<parent of testFolder>/<data.val_list>``. ``pin_memory`` defaults to whether CUDA is
+    available; ``seed`` fixes the training shuffle (together with the epoch).
+    """
+
+    def __init__(self, trainFolder: str, testFolder: str, num_workers: int = 8,
+                 type_of_data_augmentation: str = "random_sized",
+                 data_config: Mapping[str, Any] | None = None, pin_memory: bool | None = None,
+                 seed: int = 0) -> None:
+        config = data_config if data_config is not None else {}
+        self.trainFolder, self.testFolder = trainFolder, testFolder
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.seed = seed
+        self.augmentation = str(type_of_data_augmentation).lower()
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"unknown data.type_of_data_aug '{type_of_data_augmentation}'; use one "
+                              f"of {', '.join(AUGMENTATIONS)}")
+        self.size = tuple(int(s) for s in config.get("input_size", (3, 224, 224))[1:3])
+        self.train_data_type = config.get("train_data_type", "lmdb")
+        self.val_data_type = config.get("val_data_type", "lmdb")
+        for key, value in (("train_data_type", self.train_data_type), ("val_data_type", self.val_data_type)):
+            if value not in DATA_TYPES:
+                raise ConfigError(f"unknown data.{key} '{value}'; use one of {', '.join(DATA_TYPES)}")
+        self.min_scale = float(config.get("random_sized", {}).get("min_scale", 0.08))
+        self.color = bool(config.get("color", False))
+        self.train_list = _beside(trainFolder, config.get("train_list", "train_list.txt"))
+        self.val_list = _beside(testFolder, config.get("val_list", "val_list.txt"))
+        self.train_num_examples: int | None = None
+        self.test_num_examples: int | None = None
+
+    # -- transforms and datasets ---------------------------------------------------------------
+
+    def train_transform(self) -> Callable:
+        if self.augmentation == "random_sized":
+            crop: Callable = RandomResizedCropFlip(self.size, scale=(self.min_scale, 1.0))
+        else:
+            crop = RandomScaleCropFlip(self.size, *RAND_SCALE_SIDES)
+        if not self.color:
+            return crop
+        return Compose([crop, ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER)])
+
+    def val_transform(self) -> Callable:
+        return ResizeCenterCrop(self.size)
+
+    def class_names(self) -> list[str] | None:
+        """Label order for JPEG folders: the train split's sorted class folders, as the LMDB
+        packer numbers them; None (each folder its own) when the train split is an LMDB."""
+        return class_folders(self.trainFolder) if self.train_data_type == "img" else None
+
+    def train_set(self) -> Dataset:
+        return open_split(self.train_data_type, self.trainFolder, self.train_list,
+                          self.train_transform(), self.class_names())
+
+    def val_set(self) -> Dataset:
+        classes = self.class_names() if self.val_data_type == "img" else None
+        return open_split(self.val_data_type, self.testFolder, self.val_list, self.val_transform(),
+                          classes)
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def getTrainLoader(self, batch_size: int) -> DataLoader:
+        """Shuffled, reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size per process."""
+        dataset = self.train_set()
+        self.train_num_examples = len(dataset)
+        world_size, rank = process_group_shape()
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=self.seed, drop_last=True)
+        return self._loader(dataset, batch_size, sampler, drop_last=len(sampler) > batch_size)
+
+    def getTestLoader(self, batch_size: int) -> DataLoader:
+        """In order; under a process group, this rank's disjoint shard."""
+        dataset = self.val_set()
+        self.test_num_examples = len(dataset)
+        world_size, rank = process_group_shape()
+        return self._loader(dataset, batch_size, ShardSampler(len(dataset), world_size, rank),
+                            drop_last=False)
+
+    def getTrainTestLoader(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
+        return self.getTrainLoader(batch_size), self.getTestLoader(batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
+                          persistent_workers=workers > 0,
+                          worker_init_fn=limit_worker_threads if workers > 0 else None)
+
+
+def _beside(folder: str, name: str) -> str:
+    """A file next to folder (in its parent), as the original keeps the list files."""
+    return os.path.join(os.path.dirname(os.path.normpath(folder)), name)

@@ -1,0 +1,274 @@
+"""ImageNet12's loaders over LMDBs and JPEG folders, in one process and in a two-process group."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dataset import img2lmdb, mk_img_list
+from dataset.folder_dataset import FolderDataset
+from dataset.imagenet_data import ImageNet12, ShardSampler, collate_uint8
+from tests.conftest import NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_file
+from utils.config import ConfigError
+
+SIZE = 64  # small outputs keep the loaders quick; the transforms' tests use 224
+BATCH = 8
+NUM_TRAIN = NUM_CLASSES * TRAIN_PER_CLASS + 4  # + the odd files of the fixture tree
+NUM_VAL = NUM_CLASSES * VAL_PER_CLASS + 1
+
+
+def data_config(data_type: str, **extra) -> dict:
+    return {"input_size": (3, SIZE, SIZE), "train_data_type": data_type, "val_data_type": data_type,
+            "train_list": "train_list.txt", "val_list": "val_list.txt", "type_of_data_aug": "random_sized",
+            "random_sized": {"min_scale": 0.08}, "color": False, **extra}
+
+
+@pytest.fixture(scope="module")
+def data_roots(photo_tree, tmp_path_factory) -> dict[str, str]:
+    """The fixture tree as JPEG folders (lists beside them) and as LMDBs made by the packer."""
+    root = str(tmp_path_factory.mktemp("data"))
+    img_root = os.path.join(root, "img")
+    shutil.copytree(photo_tree, img_root)
+    assert mk_img_list.main(["--image_path", img_root, "--output_path", img_root]) == 0
+    lmdb_root = os.path.join(root, "lmdb")
+    for split in ("train", "val"):
+        img2lmdb.pack_split(img_root, img_root, lmdb_root, split, workers=1, progress=False)
+        shutil.copy(os.path.join(img_root, f"{split}_list.txt"), lmdb_root)
+    return {"img": img_root, "lmdb": lmdb_root}
+
+
+def make_data(roots: dict[str, str], data_type: str, num_workers: int = 0, **extra) -> ImageNet12:
+    root = roots[data_type]
+    config = data_config(data_type, **extra)
+    return ImageNet12(os.path.join(root, "train"), os.path.join(root, "val"), num_workers,
+                      config["type_of_data_aug"], config, pin_memory=False)
+
+
+def list_labels(root: str, split: str) -> list[int]:
+    classes = sorted(os.listdir(os.path.join(root, "train")))
+    with open(os.path.join(root, f"{split}_list.txt"), encoding="utf-8") as f:
+        return [classes.index(line.split("/")[0]) for line in f.read().split()]
+
+
+def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+# ---------------------------------------------------------------------------------------------
+# One process.
+
+
+@pytest.mark.parametrize("data_type", ["lmdb", "img"])
+def test_single_process_loaders(data_roots, data_type):
+    data = make_data(data_roots, data_type)
+    train_loader, val_loader = data.getTrainTestLoader(BATCH)
+    assert (data.train_num_examples, data.test_num_examples) == (NUM_TRAIN, NUM_VAL)
+    assert len(train_loader) == NUM_TRAIN // BATCH  # the last, partial batch is dropped
+    for images, labels in train_loader:
+        assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, SIZE, SIZE) and images.is_contiguous()
+        assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < NUM_CLASSES
+    images, labels = collect(val_loader)
+    assert images.shape == (NUM_VAL, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert labels.tolist() == list_labels(data_roots["img"], "val")  # in list order
+    assert images.float().std() > 10  # real pictures, not blank buffers
+
+
+def test_lmdb_and_folders_give_the_same_validation_batches(data_roots):
+    from_lmdb = collect(make_data(data_roots, "lmdb").getTestLoader(BATCH))
+    from_img = collect(make_data(data_roots, "img").getTestLoader(BATCH))
+    assert torch.equal(from_lmdb[1], from_img[1])
+    assert torch.equal(from_lmdb[0], from_img[0])
+
+
+def test_train_labels_follow_the_sorted_train_class_folders(data_roots):
+    expected = sorted(list_labels(data_roots["img"], "train"))
+    for data_type in ("lmdb", "img"):
+        dataset = make_data(data_roots, data_type).train_set()
+        assert sorted(dataset[i][1] for i in range(len(dataset))) == expected
+
+
+def test_set_epoch_reshuffles_reproducibly(data_roots):
+    loader = make_data(data_roots, "img").getTrainLoader(BATCH)
+    loader.sampler.set_epoch(0)
+    first = list(loader.sampler)
+    loader.sampler.set_epoch(1)
+    second = list(loader.sampler)
+    loader.sampler.set_epoch(0)
+    assert list(loader.sampler) == first and second != first
+    assert sorted(first) == list(range(NUM_TRAIN))
+
+
+def test_worker_processes_give_what_the_main_process_gives(data_roots):
+    data = make_data(data_roots, "lmdb", num_workers=2)
+    loader = data.getTestLoader(BATCH)
+    assert loader.persistent_workers
+    assert torch.equal(collect(loader)[0], collect(make_data(data_roots, "lmdb").getTestLoader(BATCH))[0])
+    images, labels = collect(data.getTrainLoader(BATCH))
+    assert images.shape == (NUM_TRAIN // BATCH * BATCH, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("data_type", ["lmdb", "img"])
+def test_datasets_survive_pickling_for_spawned_workers(data_roots, data_type):
+    dataset = make_data(data_roots, data_type).val_set()
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert np.array_equal(clone[3][0], dataset[3][0]) and clone[3][1] == dataset[3][1]
+
+
+def test_rand_scale_and_colour_jitter_batches(data_roots):
+    data = make_data(data_roots, "img", type_of_data_aug="rand_scale", color=True)
+    # rand_scale resizes the shorter side to 256..480 before cropping the input size
+    images, labels = next(iter(data.getTrainLoader(BATCH)))
+    assert images.shape == (BATCH, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert data.augmentation == "rand_scale" and data.color
+
+
+def test_validation_labels_of_jpeg_folders_come_from_the_train_split(data_roots, tmp_path):
+    val_root = tmp_path / "val"
+    shutil.copytree(os.path.join(data_roots["img"], "val", "n00000003"), val_root / "n00000003")
+    list_path = tmp_path / "val_list.txt"
+    list_path.write_text("\n".join(f"n00000003/{name}" for name in sorted(os.listdir(val_root / "n00000003"))))
+    classes = sorted(os.listdir(os.path.join(data_roots["img"], "train")))
+    dataset = FolderDataset(str(val_root), str(list_path), classes=classes)
+    assert {dataset[i][1] for i in range(len(dataset))} == {3}
+    assert FolderDataset(str(val_root), str(list_path))[0][1] == 0  # its own, single class
+
+
+# ---------------------------------------------------------------------------------------------
+# Friendly errors.
+
+
+def test_missing_lmdb_names_the_packer(data_roots, tmp_path):
+    shutil.copy(os.path.join(data_roots["lmdb"], "train_list.txt"), tmp_path)
+    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized", data_config("lmdb"))
+    with pytest.raises(FileNotFoundError, match="img2lmdb.py"):
+        data.getTrainLoader(BATCH)
+
+
+def test_missing_list_names_the_list_maker(data_roots, tmp_path):
+    shutil.copytree(os.path.join(data_roots["img"], "val"), tmp_path / "val")
+    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
+                      data_config("img", train_data_type="lmdb"))
+    with pytest.raises(FileNotFoundError, match="mk_img_list.py"):
+        data.getTestLoader(BATCH)
+
+
+def test_missing_image_folder_names_the_setting(tmp_path):
+    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized", data_config("img"))
+    with pytest.raises(FileNotFoundError, match="data.data_path"):
+        data.getTrainLoader(BATCH)
+
+
+@pytest.mark.parametrize("key,value", [("train_data_type", "jpeg"), ("val_data_type", "tfrecord")])
+def test_unknown_data_type_is_a_config_error(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=f"data.{key} '{value}'"):
+        ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
+                   data_config("img", **{key: value}))
+
+
+def test_unknown_augmentation_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="random_sized, rand_scale"):
+        ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "autoaugment", data_config("img"))
+
+
+def test_list_naming_an_unknown_class_is_reported(data_roots, tmp_path):
+    list_path = tmp_path / "val_list.txt"
+    list_path.write_text("n09999999/x.JPEG\n")
+    with pytest.raises(ValueError, match="n09999999"):
+        FolderDataset(os.path.join(data_roots["img"], "val"), str(list_path), classes=["n00000000"])
+
+
+def test_unreadable_image_names_its_file(data_roots, tmp_path):
+    root = tmp_path / "img"
+    shutil.copytree(data_roots["img"], root)
+    with open(root / "val_list.txt", encoding="utf-8") as f:
+        first = f.readline().strip()
+    truncate_file(str(root / "val" / first), keep_fraction=0.02)
+    dataset = make_data({"img": str(root)}, "img").val_set()
+    with pytest.raises(ValueError, match=first):
+        dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and collation.
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 13, 16])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_sampler_covers_every_index_once(size, world):
+    shards = [list(ShardSampler(size, world, rank)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [len(ShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shard_sampler_rejects_a_rank_outside_the_group():
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardSampler(10, 2, 2)
+
+
+def test_collate_writes_planar_and_interleaved_images_alike():
+    rng = np.random.default_rng(0)
+    planar = [rng.integers(0, 256, (3, 5, 7), dtype=np.uint8) for _ in range(3)]
+    images, labels = collate_uint8([(image, label) for label, image in enumerate(planar)])
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 5, 7)
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 2]
+    assert np.array_equal(images.numpy(), np.stack(planar))
+    interleaved = [(np.ascontiguousarray(p.transpose(1, 2, 0)), 7) for p in planar]
+    assert torch.equal(collate_uint8(interleaved)[0], images)
+
+
+def test_collate_refuses_float_images():
+    with pytest.raises(TypeError):
+        collate_uint8([(np.zeros((3, 4, 4), dtype=np.float32), 0)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes: a gloo group started with spawn.
+
+
+def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str], out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        result = {}
+        for data_type in ("lmdb", "img"):
+            data = make_data(roots, data_type)
+            train_loader, val_loader = data.getTrainTestLoader(BATCH // 2)
+            train_loader.sampler.set_epoch(3)
+            result[data_type] = {
+                "train_indices": list(train_loader.sampler),
+                "train_steps": sum(1 for _ in train_loader),
+                "val_indices": list(val_loader.sampler),
+                "val": collect(val_loader),
+            }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_shard_train_and_validation(data_roots, tmp_path):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), data_roots, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for data_type in ("lmdb", "img"):
+        single = collect(make_data(data_roots, data_type).getTestLoader(BATCH))
+        r0, r1 = ranks[0][data_type], ranks[1][data_type]
+        # Training: disjoint halves, the same number of steps everywhere.
+        assert len(r0["train_indices"]) == len(r1["train_indices"]) == NUM_TRAIN // 2
+        assert not set(r0["train_indices"]) & set(r1["train_indices"])
+        assert r0["train_steps"] == r1["train_steps"] == (NUM_TRAIN // 2) // (BATCH // 2)
+        # Validation: every image exactly once over the ranks, as in one process.
+        assert sorted(r0["val_indices"] + r1["val_indices"]) == list(range(NUM_VAL))
+        merged_images = torch.empty_like(single[0])
+        merged_labels = torch.empty_like(single[1])
+        for rank in (r0, r1):
+            merged_images[rank["val_indices"]] = rank["val"][0]
+            merged_labels[rank["val_indices"]] = rank["val"][1]
+        assert torch.equal(merged_images, single[0]) and torch.equal(merged_labels, single[1])
