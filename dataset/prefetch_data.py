@@ -1,0 +1,78 @@
+"""Moves uint8 batches to the training device and normalises them there.
+
+The loaders deliver uint8 images, a quarter of the bytes of float32 ones, so the host-to-device
+copy is cheap and the per-pixel arithmetic runs on the device. On CUDA, the copy and the
+normalisation of batch k + 1 run on a side stream while the model computes on batch k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence, Sized
+
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class DevicePrefetcher:
+    """Iterating yields ``(images, labels)`` on device: float32 N x 3 x H x W images normalised
+    as ``(x / 255 - mean) / std`` (mean and std in 0..1 units, applied to 0..255 data in one
+    step), and int64 labels. ``len()`` is the loader's; each iteration starts a new pass."""
+
+    def __init__(self, loader: Iterable[Batch], device: torch.device | str, mean: Sequence[float],
+                 std: Sequence[float], channels_last: bool = False) -> None:
+        self.loader = loader
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor([255.0 * s for s in std], dtype=torch.float32, device=self.device).view(shape)
+
+    def __len__(self) -> int:
+        if not isinstance(self.loader, Sized):
+            raise TypeError("the wrapped loader has no length")
+        return len(self.loader)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images already on the device -> normalised float32, in one new tensor."""
+        out = images.to(dtype=torch.float32, memory_format=self.memory_format)
+        return out.sub_(self.mean).div_(self.std)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.device.type == "cuda":
+            return self._iter_cuda()
+        return self._iter_sync()
+
+    def _iter_sync(self) -> Iterator[Batch]:
+        for images, labels in self.loader:
+            yield self.normalize(images.to(self.device)), labels.to(self.device)
+
+    def _iter_cuda(self) -> Iterator[Batch]:
+        side = torch.cuda.Stream(device=self.device)
+        # The side stream must see everything queued before it (mean and std among them).
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        batches = iter(self.loader)
+        pending = self._copy_next(batches, side)
+        while pending is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(side)
+            images, labels = pending
+            # Allocated on the side stream but used on the compute stream: without this, the
+            # caching allocator could hand their memory to the next copy while still in use.
+            images.record_stream(compute)
+            labels.record_stream(compute)
+            pending = self._copy_next(batches, side)
+            yield images, labels
+
+    def _copy_next(self, batches: Iterator[Batch], side: torch.cuda.Stream) -> Batch | None:
+        """Queue the next batch's copy and normalisation on the side stream; None at the end."""
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            return None
+        if not images.is_pinned():  # a pageable source makes non_blocking copies synchronous
+            images, labels = images.pin_memory(), labels.pin_memory()
+        with torch.cuda.stream(side):
+            images = self.normalize(images.to(self.device, non_blocking=True))
+            labels = labels.to(self.device, non_blocking=True)
+        return images, labels

@@ -1,0 +1,72 @@
+"""DevicePrefetcher on the CPU: normalisation, labels, length, memory format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dataset.prefetch_data import DevicePrefetcher
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def uint8_batches(count: int = 3, batch: int = 4, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator),
+             torch.randint(0, 1000, (batch,), generator=generator))
+            for _ in range(count)]
+
+
+def reference(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.double() / 255 - mean.double()) / std.double()
+
+
+def test_yields_normalised_float_images_and_int64_labels():
+    batches = uint8_batches()
+    prefetcher = DevicePrefetcher(batches, "cpu", MEAN, STD)
+    assert len(prefetcher) == len(batches)
+    seen = list(prefetcher)
+    assert len(seen) == len(batches)
+    for (images, labels), (raw_images, raw_labels) in zip(seen, batches):
+        assert images.dtype == torch.float32 and images.device.type == "cpu"
+        assert images.shape == raw_images.shape and images.is_contiguous()
+        torch.testing.assert_close(images.double(), reference(raw_images), atol=1e-5, rtol=0)
+        assert labels.dtype == torch.int64 and torch.equal(labels, raw_labels)
+
+
+def test_leaves_the_loaders_batches_untouched():
+    batches = uint8_batches(count=1)
+    original = batches[0][0].clone()
+    list(DevicePrefetcher(batches, torch.device("cpu"), MEAN, STD))
+    assert torch.equal(batches[0][0], original)
+
+
+def test_channels_last_output():
+    images, _ = next(iter(DevicePrefetcher(uint8_batches(), "cpu", MEAN, STD, channels_last=True)))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(images.double(), reference(uint8_batches()[0][0]), atol=1e-5, rtol=0)
+
+
+def test_each_iteration_is_a_new_pass():
+    prefetcher = DevicePrefetcher(uint8_batches(count=2), "cpu", MEAN, STD)
+    first = [images for images, _ in prefetcher]
+    second = [images for images, _ in prefetcher]
+    assert len(first) == len(second) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_length_of_an_unsized_loader_is_a_type_error():
+    prefetcher = DevicePrefetcher(iter(uint8_batches()), "cpu", MEAN, STD)
+    with pytest.raises(TypeError, match="no length"):
+        len(prefetcher)
+
+
+def test_extreme_values_map_to_the_ends_of_the_normalised_range():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
+    out, _ = next(iter(DevicePrefetcher([(images, torch.zeros(1, dtype=torch.int64))], "cpu", MEAN, STD)))
+    for c in range(3):
+        assert out[0, c, 0, 0].item() == pytest.approx(-MEAN[c] / STD[c], abs=1e-5)
+        assert out[0, c, 0, 1].item() == pytest.approx((1 - MEAN[c]) / STD[c], abs=1e-5)
