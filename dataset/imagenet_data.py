@@ -22,7 +22,6 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -82,12 +81,6 @@ def process_group_shape() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
-
-
-def limit_worker_threads(worker_id: int) -> None:
-    """DataLoader workers decode one image at a time: OpenCV's thread pool would only
-    oversubscribe the cores the other workers use (torch already runs one thread there)."""
-    cv2.setNumThreads(1)
 
 
 def open_split(data_type: str, root: str, list_path: str, transform: Callable,
@@ -192,8 +185,7 @@ class ImageNet12:
         workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
-                          persistent_workers=workers > 0,
-                          worker_init_fn=limit_worker_threads if workers > 0 else None)
+                          persistent_workers=workers > 0)
 
 
 def _beside(folder: str, name: str) -> str:

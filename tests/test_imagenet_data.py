@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -107,6 +108,9 @@ def test_set_epoch_reshuffles_reproducibly(data_roots):
 
 
 def test_worker_processes_give_what_the_main_process_gives(data_roots):
+    # OpenCV's thread pool, started here, must not trouble the forked workers (a worker that
+    # reconfigured it, e.g. with cv2.setNumThreads, would wait forever on its idle threads).
+    cv2.resize(np.zeros((2000, 2000, 3), dtype=np.uint8), (500, 500), interpolation=cv2.INTER_AREA)
     data = make_data(data_roots, "lmdb", num_workers=2)
     loader = data.getTestLoader(BATCH)
     assert loader.persistent_workers
