@@ -46,6 +46,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file
+from utils.demo import DEMO_CONFIG, DemoError, run_demo
 from utils.logger import RunLogger, print_error
 from utils.metrics import AverageMeter, all_reduce_sums, error_percent, topk_correct
 
@@ -60,7 +61,7 @@ class TrainingError(RuntimeError):
 
 # Problems the user can fix: one line on stderr and a non-zero exit, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, CheckpointError, FileNotFoundError, WeightsError, TrainingError, ValueError)
+    ConfigError, CheckpointError, FileNotFoundError, WeightsError, TrainingError, ValueError, DemoError)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -74,6 +75,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="config values to change (Python literals, else strings)")
     parser.add_argument("--cfg", metavar="FILE.py", default="",
                         help="config module to use instead of imagenet_train_cfg.py")
+    parser.add_argument("--demo", action="store_true",
+                        help="train the paper's three rows in miniature on bundled digit images "
+                             "(configs/demo_cfg.py; overrides apply to every row)")
     parser.add_argument("--evaluate", metavar="CKPT", default="",
                         help="evaluate a student checkpoint (or 'teacher', the configured teacher) "
                              "on the validation set in one process, then exit")
@@ -541,9 +545,19 @@ def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- entry point
 
+def fit(cfg: AttrDict) -> None:
+    """Check the config and inputs in this process, then train in as many processes as it asks for."""
+    check_config(cfg, distributed.planned_world_size(cfg.dist.nprocs))
+    check_inputs(cfg)
+    distributed.launch(run, (cfg,), nprocs=cfg.dist.nprocs, user_errors=USER_ERRORS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_intermixed_args(argv)
     try:
+        if args.demo:
+            run_demo(fit, args.overrides, args.cfg or DEMO_CONFIG)
+            return 0
         cfg = load_config(args)
         if args.evaluate:
             check_config(cfg, world_size=1)
@@ -551,9 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Evaluation of {args.evaluate}: {describe(stats)}")
             print(json.dumps({"checkpoint": args.evaluate, **stats}))
             return 0
-        check_config(cfg, distributed.planned_world_size(cfg.dist.nprocs))
-        check_inputs(cfg)
-        distributed.launch(run, (cfg,), nprocs=cfg.dist.nprocs, user_errors=USER_ERRORS)
+        fit(cfg)
     except distributed.LaunchError as exc:
         print_error(str(exc))
         return exc.exit_code
