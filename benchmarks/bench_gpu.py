@@ -49,9 +49,10 @@ def build_lmdb(root: str, images: int) -> None:
     classes = 10
     write_photo_tree(root, {"train": max(1, images // classes), "val": 1}, num_classes=classes,
                      side_range=(300, 500))
-    assert mk_img_list.main(["--image_path", root, "--output_path", root]) == 0
-    assert img2lmdb.main(["--image_path", root, "--list_path", root, "--output_path", root,
-                          "--split", "train"]) == 0
+    packed = mk_img_list.main(["--image_path", root, "--output_path", root]) == 0 and img2lmdb.main(
+        ["--image_path", root, "--list_path", root, "--output_path", root, "--split", "train"]) == 0
+    if not packed:
+        raise SystemExit("error: building the synthetic LMDB failed (the line above says why)")
 
 
 def main(argv: list[str] | None = None) -> int:
