@@ -68,6 +68,22 @@ def test_save_checkpoint_copies_best(tmp_path):
     assert sorted(os.listdir(out)) == sorted([BEST_NAME, CHECKPOINT_NAME])
 
 
+def test_a_crash_between_the_two_writes_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The best file goes first, so the checkpoint never claims a best that was not saved."""
+    out = str(tmp_path / "run")
+    save_checkpoint({"epoch": 1, "best_top1_err": 50.0}, out, is_best=True)
+
+    def crash(src: str, dst: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("utils.checkpoint.atomic_copy", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2, "best_top1_err": 40.0}, out, is_best=True)
+    assert load_checkpoint(os.path.join(out, CHECKPOINT_NAME))["epoch"] == 1  # epoch 2 is trained again
+    assert load_checkpoint(os.path.join(out, BEST_NAME))["epoch"] == 2
+    assert sorted(os.listdir(out)) == sorted([BEST_NAME, CHECKPOINT_NAME])
+
+
 def test_load_rejects_missing_truncated_and_code_bearing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint(str(tmp_path / "missing.pth"))

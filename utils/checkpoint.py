@@ -82,11 +82,19 @@ def atomic_copy(src: str, dst: str) -> None:
 
 
 def save_checkpoint(state: Mapping[str, Any], output_dir: str, is_best: bool) -> str:
-    """Write ``checkpoint.pth.tar`` and, for the best epoch so far, the same bytes as ``model_best.pth.tar``."""
+    """Write ``checkpoint.pth.tar`` and, for the best epoch so far, the same bytes as ``model_best.pth.tar``.
+
+    The best file is written first: a crash between the two writes then leaves the previous
+    epoch's checkpoint, whose resumed run trains this epoch again and rewrites the best file.
+    The other order would leave a checkpoint whose best error names weights never saved.
+    """
     path = os.path.join(output_dir, CHECKPOINT_NAME)
-    atomic_save(dict(state), path)
     if is_best:
-        atomic_copy(path, os.path.join(output_dir, BEST_NAME))
+        best_path = os.path.join(output_dir, BEST_NAME)
+        atomic_save(dict(state), best_path)
+        atomic_copy(best_path, path)
+    else:
+        atomic_save(dict(state), path)
     return path
 
 
