@@ -421,7 +421,9 @@ def resume(path: str, student: nn.Module, arch: str, optimizer: torch.optim.Opti
     load_weights(student, checkpoint, arch)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+    # else: saved by a bf16 or full-precision run, now resumed in fp16; the scaler starts afresh
     if restore_rng:
         restore_rng_state(checkpoint["rng"])
     return Progress(int(checkpoint["epoch"]), float(checkpoint["best_top1_err"]),

@@ -213,6 +213,30 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
     assert restored.last_epoch == 31 and restored.get_last_lr() == pytest.approx([0.01])
 
 
+@pytest.mark.parametrize("saved_fp16, resumed_fp16", [(False, True), (True, False), (True, True)])
+def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path):
+    """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the reverse."""
+    def training_state(fp16: bool) -> tuple:
+        student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        scheduler = train_with_distillation.make_scheduler(optimizer, default_cfg.optim, epochs=100)
+        return student, optimizer, scheduler, torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=fp16)
+
+    student, optimizer, scheduler, scaler = training_state(saved_fp16)
+    optimizer.step()
+    scheduler.step()
+    progress = train_with_distillation.Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0)
+    path = str(tmp_path / CHECKPOINT_NAME)
+    atomic_save(train_with_distillation.checkpoint_state(student, "resnet18", optimizer, scheduler, scaler,
+                                                         progress, default_cfg), path)
+    student, optimizer, scheduler, scaler = training_state(resumed_fp16)
+    restored = train_with_distillation.resume(path, student, "resnet18", optimizer, scheduler, scaler,
+                                              restore_rng=False)
+    assert restored == progress and scheduler.last_epoch == 1
+    if resumed_fp16:
+        assert scaler.get_scale() == 1024.0
+
+
 def test_non_finite_loss_stops_all_processes_and_keeps_the_checkpoint(full_run, data, tmp_path):
     """At the command line: one error line naming epoch and step, non-zero exit, the good checkpoint kept."""
     out = tmp_path / "out"
