@@ -24,13 +24,8 @@ from knowledge_distiller import (
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on tensors this small, waking OpenMP workers on a busy machine costs more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tensors this small run faster on one thread than on OpenMP workers woken on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------
