@@ -271,6 +271,25 @@ def test_a_dead_process_stops_the_whole_job():
     assert info.value.exit_code != 0
 
 
+def test_torchrun_environment_places_the_process(monkeypatch):
+    """Process 5 of two 4-GPU machines: the second machine's second device, workers shared by 4."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.torchrun_process() is None
+    assert distributed.planned_world_size(3) == 3
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    proc = distributed.torchrun_process()
+    assert proc == distributed.ProcessInfo(rank=5, world_size=8, local_rank=1, local_world_size=4,
+                                           init_method="env://")
+    assert not proc.is_main
+    assert distributed.planned_world_size(3) == 8  # torchrun's count wins over dist.nprocs
+
+
 def _write_truncated_checkpoint(path: str) -> str:
     atomic_save({"state_dict": {"w": torch.randn(1000)}, "epoch": 1}, path)
     with open(path, "rb") as f:
