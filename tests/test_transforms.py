@@ -140,6 +140,7 @@ def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224)
     ("china", Box(0, 100, 427, 180), True, 1),  # down in height, up in width
     ("flower_1400", Box(100, 150, 800, 1000), False, 2),  # whole pixels at 1/2
     ("flower_1400", Box(101, 151, 733, 911), True, 2),  # a sub-pixel box at 1/2
+    ("flower_1400", Box(211, 97, 571, 603), True, 2),  # 1/2 with 1.27 pixels per output pixel
     ("china_2100", Box(0, 301, 1401, 1777), False, 4),
 ])
 def test_random_resized_crop_matches_torchvision(photos, decode_factors, name, box, flip, factor):
@@ -147,6 +148,27 @@ def test_random_resized_crop_matches_torchvision(photos, decode_factors, name, b
     check_output(out)
     assert decode_factors == [factor]
     assert mean_abs_diff(out, torchvision_resized_crop(photos[name], box, flip)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["flower_1400", "china_2100"])
+def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decode_factors, name):
+    """Every drawn box that takes the reduced decode, down to the margin's edge, stays within
+    the tolerance; boxes too small for it are skipped (the unscaled path is tested above)."""
+    data, reference_image = photos[name], pil_image(photos[name])
+    transform = RandomResizedCropFlip(224)
+    random.seed(3)
+    checked = 0
+    for _ in range(30):
+        box = sample_resized_crop_box(*reference_image.size, (0.08, 1.0), (3 / 4, 4 / 3))
+        if min(box.height, box.width) < 2 * transforms.RANDOM_CROP_MARGIN * 224:
+            continue
+        out = transform.apply(data, box, flip=False)
+        assert decode_factors[-1] > 1
+        reference = chw(TF.resized_crop(reference_image, *box, [224, 224], InterpolationMode.BILINEAR,
+                                        antialias=True))
+        assert mean_abs_diff(out, reference) <= TOLERANCE, box
+        checked += 1
+    assert checked >= 8
 
 
 def test_unscaled_crops_are_torchvision_to_within_rounding(photos):
