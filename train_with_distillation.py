@@ -128,6 +128,10 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
     require(not (devices and cfg.dist.nprocs > devices),
             f"dist.nprocs={cfg.dist.nprocs} but this machine has {devices} CUDA devices; use at most {devices} "
             f"(0 means one process per device)")
+    torchrun = distributed.torchrun_process()
+    require(not (devices and torchrun is not None and torchrun.local_world_size > devices),
+            f"torchrun started {torchrun.local_world_size if torchrun else 0} processes on a machine with {devices} "
+            f"CUDA devices; use --nproc_per_node={devices} or fewer")
     teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)  # ValueError for bad names
     make_loss(cfg)  # ValueError for a bad method, temperature or alpha
 

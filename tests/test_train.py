@@ -26,6 +26,7 @@ from dataset import img2lmdb, mk_img_list
 from imagenet_train_cfg import cfg as default_cfg
 from utils import distributed
 from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save
+from utils.config import ConfigError
 from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,6 +289,16 @@ def test_torchrun_environment_places_the_process(monkeypatch):
                                            init_method="env://")
     assert not proc.is_main
     assert distributed.planned_world_size(3) == 8  # torchrun's count wins over dist.nprocs
+
+
+def test_more_torchrun_processes_than_devices_is_a_config_error(monkeypatch):
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4",
+                       "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = copy.deepcopy(default_cfg)
+    with pytest.raises(ConfigError, match="--nproc_per_node=2"):
+        train_with_distillation.check_config(cfg, world_size=4)
 
 
 def _write_truncated_checkpoint(path: str) -> str:
