@@ -77,6 +77,6 @@ cfg = AttrDict(
     dist=dict(  # (new)
         nprocs=0,  # 0: one process per visible GPU (one on the CPU); N: N processes
         backend="",  # '' picks nccl on CUDA, gloo on the CPU
-        timeout_s=300,  # a process that waits longer on its peers gives up instead of hanging
+        timeout_s=60,  # a process that waits longer on its peers gives up instead of hanging
     ),
 )
