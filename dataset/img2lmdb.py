@@ -14,6 +14,9 @@ be the split's image folder itself: the LMDB's two files sit beside the class fo
   pretrained teachers number them, so a split that lacks a class never shifts the labels.
 - Parallel, committed in batches, restartable: a rerun skips the keys already stored. At the end
   every list line is checked to be in the LMDB.
+
+The workers start as fresh processes (forkserver, or spawn where there is none), so a program
+that calls ``main`` or ``pack_split`` needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -168,6 +171,18 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Start workers from a fresh interpreter, never as forks of the caller.
+
+    A forked child inherits OpenCV's thread pool as the caller left it: if the caller had used
+    it (any cv2.resize of a large image), the child's copy names threads that were not copied,
+    and reconfiguring it (cv2.setNumThreads) waits forever on their condition variable. This
+    module imports no torch, so a fresh worker costs about half a second, once.
+    """
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
 def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
     """Commit batch in one transaction, doubling the map size whenever it is full."""
     while True:
@@ -258,7 +273,7 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
     """Prepare the tasks' records in worker processes and commit them, in list order, in batches."""
     use_pool = workers > 1 and len(tasks) > 1
     work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality, send_kept=not use_pool)
-    pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
+    pool = _worker_context().Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
     batch: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -206,6 +207,49 @@ def test_command_line_error_exit_code_and_no_traceback(tree_copy, tmp_path):
     result = subprocess.run(missing_list, cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "train_list.txt" in result.stderr
+
+
+# A program that used OpenCV's thread pool, waits until the pool's threads sleep on their condition
+# variable, then packs with two workers. A worker forked from it would inherit that pool and wait
+# forever in cv2.setNumThreads; it also checks the workers' module imports no torch (cheap to start).
+_PACK_AFTER_OPENCV_POOL = """
+import os, sys
+import cv2, numpy as np
+cv2.resize(np.zeros((3000, 3000, 3), np.uint8), (700, 700), interpolation=cv2.INTER_AREA)
+def others_running():
+    tasks = [t for t in os.listdir('/proc/self/task') if t != str(os.getpid())]
+    states = []
+    for task in tasks:
+        try:
+            with open(f'/proc/self/task/{task}/stat') as f:
+                states.append(f.read().rpartition(')')[2].split()[0])
+        except FileNotFoundError:
+            pass
+    return any(state == 'R' for state in states)
+while os.path.isdir('/proc/self/task') and others_running():
+    os.sched_yield()
+from dataset import img2lmdb
+assert 'torch' not in sys.modules
+sys.exit(img2lmdb.main(sys.argv[1:]))
+"""
+
+
+def test_workers_start_cleanly_after_the_caller_used_opencv_threads(photo_tree, tmp_path):
+    out = str(tmp_path)
+    assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
+    command = [sys.executable, "-c", _PACK_AFTER_OPENCV_POOL, "--image_path", photo_tree, "--list_path", out,
+               "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
+    # Its own session, so that a hang is ended with the workers, not left behind.
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the packer's workers hung after the caller had used OpenCV's thread pool")
+    assert proc.returncode == 0, err
+    assert sorted(read_lmdb(os.path.join(out, "val_40"))) == read_list(os.path.join(out, "val_list.txt"))
 
 
 def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, capsys):
