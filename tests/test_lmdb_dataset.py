@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from dataset import lmdb_dataset
 from dataset.img2lmdb import pack_split
-from dataset.lmdb_dataset import ImageFolder, MissingSampleError
+from dataset.lmdb_dataset import ImageFolder, MissingSampleError, open_lmdb_readonly
 from dataset.mk_img_list import make_lists, read_list
 from tests.conftest import ODD_FILES
 
@@ -102,6 +103,25 @@ def test_opens_lazily(packed_val, tmp_path):
         ds[0]
     with pytest.raises(FileNotFoundError, match="mk_img_list"):
         ImageFolder(packed_val[0], str(tmp_path / "no_list.txt"))
+
+
+def test_root_resolved_once_and_every_spelling_shares_one_handle(packed_val, tmp_path, monkeypatch):
+    root, list_file = packed_val
+    link = tmp_path / "link_to_val"
+    link.symlink_to(root, target_is_directory=True)
+    spellings = [root, str(link), os.path.join(root, "..", os.path.basename(root))]
+    datasets = [ImageFolder(spelling, list_file) for spelling in spellings]
+    resolved = []
+    real_realpath = os.path.realpath
+    monkeypatch.setattr(lmdb_dataset.os.path, "realpath", lambda path: resolved.append(path) or real_realpath(path))
+    samples = [[ds[i] for i in range(len(ds))] for ds in datasets]
+    assert resolved == []  # reads use the root resolved at construction
+    for other in samples[1:]:
+        for (sample, target), (want_sample, want_target) in zip(other, samples[0]):
+            assert target == want_target
+            np.testing.assert_array_equal(sample, want_sample)
+    handles = {id(open_lmdb_readonly(spelling)) for spelling in spellings}
+    assert len(handles) == 1
 
 
 def all_items(loader: DataLoader) -> list[tuple[np.ndarray, int]]:
