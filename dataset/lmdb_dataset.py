@@ -57,6 +57,15 @@ def _open_resolved(real_path: str) -> lmdb.Environment:
     return env
 
 
+def _with_context(exc: ValueError, context: str) -> ValueError:
+    """exc with context in front of its message, of the same type where its constructor takes a message."""
+    message = f"{context}: {exc}"
+    try:
+        return type(exc)(message)
+    except TypeError:  # e.g. UnicodeDecodeError or msgpack's ExtraData, built from parts
+        return ValueError(message)
+
+
 def read_list(list_path: str) -> np.ndarray:
     """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes array."""
     names = [line.encode("utf-8") for line in read_list_lines(list_path)]
@@ -89,6 +98,9 @@ class ImageFolder(Dataset):
     def name(self, index: int) -> str:
         return self.names[index].decode("utf-8")
 
+    def _where(self, index: int) -> str:
+        return f"image '{self.name(index)}' in the LMDB at '{self.root}'"
+
     def read_raw(self, index: int) -> tuple[bytes, int]:
         """The stored image bytes and label of sample index."""
         key = self.names[index]
@@ -97,13 +109,21 @@ class ImageFolder(Dataset):
         if value is None:
             raise MissingSampleError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
                                      f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
-        return decode_record(value)
+        try:
+            return decode_record(value)
+        except ValueError as exc:
+            raise _with_context(exc, self._where(index)) from exc
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         data, target = self.read_raw(index)
-        sample: Any = decode_rgb(data) if self.decode else data
-        if self.transform is not None:
-            sample = self.transform(sample)
+        # A damaged image fails in the decode, or in a transform that decodes the bytes itself;
+        # either error names the record, so the user knows which one to repack.
+        try:
+            sample: Any = decode_rgb(data) if self.decode else data
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except ValueError as exc:
+            raise _with_context(exc, self._where(index)) from exc
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target

@@ -13,8 +13,10 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from dataset import lmdb_dataset
+from dataset.image_io import ImageDecodeError, decode_rgb
 from dataset.img2lmdb import pack_split
 from dataset.lmdb_dataset import ImageFolder, MissingSampleError, open_lmdb_readonly
+from dataset.lmdb_format import encode_record
 from dataset.mk_img_list import make_lists, read_list
 from tests.conftest import ODD_FILES
 
@@ -95,6 +97,35 @@ def test_missing_key_error_names_the_key(packed_val, tmp_path):
     with pytest.raises(MissingSampleError, match="n00000001/not_packed.JPEG") as info:
         ds[1]
     assert isinstance(info.value, KeyError) and str(info.value).startswith("key 'n00000001/not_packed.JPEG'")
+
+
+def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
+    root, list_file = packed_val
+    good = read_list(list_file)[0]
+    with open_lmdb_readonly(root).begin() as txn:
+        good_value = txn.get(good.encode())
+    damaged_root = str(tmp_path / "damaged")
+    records = {good: good_value, "n00000001/cut_short.JPEG": encode_record(b"\xff\xd8\xff\xe0 not a JPEG", 1),
+               "n00000002/not_a_record.JPEG": b"\x01\x02"}
+    env = lmdb.open(damaged_root, map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for key, value in records.items():
+            txn.put(key.encode(), value)
+    env.close()
+    damaged_list = tmp_path / "damaged_list.txt"
+    damaged_list.write_text("".join(key + "\n" for key in records))
+
+    decoding = ImageFolder(damaged_root, str(damaged_list))
+    bytes_to_transform = ImageFolder(damaged_root, str(damaged_list), transform=decode_rgb, decode=False)
+    for ds in (decoding, bytes_to_transform):
+        assert ds[0][0].ndim == 3
+        with pytest.raises(ImageDecodeError) as info:  # the type survives, so callers catch what they did
+            ds[1]
+        message = str(info.value)
+        assert message.startswith(f"image 'n00000001/cut_short.JPEG' in the LMDB at '{damaged_root}': ")
+        assert "cannot decode image" in message and "\n" not in message
+        with pytest.raises(ValueError, match=r"^image 'n00000002/not_a_record.JPEG' in the LMDB at .*: "):
+            ds[2]
 
 
 def test_opens_lazily(packed_val, tmp_path):
