@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from dataset import mk_img_list
-from dataset.image_io import decode_rgb
-from dataset.lmdb_dataset import read_list
+from dataset.list_dataset import ListDataset
 
 
 def require_folder(root: str) -> None:
@@ -42,48 +40,28 @@ def labels_for(names: np.ndarray, classes: Sequence[str], list_path: str) -> np.
     return np.array([index[w] for w in wnids], dtype=np.int32)[inverse.reshape(-1)]
 
 
-class FolderDataset(Dataset):
-    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list, read from root.
+class FolderDataset(ListDataset):
+    """The samples of a list, read from the class folders under root.
 
     ``classes`` gives the label order (the train split's sorted class folders); it defaults to
-    root's own class folders. With ``decode=False`` the transform receives the file's bytes, so
-    that it can decode at a reduced size.
+    root's own class folders.
     """
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True,
                  classes: Sequence[str] | None = None) -> None:
         require_folder(root)
+        super().__init__(list_path, transform, target_transform, decode)
         self.classes = list(classes) if classes is not None else class_folders(root)
         self.root = root
-        self.names = read_list(list_path)
         self.targets = labels_for(self.names, self.classes, list_path)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.decode = decode
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def name(self, index: int) -> str:
-        return self.names[index].decode("utf-8")
 
     def path(self, index: int) -> str:
         return os.path.join(self.root, self.name(index))
 
+    def where(self, index: int) -> str:
+        return self.path(index)
+
     def read_raw(self, index: int) -> tuple[bytes, int]:
-        """The image file's bytes and label of sample index."""
         with open(self.path(index), "rb") as f:
             return f.read(), int(self.targets[index])
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        data, target = self.read_raw(index)
-        try:
-            sample: Any = decode_rgb(data) if self.decode else data
-            if self.transform is not None:
-                sample = self.transform(sample)
-        except ValueError as exc:  # an unreadable image: say which file
-            raise ValueError(f"{self.path(index)}: {exc}") from None
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return sample, target

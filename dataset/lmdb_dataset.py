@@ -1,23 +1,18 @@
 """An ImageFolder-style dataset over an LMDB of the original WSLD format (ours or the original tool's).
 
 The environment is opened lazily, in whichever process first reads a sample, so the dataset
-works in the main process and in fork or spawn DataLoader workers. Sample names live in one
-numpy byte array: a Python list of 1.28M strings would be copied page by page into every
-forked worker as reference counts are touched.
+works in the main process and in fork or spawn DataLoader workers.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import lmdb
-import numpy as np
-from torch.utils.data import Dataset
 
-from dataset.image_io import decode_rgb
+from dataset.list_dataset import ListDataset, with_context
 from dataset.lmdb_format import decode_record
-from dataset.mk_img_list import read_list as read_list_lines
 
 # Open environments of this process, by real path. py-lmdb refuses to open one environment
 # twice in a process (an inherited, forked copy included), so datasets on the same LMDB share
@@ -57,52 +52,19 @@ def _open_resolved(real_path: str) -> lmdb.Environment:
     return env
 
 
-def _with_context(exc: ValueError, context: str) -> ValueError:
-    """exc with context in front of its message, of the same type where its constructor takes a message."""
-    message = f"{context}: {exc}"
-    try:
-        return type(exc)(message)
-    except TypeError:  # e.g. UnicodeDecodeError or msgpack's ExtraData, built from parts
-        return ValueError(message)
-
-
-def read_list(list_path: str) -> np.ndarray:
-    """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes array."""
-    names = [line.encode("utf-8") for line in read_list_lines(list_path)]
-    if not names:
-        raise ValueError(f"image list '{list_path}' is empty; remake it with dataset/mk_img_list.py")
-    return np.array(names, dtype=np.bytes_)
-
-
-class ImageFolder(Dataset):
-    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list.
-
-    ``sample`` is the decoded RGB image (H x W x 3 uint8) passed through ``transform``; with
-    ``decode=False`` the transform receives the stored file bytes instead, so that it can
-    decode at a reduced size. ``target`` is the stored class index (an int) passed through
-    ``target_transform``.
-    """
+class ImageFolder(ListDataset):
+    """The samples of a list, read from the LMDB at root; the label is the one stored in the record."""
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True) -> None:
+        super().__init__(list_path, transform, target_transform, decode)
         self.root = root
         self._real_root = os.path.realpath(root)  # the LMDB cache key, resolved once (see _open_resolved)
-        self.names = read_list(list_path)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.decode = decode
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def name(self, index: int) -> str:
-        return self.names[index].decode("utf-8")
-
-    def _where(self, index: int) -> str:
+    def where(self, index: int) -> str:
         return f"image '{self.name(index)}' in the LMDB at '{self.root}'"
 
     def read_raw(self, index: int) -> tuple[bytes, int]:
-        """The stored image bytes and label of sample index."""
         key = self.names[index]
         with _open_resolved(self._real_root).begin(buffers=False) as txn:
             value = txn.get(key)
@@ -112,18 +74,4 @@ class ImageFolder(Dataset):
         try:
             return decode_record(value)
         except ValueError as exc:
-            raise _with_context(exc, self._where(index)) from exc
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        data, target = self.read_raw(index)
-        # A damaged image fails in the decode, or in a transform that decodes the bytes itself;
-        # either error names the record, so the user knows which one to repack.
-        try:
-            sample: Any = decode_rgb(data) if self.decode else data
-            if self.transform is not None:
-                sample = self.transform(sample)
-        except ValueError as exc:
-            raise _with_context(exc, self._where(index)) from exc
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return sample, target
+            raise with_context(exc, self.where(index)) from exc

@@ -1,0 +1,80 @@
+"""What the LMDB and the JPEG-folder datasets share: samples named by a list file, read, decoded, transformed.
+
+Subclasses say only where the bytes and the label of a sample come from (``read_raw``) and how
+to name a sample in an error (``where``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from dataset.image_io import decode_rgb
+from dataset.mk_img_list import read_list as read_list_lines
+
+
+def read_list(list_path: str) -> np.ndarray:
+    """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes array.
+
+    A Python list of 1.28M strings would be copied page by page into every forked loader
+    worker as reference counts are touched; one numpy array is not.
+    """
+    names = [line.encode("utf-8") for line in read_list_lines(list_path)]
+    if not names:
+        raise ValueError(f"image list '{list_path}' is empty; remake it with dataset/mk_img_list.py")
+    return np.array(names, dtype=np.bytes_)
+
+
+def with_context(exc: ValueError, context: str) -> ValueError:
+    """exc with context in front of its message, of the same type where its constructor takes a message."""
+    message = f"{context}: {exc}"
+    try:
+        return type(exc)(message)
+    except TypeError:  # e.g. UnicodeDecodeError or msgpack's ExtraData, built from parts
+        return ValueError(message)
+
+
+class ListDataset(Dataset):
+    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list.
+
+    ``sample`` is the decoded RGB image (H x W x 3 uint8) passed through ``transform``; with
+    ``decode=False`` the transform receives the file's bytes instead, so that it can decode at
+    a reduced size. ``target`` is the class index (an int) passed through ``target_transform``.
+    """
+
+    def __init__(self, list_path: str, transform: Callable | None = None,
+                 target_transform: Callable | None = None, decode: bool = True) -> None:
+        self.names = read_list(list_path)
+        self.transform = transform
+        self.target_transform = target_transform
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name(self, index: int) -> str:
+        return self.names[index].decode("utf-8")
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """The image file's bytes and the label of sample index."""
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        """Sample index, named for an error message."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        data, target = self.read_raw(index)
+        # A damaged image fails in the decode, or in a transform that decodes the bytes itself;
+        # either error names the sample, so the user knows which one to replace.
+        try:
+            sample: Any = decode_rgb(data) if self.decode else data
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except ValueError as exc:
+            raise with_context(exc, self.where(index)) from exc
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
