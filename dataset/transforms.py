@@ -9,6 +9,9 @@ distributions, and the same antialiased bilinear filter. What they save is work:
   image is decoded with DCT scaling (1/2, 1/4, 1/8) when the crop keeps enough pixels per output
   pixel (1.25 for random crops, 1.5 for whole-image resizes): a 1600 px photo cropped to 1400 px
   for a 224 px output is decoded at 400 px.
+* A random crop's JPEG is decoded only where the crop is (``dataset.jpeg_region``, libjpeg-turbo)
+  when that decoder could be built; otherwise OpenCV decodes the whole image. Both give the
+  crop's pixels exactly as a whole-image decode does.
 * Images stay uint8 throughout. The one resize runs on the crop only, with torch's vectorised
   uint8 kernel, which implements PIL's filter (PIL itself resamples the rare sub-pixel boxes
   that a scaled decode leaves); the mirror and the BGR -> RGB swap happen on the small output.
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dataset import jpeg_region
 from dataset.image_io import decode_rgb, parse_jpeg_header
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
@@ -183,18 +187,32 @@ class _Source(NamedTuple):
     width: int
     height: int
     is_jpeg: bool  # file bytes that DCT scaling applies to
+    region_decodable: bool = False  # a greyscale or colour Huffman JPEG libjpeg-turbo crops
 
 
 class _Decoded(NamedTuple):
-    image: np.ndarray  # H x W x 3 uint8: BGR when decoded here, RGB when given decoded
+    """Decoded pixels: the whole picture at some scale, or a window of it."""
+
+    image: np.ndarray  # H x W x 3 uint8: BGR from OpenCV, RGB from libjpeg-turbo or as given
     scale_x: float  # decoded pixels per full-size pixel
     scale_y: float
     bgr: bool
+    left: int = 0  # where image[0, 0] lies in the whole decoded picture
+    top: int = 0
+
+    def region(self, box: Box) -> tuple[float, float, float, float]:
+        """box, in full-size pixels, as (x0, y0, x1, y1) in this array's pixels."""
+        sx, sy = self.scale_x, self.scale_y
+        return (box.left * sx - self.left, box.top * sy - self.top,
+                (box.left + box.width) * sx - self.left, (box.top + box.height) * sy - self.top)
 
 
 def _inspect(sample: Sample) -> _Source:
     if isinstance(sample, np.ndarray):
         return _Source(sample, sample.shape[1], sample.shape[0], False)
+    jpeg = parse_jpeg_header(sample)
+    if jpeg is not None:
+        return _Source(sample, jpeg.width, jpeg.height, True, jpeg.storable)
     header = image_header(sample)
     if header is None:  # no parsable header: decode now, raising the error that says why
         decoded = decode_rgb(sample)
@@ -202,15 +220,38 @@ def _inspect(sample: Sample) -> _Source:
     return _Source(sample, *header)
 
 
-def _decode(source: _Source, factor: int) -> _Decoded:
-    """Decode at 1/factor. The scales come from the result, so that an image whose decoder
-    ignored the request (or whose header misstated its size) still lines up."""
+def decode_window(decoder: jpeg_region.RegionDecoder, data: bytes, width: int, height: int,
+                  box: Box, factor: int = 1) -> _Decoded:
+    """The rows and columns of box (full-size pixels) of a width x height JPEG at 1/factor.
+
+    One column more is decoded on each side where the image has one: libjpeg-turbo's chroma
+    upsampling treats the window's outer columns as image edges, and those stay outside box.
+    """
+    full_width, full_height = -(-width // factor), -(-height // factor)  # libjpeg rounds up
+    x0 = max(0, math.floor(box.left / factor) - 1)
+    x1 = min(full_width, math.ceil((box.left + box.width) / factor) + 1)
+    y0 = math.floor(box.top / factor)
+    y1 = min(full_height, math.ceil((box.top + box.height) / factor))
+    image, first_column = decoder.decode(data, x0, y0, x1 - x0, y1 - y0, factor)
+    return _Decoded(image, 1.0 / factor, 1.0 / factor, False, first_column, y0)
+
+
+def _decode(source: _Source, factor: int, box: Box | None = None, region: bool = False) -> _Decoded:
+    """Decode at 1/factor: only box's window when region is asked and possible, else the
+    whole image. The scales of a whole image come from the result, so that an image whose
+    decoder ignored the request (or whose header misstated its size) still lines up."""
     if isinstance(source.sample, np.ndarray):
         return _Decoded(source.sample, 1.0, 1.0, False)
+    decoder = jpeg_region.region_decoder() if region and source.region_decodable and box else None
+    if decoder is not None:
+        try:
+            return decode_window(decoder, source.sample, source.width, source.height, box, factor)
+        except jpeg_region.RegionDecodeError:
+            pass  # damaged data: the whole-image decoders below decode what they can or say why
     image = decode_scaled(source.sample, factor)
     height, width = image.shape[:2]
     if (height, width) == (-(-source.height // factor), -(-source.width // factor)):
-        return _Decoded(image, 1.0 / factor, 1.0 / factor, True)  # libjpeg rounds sizes up
+        return _Decoded(image, 1.0 / factor, 1.0 / factor, True)
     return _Decoded(image, width / source.width, height / source.height, True)
 
 
@@ -220,14 +261,17 @@ def _decode(source: _Source, factor: int) -> _Decoded:
 
 class RandomResizedCropFlip:
     """torchvision's RandomResizedCrop(size, scale, ratio) (bilinear, antialiased) followed by
-    RandomHorizontalFlip(flip_p), from file bytes or a decoded RGB array."""
+    RandomHorizontalFlip(flip_p), from file bytes or a decoded RGB array. region: decode only
+    the crop where libjpeg-turbo's region decoder is available (see ``dataset.jpeg_region``)."""
 
     def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> None:
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                 region: bool = True) -> None:
         self.size = as_size(size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip_p = flip_p
+        self.region = region
 
     def __call__(self, sample: Sample) -> np.ndarray:
         source = _inspect(sample)
@@ -241,10 +285,8 @@ class RandomResizedCropFlip:
     def _render(self, source: _Source, box: Box, flip: bool) -> np.ndarray:
         out_h, out_w = self.size
         factor = jpeg_reduction(box.width, box.height, out_w, out_h, RANDOM_CROP_MARGIN) if source.is_jpeg else 1
-        decoded = _decode(source, factor)
-        sx, sy = decoded.scale_x, decoded.scale_y
-        region = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
-        return _finish(resize_region(decoded.image, region, out_h, out_w), flip, decoded.bgr)
+        decoded = _decode(source, factor, box, self.region)
+        return _finish(resize_region(decoded.image, decoded.region(box), out_h, out_w), flip, decoded.bgr)
 
 
 def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int, size: SizeHW,

@@ -53,17 +53,23 @@ def photos() -> dict[str, bytes]:
 
 
 @pytest.fixture()
-def decode_factors(monkeypatch) -> list[int]:
-    """The DCT scale factors the transforms decode at, in call order."""
-    factors: list[int] = []
-    real = transforms.decode_scaled
+def decodes(monkeypatch) -> dict[str, list[int]]:
+    """The DCT scale factors the transforms decode at, in call order: 'whole' for whole-image
+    decodes (OpenCV), 'window' for crops decoded alone (libjpeg-turbo)."""
+    calls: dict[str, list[int]] = {"whole": [], "window": []}
+    real_whole, real_window = transforms.decode_scaled, transforms.decode_window
 
-    def spy(data: bytes, factor: int = 1) -> np.ndarray:
-        factors.append(factor)
-        return real(data, factor)
+    def whole(data: bytes, factor: int = 1) -> np.ndarray:
+        calls["whole"].append(factor)
+        return real_whole(data, factor)
 
-    monkeypatch.setattr(transforms, "decode_scaled", spy)
-    return factors
+    def window(decoder, data, width, height, box, factor=1):
+        calls["window"].append(factor)
+        return real_window(decoder, data, width, height, box, factor)
+
+    monkeypatch.setattr(transforms, "decode_scaled", whole)
+    monkeypatch.setattr(transforms, "decode_window", window)
+    return calls
 
 
 def pil_image(data: bytes) -> Image.Image:
@@ -134,6 +140,7 @@ def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224)
     return chw(TF.hflip(out) if flip else out)
 
 
+@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
 @pytest.mark.parametrize("name,box,flip,factor", [
     ("china", Box(50, 80, 300, 400), False, 1),  # downscale
     ("flower", Box(40, 300, 150, 120), True, 1),  # upscale
@@ -143,15 +150,15 @@ def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224)
     ("flower_1400", Box(211, 97, 571, 603), True, 2),  # 1/2 with 1.27 pixels per output pixel
     ("china_2100", Box(0, 301, 1401, 1777), False, 4),
 ])
-def test_random_resized_crop_matches_torchvision(photos, decode_factors, name, box, flip, factor):
-    out = RandomResizedCropFlip(224).apply(photos[name], box, flip)
+def test_random_resized_crop_matches_torchvision(photos, decodes, name, box, flip, factor, region):
+    out = RandomResizedCropFlip(224, region=region).apply(photos[name], box, flip)
     check_output(out)
-    assert decode_factors == [factor]
+    assert decodes == {"window": [factor], "whole": []} if region else {"window": [], "whole": [factor]}
     assert mean_abs_diff(out, torchvision_resized_crop(photos[name], box, flip)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["flower_1400", "china_2100"])
-def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decode_factors, name):
+def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decodes, name):
     """Every drawn box that takes the reduced decode, down to the margin's edge, stays within
     the tolerance; boxes too small for it are skipped (the unscaled path is tested above)."""
     data, reference_image = photos[name], pil_image(photos[name])
@@ -163,7 +170,7 @@ def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decode_f
         if min(box.height, box.width) < 2 * transforms.RANDOM_CROP_MARGIN * 224:
             continue
         out = transform.apply(data, box, flip=False)
-        assert decode_factors[-1] > 1
+        assert decodes["window"][-1] > 1
         reference = chw(TF.resized_crop(reference_image, *box, [224, 224], InterpolationMode.BILINEAR,
                                         antialias=True))
         assert mean_abs_diff(out, reference) <= TOLERANCE, box
@@ -171,11 +178,27 @@ def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decode_f
     assert checked >= 8
 
 
-def test_unscaled_crops_are_torchvision_to_within_rounding(photos):
-    out = RandomResizedCropFlip(224).apply(photos["china"], Box(50, 80, 300, 400), True)
+@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+def test_unscaled_crops_are_torchvision_to_within_rounding(photos, region):
+    out = RandomResizedCropFlip(224, region=region).apply(photos["china"], Box(50, 80, 300, 400), True)
     reference = torchvision_resized_crop(photos["china"], Box(50, 80, 300, 400), True)
     assert mean_abs_diff(out, reference) < 0.5
     assert np.abs(out.astype(int) - reference).max() <= 2
+
+
+@pytest.mark.parametrize("name", ["china", "flower", "flower_1400", "china_2100"])
+def test_region_decoding_gives_the_whole_image_decode(photos, name):
+    """Crops decoded alone are the whole-image path's output to the level, for boxes at every
+    edge and block alignment, at full and reduced scale."""
+    width, height = image_header(photos[name])[:2]
+    boxes = [Box(0, 0, height, width), Box(0, 0, 100, 120), Box(height - 90, width - 77, 90, 77),
+             Box(16, 32, 200, 160), Box(17, 33, 201, 161), Box(7, width - 300, height - 7, 300)]
+    random.seed(11)
+    boxes += [sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(20)]
+    for box in boxes:
+        region = RandomResizedCropFlip(224, region=True).apply(photos[name], box, False)
+        whole = RandomResizedCropFlip(224, region=False).apply(photos[name], box, False)
+        assert np.abs(region.astype(int) - whole).max() <= 1, box
 
 
 def test_decoded_arrays_give_what_file_bytes_give(photos):
@@ -203,10 +226,10 @@ def test_min_scale_bounds_the_crop_area():
 
 
 @pytest.mark.parametrize("name,factor", [("china", 1), ("flower", 1), ("flower_1400", 2), ("china_2100", 2)])
-def test_validation_transform_matches_torchvision(photos, decode_factors, name, factor):
+def test_validation_transform_matches_torchvision(photos, decodes, name, factor):
     out = ResizeCenterCrop(224)(photos[name])
     check_output(out)
-    assert decode_factors == [factor]
+    assert decodes["whole"] == [factor]
     reference = chw(T.CenterCrop(224)(T.Resize(256)(pil_image(photos[name]))))
     assert mean_abs_diff(out, reference) <= (0.5 if factor == 1 else TOLERANCE)
 
@@ -310,16 +333,34 @@ def test_colour_jitter_changes_the_image(small_photo):
 # Awkward files.
 
 
-@pytest.mark.parametrize("kind", ["png", "cmyk", "grey", "progressive"])
-def test_awkward_files_match_torchvision(photo_tree, kind):
+@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+@pytest.mark.parametrize("kind,decodable", [("png", False), ("cmyk", False), ("grey", True),
+                                            ("progressive", True)])
+def test_awkward_files_match_torchvision(photo_tree, decodes, kind, decodable, region):
     from tests.conftest import ODD_FILES
 
     with open(f"{photo_tree}/{ODD_FILES[kind]}", "rb") as f:
         data = f.read()
     box = Box(10, 20, 120, 150)
-    out = RandomResizedCropFlip(64).apply(data, box, True)
+    out = RandomResizedCropFlip(64, region=region).apply(data, box, True)
     check_output(out, 64)
     assert mean_abs_diff(out, torchvision_resized_crop(data, box, True, 64)) <= 1.5
+    assert bool(decodes["window"]) == (region and decodable)
+
+
+def test_damaged_jpeg_data_falls_back_to_the_whole_image_decoders(photos, decodes):
+    """A Huffman table that cannot be built, behind a header that parses: libjpeg-turbo's
+    region decode fails, and the whole-image decoders say why, as without region decoding."""
+    data = bytearray(photos["china"])
+    table = data.index(b"\xff\xc4") + 5  # the first table's 16 code-length counts
+    data[table:table + 16] = b"\xff" * 16
+    errors = []
+    for region in (True, False):
+        with pytest.raises(ValueError) as caught:
+            RandomResizedCropFlip(224, region=region).apply(bytes(data), Box(100, 100, 200, 200), False)
+        errors.append(str(caught.value))
+    assert decodes["window"] == [1] and decodes["whole"] == [1, 1]
+    assert errors[0] == errors[1] and "cannot decode" in errors[0]
 
 
 def test_header_reads_size_and_kind(photos):
@@ -330,6 +371,7 @@ def test_header_reads_size_and_kind(photos):
     assert image_header(b"not an image") is None
 
 
-def test_undecodable_bytes_raise_value_error():
+@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+def test_undecodable_bytes_raise_value_error(region):
     with pytest.raises(ValueError, match="cannot decode"):
-        RandomResizedCropFlip(224)(b"\x00" * 100)
+        RandomResizedCropFlip(224, region=region)(b"\x00" * 100)

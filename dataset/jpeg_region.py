@@ -1,0 +1,162 @@
+"""Decoding only the rows and columns of a JPEG that a crop needs, with libjpeg-turbo.
+
+A random crop covers about half of a training image on average, and decoding is most of the
+input pipeline's work. libjpeg-turbo can skip what lies outside the crop: the rows below it are
+never read, and the rows above and the columns beside it skip the inverse DCT, upsampling and
+colour conversion. Neither OpenCV nor Pillow exposes this, so ``csrc/jpeg_region.c`` does, built
+on first use with the system C compiler against the system libjpeg-turbo (Debian and Ubuntu:
+``apt install gcc libjpeg-turbo8-dev``, or ``libjpeg62-turbo-dev``) and cached under
+``$XDG_CACHE_HOME/wsld`` (``~/.cache/wsld``). Where that cannot be done, the transforms decode
+whole images with OpenCV, which gives the same pixels more slowly; ``describe()`` says which
+decoder a run uses and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "jpeg_region.c"
+SCALES = (1, 2, 4, 8)
+_MESSAGE_SIZE = 200
+_BUILD_TIMEOUT_S = 120
+
+
+class RegionDecodeError(ValueError):
+    """The JPEG data could not be decoded; the message is libjpeg's."""
+
+
+class RegionDecoder:
+    """libjpeg-turbo's region decoding, through the library built from ``csrc/jpeg_region.c``."""
+
+    def __init__(self, library_path: str) -> None:
+        library = ctypes.CDLL(library_path)
+        self.path = library_path
+        self._decode = library.wsld_decode_region
+        self._decode.restype = ctypes.c_int
+        self._decode.argtypes = [
+            ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+            ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int,
+        ]
+        number = library.wsld_libjpeg_turbo_version()
+        self.version = f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+    def decode(self, data: bytes, x: int, y: int, width: int, height: int,
+               scale: int = 1) -> tuple[np.ndarray, int]:
+        """Rows [y, y + height) and at least columns [x, x + width) of the image scaled by 1/scale
+        (1, 2, 4 or 8) as an RGB array, and the column of the image its first column is.
+
+        libjpeg-turbo starts the columns at a block boundary at or before x, and its chroma
+        upsampling treats the first and last columns decoded as the image's edges: ask for one
+        column more on each side than you use, where the image has one.
+        """
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, not {scale}")
+        if min(x, y) < 0 or min(width, height) <= 0:
+            raise ValueError(f"region x={x} y={y} {width}x{height} is empty or starts outside the image")
+        # The columns decoded start at a block boundary at or after 0 and end at x + width.
+        out = np.empty(height * (x + width) * 3, dtype=np.uint8)
+        info = (ctypes.c_int * 4)()
+        message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+        status = self._decode(data, len(data), scale, x, y, width, height, out.ctypes.data, out.size,
+                              info, message, _MESSAGE_SIZE)
+        if status == 1:
+            raise RegionDecodeError(message.value.decode("utf-8", "replace") or "damaged JPEG data")
+        if status != 0:
+            raise ValueError(f"region x={x} y={y} {width}x{height} does not fit the "
+                             f"{info[0]}x{info[1]} image at 1/{scale}")
+        first_column, columns = info[2], info[3]
+        return out[:height * columns * 3].reshape(height, columns, 3), first_column
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsld"
+
+
+def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
+    """Compile source into a shared library in directory (once per source text), and return it.
+
+    Several processes may build at once: each compiles to its own temporary file and renames it
+    into place, so a reader never sees a half-written library. Raises RuntimeError with the
+    compiler's last line when there is no compiler or the build fails.
+    """
+    directory = directory if directory is not None else cache_dir()
+    text = source.read_bytes()
+    target = directory / f"jpeg_region-{hashlib.sha256(text).hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=".building-", suffix=".so")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ljpeg"],
+                                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+            raise RuntimeError(f"building {source.name} failed: {lines[0].strip() if lines else 'no output'}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def self_check(decoder: RegionDecoder) -> None:
+    """Decode regions of a small JPEG made here, at every scale, and compare with OpenCV's
+    decode of the whole image; raises RuntimeError on any difference (a library built
+    against one libjpeg's headers but loading another's would show here, not in training)."""
+    gradient = np.add.outer(np.arange(48), np.arange(64)).astype(np.uint8) * 2
+    image = np.dstack([gradient, gradient[::-1], 255 - gradient])
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the self-check image")
+    data = encoded.tobytes()
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}
+    for scale in SCALES:
+        whole = cv2.imdecode(encoded, flags[scale])[:, :, ::-1]
+        height, width = whole.shape[:2]
+        x, y = width // 4, height // 4
+        region, first = decoder.decode(data, x - 1, y, width // 2 + 2, height // 2, scale)
+        inner = region[:, x - first:x - first + width // 2]
+        if np.abs(inner.astype(np.int16) - whole[y:y + height // 2, x:x + width // 2]).max() > 1:
+            raise RuntimeError(f"region decoding disagrees with OpenCV at scale 1/{scale}")
+
+
+@functools.cache
+def _load() -> RegionDecoder | str:
+    # Cached per process: building, loading and checking happen once, and DataLoader workers
+    # started by fork inherit the result. A string is the reason there is no decoder.
+    try:
+        decoder = RegionDecoder(str(build()))
+        self_check(decoder)
+    except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    return decoder
+
+
+def region_decoder() -> RegionDecoder | None:
+    """This process's region decoder, built on first call; None where it cannot be had."""
+    loaded = _load()
+    return loaded if isinstance(loaded, RegionDecoder) else None
+
+
+def describe() -> str:
+    """One line for logs: which JPEG decoder the transforms use, and why not the faster one."""
+    loaded = _load()
+    if isinstance(loaded, RegionDecoder):
+        return f"libjpeg-turbo {loaded.version}, decoding crops only"
+    return f"OpenCV, whole images (region decoding unavailable: {loaded})"
