@@ -459,6 +459,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     batch_size = cfg.data.batch_size // world_size
     data = open_data(cfg, cfg.data.num_workers // max(1, proc.local_world_size))
     train_loader, val_loader = data.getTrainLoader(batch_size), data.getTestLoader(batch_size)
+    log.info(f"JPEG decoding: {data.describe_decoder()}")
     channels_last = device.type == "cuda"
     train_data = DevicePrefetcher(train_loader, device, cfg.data.mean, cfg.data.std, channels_last)
     val_data = DevicePrefetcher(val_loader, device, cfg.data.mean, cfg.data.std, channels_last)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import Compose
 
-from dataset import lmdb_dataset
+from dataset import jpeg_region, lmdb_dataset
 from dataset.folder_dataset import FolderDataset, class_folders
 from dataset.transforms import (
     ColorJitter,
@@ -40,6 +40,7 @@ from utils.config import ConfigError
 
 DATA_TYPES = ("lmdb", "img")
 AUGMENTATIONS = ("random_sized", "rand_scale")
+DECODERS = ("auto", "region", "opencv")
 # The original's colour jitter (data.color=True): brightness, contrast and saturation 0.4.
 COLOR_JITTER = 0.4
 RAND_SCALE_SIDES = (256, 480)
@@ -125,6 +126,12 @@ class ImageNet12:
             if value not in DATA_TYPES:
                 raise ConfigError(f"unknown data.{key} '{value}'; use one of {', '.join(DATA_TYPES)}")
         self.min_scale = float(config.get("random_sized", {}).get("min_scale", 0.08))
+        self.decoder = config.get("decoder", "auto")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"unknown data.decoder '{self.decoder}'; use one of {', '.join(DECODERS)}")
+        if self.decoder == "region" and jpeg_region.region_decoder() is None:
+            raise ConfigError(f"data.decoder='region' but JPEG decoding is {jpeg_region.describe()}; "
+                              "install a C compiler and libjpeg-turbo's headers, or set data.decoder='auto'")
         self.color = bool(config.get("color", False))
         self.train_list = _beside(trainFolder, config.get("train_list", "train_list.txt"))
         self.val_list = _beside(testFolder, config.get("val_list", "val_list.txt"))
@@ -133,9 +140,16 @@ class ImageNet12:
 
     # -- transforms and datasets ---------------------------------------------------------------
 
+    def describe_decoder(self) -> str:
+        """One line for logs: how the training crops are decoded."""
+        if self.decoder == "opencv":
+            return "OpenCV, whole images (data.decoder='opencv')"
+        return jpeg_region.describe()
+
     def train_transform(self) -> Callable:
         if self.augmentation == "random_sized":
-            crop: Callable = RandomResizedCropFlip(self.size, scale=(self.min_scale, 1.0))
+            crop: Callable = RandomResizedCropFlip(self.size, scale=(self.min_scale, 1.0),
+                                                   region=self.decoder != "opencv")
         else:
             crop = RandomScaleCropFlip(self.size, *RAND_SCALE_SIDES)
         if not self.color:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 
 import cv2
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dataset import img2lmdb, mk_img_list
+from dataset import img2lmdb, jpeg_region, mk_img_list
 from dataset.folder_dataset import FolderDataset
 from dataset.imagenet_data import ImageNet12, ShardSampler, collate_uint8
 from tests.conftest import NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_file
@@ -180,6 +181,40 @@ def test_unknown_data_type_is_a_config_error(tmp_path, key, value):
 def test_unknown_augmentation_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="random_sized, rand_scale"):
         ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "autoaugment", data_config("img"))
+
+
+def test_unknown_decoder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="data.decoder 'turbo'.*auto, region, opencv"):
+        ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
+                   data_config("img", decoder="turbo"))
+
+
+def test_region_decoder_asked_for_but_unavailable_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(jpeg_region, "region_decoder", lambda: None)
+    monkeypatch.setattr(jpeg_region, "describe", lambda: "OpenCV, whole images (region decoding "
+                                                         "unavailable: no C compiler (cc or gcc) on PATH)")
+    with pytest.raises(ConfigError, match="no C compiler.*data.decoder='auto'"):
+        ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
+                   data_config("img", decoder="region"))
+
+
+@pytest.mark.parametrize("decoder", ["auto", "region", "opencv"])
+def test_decoder_setting_reaches_the_training_crops(data_roots, decoder):
+    """'opencv' decodes whole images; 'auto' and 'region' decode the crops alone, here where
+    libjpeg-turbo can be built; the batches agree either way."""
+    data = make_data(data_roots, "lmdb", decoder=decoder)
+    assert data.train_transform().region == (decoder != "opencv")
+    expected = "OpenCV, whole images" if decoder == "opencv" else "libjpeg-turbo"
+    assert data.describe_decoder().startswith(expected)
+    loader = data.getTrainLoader(BATCH)
+    torch.manual_seed(0)
+    random.seed(0)
+    images, _ = next(iter(loader))
+    reference_loader = make_data(data_roots, "lmdb", decoder="opencv").getTrainLoader(BATCH)
+    torch.manual_seed(0)
+    random.seed(0)
+    reference, _ = next(iter(reference_loader))
+    assert (images.int() - reference.int()).abs().max() <= 1
 
 
 def test_list_naming_an_unknown_class_is_reported(data_roots, tmp_path):
