@@ -5,8 +5,8 @@ Builds ImageNet-like JPEGs from real photos (scikit-learn's sample images, cropp
 these pipelines, all in one process on one thread:
 
   decode       JPEG decode alone, at full size (cv2.imdecode)
-  ours         ImageNet12's train loader: LMDB read, decode (reduced when the crop allows),
-               RandomResizedCrop + flip, uint8 collate
+  ours         ImageNet12's train loader: LMDB read, decode of the crop's window only (and at
+               reduced size when the crop allows), RandomResizedCrop + flip, uint8 collate
   torchvision  ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, default collate
   original     the original repository's approach: LMDB read, OpenCV decode, conversion to PIL,
                torchvision's PIL RandomResizedCrop + flip, uint8 collate
@@ -39,6 +39,7 @@ from torchvision import transforms as T
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataset import jpeg_region  # noqa: E402
 from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.imagenet_data import ImageNet12, collate_uint8  # noqa: E402
 from dataset.img2lmdb import pack_split  # noqa: E402
@@ -139,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     ratio = {name: float(np.median(per_turn["ours"] / per_turn[name])) for name in per_turn}
     labels = {
         "decode": "JPEG decode alone, full size (cv2.imdecode)",
-        "ours": "ours: LMDB, reduced decode, RandomResizedCrop+flip, uint8 collate",
+        "ours": "ours: LMDB, crop-only decode, RandomResizedCrop+flip, uint8 collate",
         "torchvision": "torchvision: ImageFolder, RandomResizedCrop+flip, ToTensor, Normalize",
         "original": "original: LMDB, OpenCV decode -> PIL -> torchvision transforms",
     }
     print(f"{NUM_CLASSES * args.per_class} photos of 300..1000 px; one process, one thread; "
           f"{args.turns} batches of {args.batch_size} per pipeline, in turns; median images per CPU second")
+    print(f"ours decodes with {jpeg_region.describe()}")
     for name, value in rate.items():
         print(f"{labels[name]:<72} {value:8.1f} images/s")
     print(f"ours/torchvision={ratio['torchvision']:.2f}x ours/decode={ratio['decode']:.2f}x "
