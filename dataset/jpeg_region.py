@@ -27,6 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "jpeg_region.c"
 SCALES = (1, 2, 4, 8)
+JPEG_MAX_SIDE = 65535
 _MESSAGE_SIZE = 200
 _BUILD_TIMEOUT_S = 120
 
@@ -58,12 +59,13 @@ class RegionDecoder:
 
         libjpeg-turbo starts the columns at a block boundary at or before x, and its chroma
         upsampling treats the first and last columns decoded as the image's edges: ask for one
-        column more on each side than you use, where the image has one.
+        column more on each side than you use, where the image has one. The array is a view of
+        a buffer as wide as x + width: keep a copy, not the view, of a small region kept long.
         """
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, not {scale}")
-        if min(x, y) < 0 or min(width, height) <= 0:
-            raise ValueError(f"region x={x} y={y} {width}x{height} is empty or starts outside the image")
+        if min(x, y) < 0 or min(width, height) <= 0 or max(x + width, y + height) > JPEG_MAX_SIDE:
+            raise ValueError(f"region x={x} y={y} {width}x{height} is empty or outside any JPEG")
         # The columns decoded start at a block boundary at or after 0 and end at x + width.
         out = np.empty(height * (x + width) * 3, dtype=np.uint8)
         info = (ctypes.c_int * 4)()
@@ -105,7 +107,7 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
         result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ljpeg"],
                                 capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if result.returncode != 0:
-            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+            lines = [line for line in result.stderr.splitlines() if ": error:" in line] or result.stderr.splitlines()
             raise RuntimeError(f"building {source.name} failed: {lines[0].strip() if lines else 'no output'}")
         os.replace(partial, target)
     finally:

@@ -187,7 +187,7 @@ class _Source(NamedTuple):
     width: int
     height: int
     is_jpeg: bool  # file bytes that DCT scaling applies to
-    region_decodable: bool = False  # a greyscale or colour Huffman JPEG libjpeg-turbo crops
+    region_decodable: bool = False  # a whole greyscale or colour Huffman JPEG libjpeg-turbo crops
 
 
 class _Decoded(NamedTuple):
@@ -212,7 +212,7 @@ def _inspect(sample: Sample) -> _Source:
         return _Source(sample, sample.shape[1], sample.shape[0], False)
     jpeg = parse_jpeg_header(sample)
     if jpeg is not None:
-        return _Source(sample, jpeg.width, jpeg.height, True, jpeg.storable)
+        return _Source(sample, jpeg.width, jpeg.height, True, jpeg.storable and jpeg.has_end)
     header = image_header(sample)
     if header is None:  # no parsable header: decode now, raising the error that says why
         decoded = decode_rgb(sample)

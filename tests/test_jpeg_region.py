@@ -174,6 +174,18 @@ def test_damaged_data_raises_region_decode_error(decoder, china, damage):
     assert first == 0 and max_diff(image[:, :32], opencv_rgb(china)[:16, :32]) <= 1
 
 
+def test_truncated_file_is_an_error_not_grey_rows(decoder, china):
+    """libjpeg only warns when the data ends early and fills the rest with grey; OpenCV and PIL
+    refuse such a file, and so does the region decoder once it reaches the cut. Rows that lie
+    wholly before the cut are real pixels (the transforms never ask: they check for the end
+    marker first)."""
+    cut = china[:len(china) // 2]
+    with pytest.raises(RegionDecodeError, match="Premature end"):
+        decoder.decode(cut, 0, 0, 100, 400)
+    image, first = decoder.decode(cut, 0, 0, 101, 16)
+    assert max_diff(image[:, :100], opencv_rgb(china)[:16, :100]) <= 1
+
+
 def test_cmyk_is_refused(decoder):
     """Only greyscale and colour JPEGs are region-decoded; CMYK falls back to whole-image decoders."""
     data = jpeg_bytes(Image.fromarray(sample_photos()[0][:64, :64]).convert("CMYK"))
@@ -206,6 +218,7 @@ def test_region_outside_image_names_region(decoder, china, x, y, width, height, 
     (0, 0, 10, 0, 1, "10x0"),
     (0, 0, 10, 10, 3, "scale"),
     (0, 0, 10, 10, 16, "scale"),
+    (10**6, 0, 10, 10**4, 1, "outside any JPEG"),  # refused before a buffer for it is allocated
 ])
 def test_invalid_arguments_raise_value_error(decoder, china, x, y, width, height, scale, words):
     with pytest.raises(ValueError, match=re.escape(words)) as excinfo:

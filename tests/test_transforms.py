@@ -363,6 +363,16 @@ def test_damaged_jpeg_data_falls_back_to_the_whole_image_decoders(photos, decode
     assert errors[0] == errors[1] and "cannot decode" in errors[0]
 
 
+@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+def test_truncated_jpeg_is_refused(photos, decodes, region):
+    """A file cut short is an error, never a crop of libjpeg's grey filler rows: without the
+    end marker the region decoder is not asked, and the whole-image path refuses the file."""
+    cut = photos["china"][:len(photos["china"]) // 2]
+    with pytest.raises(ValueError, match="truncated"):
+        RandomResizedCropFlip(224, region=region).apply(cut, Box(0, 0, 100, 100), False)
+    assert decodes == {"window": [], "whole": [1]}
+
+
 def test_header_reads_size_and_kind(photos):
     png = io.BytesIO()
     Image.fromarray(sample_photos()[0]).save(png, format="PNG")

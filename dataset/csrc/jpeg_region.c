@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#include <jerror.h>
 
 #ifndef LIBJPEG_TURBO_VERSION
 #error "region decoding needs libjpeg-turbo (jpeg_crop_scanline, jpeg_skip_scanlines)"
@@ -37,10 +38,11 @@ static void on_error(j_common_ptr cinfo) {
 }
 
 /* Warnings (for example extraneous bytes before a marker, common in ImageNet) are not errors,
- * as in OpenCV and PIL; they are neither printed nor kept. */
+ * as in OpenCV and PIL; they are neither printed nor kept. A file that ends early is the
+ * exception: libjpeg would fill the missing rows with grey, where OpenCV and PIL refuse it. */
 static void on_message(j_common_ptr cinfo, int level) {
-    (void)cinfo;
-    (void)level;
+    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF)
+        on_error(cinfo);
 }
 
 static void set_message(char *message, int message_size, const char *text) {
