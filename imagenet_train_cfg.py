@@ -61,7 +61,7 @@ cfg = AttrDict(
         mean=[0.485, 0.456, 0.406],
         std=[0.229, 0.224, 0.225],
         color=False,
-        decoder="auto",  # (new) 'auto' | 'region' | 'opencv': how training crops are decoded
+        decoder="auto",  # (new) 'auto' | 'region' | 'opencv': how random_sized crops are decoded
     ),
     model=dict(  # (new)
         num_classes=1000,
