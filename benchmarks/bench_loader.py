@@ -15,7 +15,7 @@ The pipelines take turns, one batch each; rates are medians over turns of images
 this process's CPU time, and ratios medians of the ratios within each turn, so that all of them
 see the same (shared, noisy) machine. The last line prints the ratios.
 
-    python3 benchmarks/bench_loader.py [--per_class 40] [--turns 30]
+    python3 benchmarks/bench_loader.py [--per_class 40] [--turns 30] [--decoder opencv]
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from torchvision import transforms as T
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset import jpeg_region  # noqa: E402
 from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.imagenet_data import ImageNet12, collate_uint8  # noqa: E402
 from dataset.img2lmdb import pack_split  # noqa: E402
@@ -82,10 +81,10 @@ class DecodeOnly:
             yield self.batch_size
 
 
-def ours(lmdb_root: str, batch_size: int) -> DataLoader:
+def ours(lmdb_root: str, batch_size: int, decoder: str = "auto") -> ImageNet12:
     data = ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"), num_workers=0,
-                      data_config={"train_data_type": "lmdb"}, pin_memory=False)
-    return data.getTrainLoader(batch_size)
+                      data_config={"train_data_type": "lmdb", "decoder": decoder}, pin_memory=False)
+    return data
 
 
 def torchvision_standard(root: str, batch_size: int) -> DataLoader:
@@ -114,14 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per_class", type=int, default=40, help="training images per class (4 classes)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--turns", type=int, default=30, help="batches each pipeline runs, taking turns")
+    parser.add_argument("--decoder", choices=["auto", "opencv"], default="auto",
+                        help="ours' data.decoder: opencv times the fallback without region decoding")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as root:
         lmdb_root = build_data(root, args.per_class)
+        ours_data = ours(lmdb_root, args.batch_size, args.decoder)
         streams = {
             "decode": forever(DecodeOnly(root, args.batch_size)),
-            "ours": forever(ours(lmdb_root, args.batch_size)),
+            "ours": forever(ours_data.getTrainLoader(args.batch_size)),
             "torchvision": forever(torchvision_standard(root, args.batch_size)),
             "original": forever(original(lmdb_root, args.batch_size)),
         }
@@ -140,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     ratio = {name: float(np.median(per_turn["ours"] / per_turn[name])) for name in per_turn}
     labels = {
         "decode": "JPEG decode alone, full size (cv2.imdecode)",
-        "ours": "ours: LMDB, crop-only decode, RandomResizedCrop+flip, uint8 collate",
+        "ours": "ours: LMDB, decoder above, RandomResizedCrop+flip, uint8 collate",
         "torchvision": "torchvision: ImageFolder, RandomResizedCrop+flip, ToTensor, Normalize",
         "original": "original: LMDB, OpenCV decode -> PIL -> torchvision transforms",
     }
     print(f"{NUM_CLASSES * args.per_class} photos of 300..1000 px; one process, one thread; "
           f"{args.turns} batches of {args.batch_size} per pipeline, in turns; median images per CPU second")
-    print(f"ours decodes with {jpeg_region.describe()}")
+    print(f"ours decodes with {ours_data.describe_decoder()}")
     for name, value in rate.items():
         print(f"{labels[name]:<72} {value:8.1f} images/s")
     print(f"ours/torchvision={ratio['torchvision']:.2f}x ours/decode={ratio['decode']:.2f}x "
