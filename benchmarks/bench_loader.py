@@ -5,8 +5,9 @@ Builds ImageNet-like JPEGs from real photos (scikit-learn's sample images, cropp
 these pipelines, all in one process on one thread:
 
   decode       JPEG decode alone, at full size (cv2.imdecode)
-  ours         ImageNet12's train loader: LMDB read, decode of the crop's window only (and at
-               reduced size when the crop allows), RandomResizedCrop + flip, uint8 collate
+  ours         ImageNet12's train loader: LMDB read, decode of the crop's window only (or of the
+               whole image, with --decoder opencv), at reduced size when the crop allows,
+               RandomResizedCrop + flip, uint8 collate
   torchvision  ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, default collate
   original     the original repository's approach: LMDB read, OpenCV decode, conversion to PIL,
                torchvision's PIL RandomResizedCrop + flip, uint8 collate

@@ -129,7 +129,7 @@ class ImageNet12:
         self.decoder = config.get("decoder", "auto")
         if self.decoder not in DECODERS:
             raise ConfigError(f"unknown data.decoder '{self.decoder}'; use one of {', '.join(DECODERS)}")
-        if self.decoder == "region" and jpeg_region.region_decoder() is None:
+        if self.decoder == "region" and self.augmentation == "random_sized" and jpeg_region.region_decoder() is None:
             raise ConfigError(f"data.decoder='region' but JPEG decoding is {jpeg_region.describe()}; "
                               "install a C compiler and libjpeg-turbo's headers, or set data.decoder='auto'")
         self.color = bool(config.get("color", False))
@@ -144,6 +144,8 @@ class ImageNet12:
         """One line for logs: how the training crops are decoded."""
         if self.decoder == "opencv":
             return "OpenCV, whole images (data.decoder='opencv')"
+        if self.augmentation != "random_sized":
+            return f"OpenCV, whole images (data.type_of_data_aug='{self.augmentation}')"
         return jpeg_region.describe()
 
     def train_transform(self) -> Callable:

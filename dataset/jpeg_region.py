@@ -3,7 +3,8 @@
 A random crop covers about half of a training image on average, and decoding is most of the
 input pipeline's work. libjpeg-turbo can skip what lies outside the crop: the rows below it are
 never read, and the rows above and the columns beside it skip the inverse DCT, upsampling and
-colour conversion. Neither OpenCV nor Pillow exposes this, so ``csrc/jpeg_region.c`` does, built
+colour conversion (whole block rows and columns: the blocks the crop's edges cut through are
+decoded in full). Neither OpenCV nor Pillow exposes this, so ``csrc/jpeg_region.c`` does, built
 on first use with the system C compiler against the system libjpeg-turbo (Debian and Ubuntu:
 ``apt install gcc libjpeg-turbo8-dev``, or ``libjpeg62-turbo-dev``) and cached under
 ``$XDG_CACHE_HOME/wsld`` (``~/.cache/wsld``). Where that cannot be done, the transforms decode
@@ -17,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -49,10 +51,10 @@ class RegionDecoder:
             ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
             ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int,
         ]
-        number = library.wsld_libjpeg_turbo_version()
+        number = library.wsld_libjpeg_turbo_version()  # of the headers it was built against
         self.version = f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
 
-    def decode(self, data: bytes, x: int, y: int, width: int, height: int,
+    def decode(self, data: bytes | bytearray | memoryview, x: int, y: int, width: int, height: int,
                scale: int = 1) -> tuple[np.ndarray, int]:
         """Rows [y, y + height) and at least columns [x, x + width) of the image scaled by 1/scale
         (1, 2, 4 or 8) as an RGB array, and the column of the image its first column is.
@@ -66,6 +68,8 @@ class RegionDecoder:
             raise ValueError(f"scale must be one of {SCALES}, not {scale}")
         if min(x, y) < 0 or min(width, height) <= 0 or max(x + width, y + height) > JPEG_MAX_SIDE:
             raise ValueError(f"region x={x} y={y} {width}x{height} is empty or outside any JPEG")
+        if not isinstance(data, bytes):
+            data = bytes(data)  # ctypes passes bytes by pointer; other buffers need the copy
         # The columns decoded start at a block boundary at or after 0 and end at x + width.
         out = np.empty(height * (x + width) * 3, dtype=np.uint8)
         info = (ctypes.c_int * 4)()
@@ -82,20 +86,22 @@ class RegionDecoder:
 
 
 def cache_dir() -> Path:
+    """Where built libraries are kept, per user, as other build-on-first-use tools keep theirs."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsld"
 
 
-def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
-    """Compile source into a shared library in directory (once per source text), and return it.
+def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = False) -> Path:
+    """Compile source into a shared library in directory (once per source text and processor
+    architecture, unless rebuild), and return it.
 
     Several processes may build at once: each compiles to its own temporary file and renames it
-    into place, so a reader never sees a half-written library. Raises RuntimeError with the
-    compiler's last line when there is no compiler or the build fails.
+    into place, so a reader never sees a half-written library. Raises RuntimeError, quoting the
+    compiler's or linker's error line, when there is no compiler or the build fails.
     """
     directory = directory if directory is not None else cache_dir()
-    text = source.read_bytes()
-    target = directory / f"jpeg_region-{hashlib.sha256(text).hexdigest()[:16]}.so"
-    if target.is_file():
+    key = source.read_bytes() + platform.machine().encode()
+    target = directory / f"jpeg_region-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    if target.is_file() and not rebuild:
         return target
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -104,11 +110,13 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, prefix=".building-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ljpeg"],
-                                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        try:
+            result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ljpeg"],
+                                    capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"building {source.name} took over {_BUILD_TIMEOUT_S} s") from None
         if result.returncode != 0:
-            lines = [line for line in result.stderr.splitlines() if ": error:" in line] or result.stderr.splitlines()
-            raise RuntimeError(f"building {source.name} failed: {lines[0].strip() if lines else 'no output'}")
+            raise RuntimeError(f"building {source.name} failed: {_error_line(result.stderr)}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -116,12 +124,23 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     return target
 
 
+def _error_line(stderr: str) -> str:
+    """The line that says what went wrong: the compiler's error, or the linker's (not collect2's
+    summary of it), else the first line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if (": error:" in line or "cannot find" in line) and not line.startswith("collect2"):
+            return line
+    return lines[0] if lines else "no output"
+
+
 def self_check(decoder: RegionDecoder) -> None:
-    """Decode regions of a small JPEG made here, at every scale, and compare with OpenCV's
-    decode of the whole image; raises RuntimeError on any difference (a library built
-    against one libjpeg's headers but loading another's would show here, not in training)."""
-    gradient = np.add.outer(np.arange(48), np.arange(64)).astype(np.uint8) * 2
-    image = np.dstack([gradient, gradient[::-1], 255 - gradient])
+    """Decode a region of a textured JPEG made here, at every scale, and compare it with OpenCV's
+    decode of the whole image; raises RuntimeError on any difference. The region starts several
+    block rows and columns in, off block boundaries, so the skipping and cropping both work; a
+    libjpeg that misbehaves, or one built against other headers, shows here, not in training."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    image = cv2.resize(noise, (320, 240), interpolation=cv2.INTER_CUBIC)
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise RuntimeError("OpenCV could not encode the self-check image")
@@ -131,10 +150,9 @@ def self_check(decoder: RegionDecoder) -> None:
     for scale in SCALES:
         whole = cv2.imdecode(encoded, flags[scale])[:, :, ::-1]
         height, width = whole.shape[:2]
-        x, y = width // 4, height // 4
-        region, first = decoder.decode(data, x - 1, y, width // 2 + 2, height // 2, scale)
-        inner = region[:, x - first:x - first + width // 2]
-        if np.abs(inner.astype(np.int16) - whole[y:y + height // 2, x:x + width // 2]).max() > 1:
+        x, y, w, h = width // 4 + 3, height // 4 + 1, width // 2, height // 3
+        region, first = decoder.decode(data, x - 1, y, w + 2, h, scale)
+        if not np.array_equal(region[:, x - first:x - first + w], whole[y:y + h, x:x + w]):
             raise RuntimeError(f"region decoding disagrees with OpenCV at scale 1/{scale}")
 
 
@@ -143,7 +161,11 @@ def _load() -> RegionDecoder | str:
     # Cached per process: building, loading and checking happen once, and DataLoader workers
     # started by fork inherit the result. A string is the reason there is no decoder.
     try:
-        decoder = RegionDecoder(str(build()))
+        path = build()
+        try:
+            decoder = RegionDecoder(str(path))
+        except OSError:  # built on another machine sharing this cache, against another libjpeg
+            decoder = RegionDecoder(str(build(rebuild=True)))
         self_check(decoder)
     except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -242,7 +242,8 @@ def _decode(source: _Source, factor: int, box: Box | None = None, region: bool =
     decoder ignored the request (or whose header misstated its size) still lines up."""
     if isinstance(source.sample, np.ndarray):
         return _Decoded(source.sample, 1.0, 1.0, False)
-    decoder = jpeg_region.region_decoder() if region and source.region_decodable and box else None
+    wanted = region and source.region_decodable and box is not None
+    decoder = jpeg_region.region_decoder() if wanted else None
     if decoder is not None:
         try:
             return decode_window(decoder, source.sample, source.width, source.height, box, factor)

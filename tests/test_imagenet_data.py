@@ -189,6 +189,15 @@ def test_unknown_decoder_is_a_config_error(tmp_path):
                    data_config("img", decoder="turbo"))
 
 
+def test_rand_scale_logs_the_decoder_it_uses(tmp_path, monkeypatch):
+    """rand_scale decodes whole images: the log says so, and data.decoder='region' needs no
+    region decoder for it."""
+    monkeypatch.setattr(jpeg_region, "region_decoder", lambda: None)
+    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "rand_scale",
+                      data_config("img", decoder="region"))
+    assert data.describe_decoder() == "OpenCV, whole images (data.type_of_data_aug='rand_scale')"
+
+
 def test_region_decoder_asked_for_but_unavailable_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(jpeg_region, "region_decoder", lambda: None)
     monkeypatch.setattr(jpeg_region, "describe", lambda: "OpenCV, whole images (region decoding "
@@ -214,7 +223,7 @@ def test_decoder_setting_reaches_the_training_crops(data_roots, decoder):
     torch.manual_seed(0)
     random.seed(0)
     reference, _ = next(iter(reference_loader))
-    assert (images.int() - reference.int()).abs().max() <= 1
+    assert torch.equal(images, reference)
 
 
 def test_list_naming_an_unknown_class_is_reported(data_roots, tmp_path):

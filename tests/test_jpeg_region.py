@@ -77,7 +77,7 @@ def check_regions(decoder: RegionDecoder, data: bytes, scale: int) -> None:
         assert 0 <= first <= x0 and x0 - first < 16 // scale, where
         assert first % (8 // scale) == 0, where
         inner = image[:, x - first:x - first + w]
-        assert max_diff(inner, whole[y:y + h, x:x + w]) <= 1, where
+        assert max_diff(inner, whole[y:y + h, x:x + w]) == 0, where
 
 
 @pytest.fixture()
@@ -143,7 +143,7 @@ def test_warnings_are_neither_errors_nor_printed(decoder, china, capfd):
     whole = opencv_rgb(data)
     capfd.readouterr()  # OpenCV may print its own warning
     image, first = decoder.decode(data, 99, 40, 302, 200)
-    assert max_diff(image[:, 100 - first:400 - first], whole[40:240, 100:400]) <= 1
+    assert max_diff(image[:, 100 - first:400 - first], whole[40:240, 100:400]) == 0
     assert capfd.readouterr() == ("", "")
 
 
@@ -171,7 +171,7 @@ def test_damaged_data_raises_region_decode_error(decoder, china, damage):
     if damage == "huffman":
         assert "Huffman" in str(excinfo.value)
     image, first = decoder.decode(china, 0, 0, 33, 16)
-    assert first == 0 and max_diff(image[:, :32], opencv_rgb(china)[:16, :32]) <= 1
+    assert first == 0 and max_diff(image[:, :32], opencv_rgb(china)[:16, :32]) == 0
 
 
 def test_truncated_file_is_an_error_not_grey_rows(decoder, china):
@@ -183,7 +183,14 @@ def test_truncated_file_is_an_error_not_grey_rows(decoder, china):
     with pytest.raises(RegionDecodeError, match="Premature end"):
         decoder.decode(cut, 0, 0, 100, 400)
     image, first = decoder.decode(cut, 0, 0, 101, 16)
-    assert max_diff(image[:, :100], opencv_rgb(china)[:16, :100]) <= 1
+    assert max_diff(image[:, :100], opencv_rgb(china)[:16, :100]) == 0
+
+
+def test_any_bytes_like_input(decoder, china):
+    expected, first = decoder.decode(china, 40, 30, 100, 50)
+    for data in (bytearray(china), memoryview(china)):
+        image, first_again = decoder.decode(data, 40, 30, 100, 50)
+        assert first_again == first and np.array_equal(image, expected)
 
 
 def test_cmyk_is_refused(decoder):
@@ -277,6 +284,37 @@ def test_build_without_compiler(tmp_path, monkeypatch):
         jpeg_region.build(SOURCE, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
     assert jpeg_region.build(SOURCE, built) == path
+
+
+def test_linker_errors_are_quoted_by_the_line_that_names_the_problem():
+    stderr = ("/usr/bin/ld: cannot find -ljpeg: No such file or directory\n"
+              "collect2: error: ld returned 1 exit status\n")
+    assert jpeg_region._error_line(stderr) == "/usr/bin/ld: cannot find -ljpeg: No such file or directory"
+    assert jpeg_region._error_line("") == "no output"
+
+
+def test_rebuild_replaces_the_library(tmp_path):
+    path = jpeg_region.build(SOURCE, tmp_path)
+    inode = path.stat().st_ino
+    assert jpeg_region.build(SOURCE, tmp_path, rebuild=True) == path
+    assert path.stat().st_ino != inode  # a new file renamed into place, not rewritten in place
+    jpeg_region.self_check(RegionDecoder(str(path)))
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path, monkeypatch):
+    """A home directory shared by machines with different libjpegs: the library another machine
+    built does not load here, so it is built again rather than given up on."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    foreign = jpeg_region.build()
+    foreign.write_bytes(b"\x7fELF built for another machine")
+    jpeg_region._load.cache_clear()
+    try:
+        decoder = jpeg_region.region_decoder()
+        assert decoder is not None and decoder.path == str(foreign)
+        assert foreign.read_bytes()[:4] == b"\x7fELF" and foreign.stat().st_size > 1000
+    finally:
+        monkeypatch.undo()
+        jpeg_region._load.cache_clear()
 
 
 def test_cache_dir_honours_xdg_cache_home(tmp_path, monkeypatch):
@@ -391,7 +429,7 @@ def test_concurrent_builds_share_one_library(tmp_path, china):
     path = Path(paths.pop())
     assert path.parent == directory and os.listdir(directory) == [path.name]
     image, first = RegionDecoder(str(path)).decode(china, 199, 100, 102, 50)
-    assert max_diff(image[:, 200 - first:300 - first], opencv_rgb(china)[100:150, 200:300]) <= 1
+    assert max_diff(image[:, 200 - first:300 - first], opencv_rgb(china)[100:150, 200:300]) == 0
 
 
 class RegionDataset(torch.utils.data.Dataset):

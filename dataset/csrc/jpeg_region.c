@@ -4,7 +4,8 @@
  * A random crop covers on average about half of a training image, yet a whole-image decode
  * pays for every pixel. libjpeg-turbo can do less: rows below the crop are never decoded,
  * rows above it are entropy-decoded but skip the inverse DCT, upsampling and colour conversion
- * (jpeg_skip_scanlines), and columns outside it skip those steps too (jpeg_crop_scanline).
+ * (jpeg_skip_scanlines), and columns outside it skip those steps too (jpeg_crop_scanline). Both
+ * work in whole blocks: the blocks the region's edges cut through are decoded in full.
  *
  * Plain C behind a ctypes-friendly interface: errors come back as a return code and a message,
  * never as a longjmp out of, or an exit() of, the Python process.
@@ -17,8 +18,8 @@
 #include <jpeglib.h>
 #include <jerror.h>
 
-#ifndef LIBJPEG_TURBO_VERSION
-#error "region decoding needs libjpeg-turbo (jpeg_crop_scanline, jpeg_skip_scanlines)"
+#if !defined(LIBJPEG_TURBO_VERSION_NUMBER) || LIBJPEG_TURBO_VERSION_NUMBER < 2000000
+#error "region decoding needs libjpeg-turbo 2.0 or later (jpeg_crop_scanline, jpeg_skip_scanlines)"
 #endif
 
 struct error_state {
@@ -50,7 +51,8 @@ static void set_message(char *message, int message_size, const char *text) {
         snprintf(message, (size_t)message_size, "%s", text);
 }
 
-/* The library's version, as libjpeg-turbo numbers it (2001005 for 2.1.5). */
+/* The version of the headers this was compiled against, as libjpeg-turbo numbers it (2001005
+ * for 2.1.5); the library loaded at run time is the one those headers came with. */
 int wsld_libjpeg_turbo_version(void) { return LIBJPEG_TURBO_VERSION_NUMBER; }
 
 /*
@@ -96,8 +98,9 @@ int wsld_decode_region(const unsigned char *data, unsigned long size, int scale_
     jpeg_start_decompress(&cinfo);
     info[0] = (int)cinfo.output_width;
     info[1] = (int)cinfo.output_height;
-    if (x < 0 || y < 0 || width <= 0 || height <= 0 || (JDIMENSION)(x + width) > cinfo.output_width
-        || (JDIMENSION)(y + height) > cinfo.output_height) {
+    if (x < 0 || y < 0 || width <= 0 || height <= 0
+        || (unsigned long)x + (unsigned long)width > cinfo.output_width
+        || (unsigned long)y + (unsigned long)height > cinfo.output_height) {
         set_message(message, message_size, "region outside the image");
         jpeg_destroy_decompress(&cinfo);
         return 2;
