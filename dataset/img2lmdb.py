@@ -15,8 +15,10 @@ be the split's image folder itself: the LMDB's two files sit beside the class fo
 - Parallel, committed in batches, restartable: a rerun skips the keys already stored. At the end
   every list line is checked to be in the LMDB.
 
-The workers start as fresh processes (forkserver, or spawn where there is none), so a program
-that calls ``main`` or ``pack_split`` needs the usual ``if __name__ == "__main__":`` guard.
+Called from Python (``main`` or ``pack_split``), the packer starts its workers as fresh
+processes (forkserver, or spawn where there is none), so the calling program needs the usual
+``if __name__ == "__main__":`` guard. Run as a command, it forks them: nothing in the command's
+process has used OpenCV before, and the workers start without importing anything again.
 """
 
 from __future__ import annotations
@@ -171,16 +173,19 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Start workers from a fresh interpreter, never as forks of the caller.
+def _worker_context(fork: bool = False) -> multiprocessing.context.BaseContext:
+    """Start workers from a fresh interpreter, unless fork says the caller may be forked.
 
     A forked child inherits OpenCV's thread pool as the caller left it: if the caller had used
     it (any cv2.resize of a large image), the child's copy names threads that were not copied,
-    and reconfiguring it (cv2.setNumThreads) waits forever on their condition variable. This
-    module imports no torch, so a fresh worker costs about half a second, once.
+    and reconfiguring it (cv2.setNumThreads) waits forever on their condition variable. Only a
+    caller that knows it has not used OpenCV (this file run as a command) may fork. This module
+    imports no torch, so a fresh worker costs about a third of a second, once.
     """
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+    methods = multiprocessing.get_all_start_methods()
+    if fork and "fork" in methods:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
@@ -216,11 +221,12 @@ def default_workers() -> int:
 def pack_split(image_path: str, list_path: str, output_path: str, split: str, image_size: int | None = None,
                workers: int | None = None, skip_bad: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
                jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress: bool = True,
-               initial_map_size: int = INITIAL_MAP_SIZE) -> PackSummary:
+               initial_map_size: int = INITIAL_MAP_SIZE, fork_workers: bool = False) -> PackSummary:
     """Pack the images that split's list names into ``<output_path>/<split>[_<image_size>]``.
 
     Raises PackError for anything the user must fix; what was committed before stays committed,
-    so the same call resumes where it stopped.
+    so the same call resumes where it stopped. fork_workers: fork the worker processes, for
+    callers that have not used OpenCV (see ``_worker_context``).
     """
     split_dir = os.path.join(image_path, split)
     if not os.path.isdir(split_dir):
@@ -250,7 +256,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
                   f"packing the other {len(tasks)}", flush=True)
         _pack_tasks(env, tasks, summary, workers=workers or default_workers(), image_size=image_size,
                     jpeg_quality=jpeg_quality, skip_bad=skip_bad, commit_every=commit_every,
-                    progress=progress, split=split)
+                    progress=progress, split=split, fork=fork_workers)
         if summary.skipped:
             _record_skipped(os.path.join(output_path, f"{split}_skipped.txt"), summary.skipped)
             skipped = set(summary.skipped)
@@ -269,11 +275,11 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
 
 def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary, *, workers: int,
                 image_size: int | None, jpeg_quality: int, skip_bad: bool, commit_every: int,
-                progress: bool, split: str) -> None:
+                progress: bool, split: str, fork: bool) -> None:
     """Prepare the tasks' records in worker processes and commit them, in list order, in batches."""
     use_pool = workers > 1 and len(tasks) > 1
     work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality, send_kept=not use_pool)
-    pool = _worker_context().Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
+    pool = _worker_context(fork).Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
     batch: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
     try:
@@ -330,12 +336,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fork_workers: bool = False) -> int:
+    """The command; fork_workers only where this process has not used OpenCV (see ``pack_split``)."""
     args = parse_args(argv)
     try:
         summary = pack_split(args.image_path, args.list_path, args.output_path, args.split,
                              image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad,
-                             commit_every=args.commit_every, jpeg_quality=args.jpeg_quality)
+                             commit_every=args.commit_every, jpeg_quality=args.jpeg_quality,
+                             fork_workers=fork_workers)
     except (PackError, ImageListError, OSError, lmdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -355,4 +363,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(fork_workers=True))

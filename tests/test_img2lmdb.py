@@ -209,6 +209,23 @@ def test_command_line_error_exit_code_and_no_traceback(tree_copy, tmp_path):
     assert result.stderr.count("\n") == 1 and "train_list.txt" in result.stderr
 
 
+def test_command_forks_its_workers_and_packs_every_image(photo_tree, tmp_path):
+    """Run as a command, nothing has used OpenCV before the pool starts, so the workers are
+    forked (no second interpreter to start); they resize and check every image as spawned ones do."""
+    assert img2lmdb._worker_context(fork=True).get_start_method() == "fork"
+    assert img2lmdb._worker_context().get_start_method() == "forkserver"
+    out = str(tmp_path)
+    assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
+    command = [sys.executable, "dataset/img2lmdb.py", "--image_path", photo_tree, "--list_path", out,
+               "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = read_lmdb(os.path.join(out, "val_40"))
+    assert sorted(records) == read_list(os.path.join(out, "val_list.txt"))
+    for image_bytes, _ in records.values():
+        assert min(decode_rgb(image_bytes).shape[:2]) == 40
+
+
 # A program that used OpenCV's thread pool, waits until the pool's threads sleep on their condition
 # variable, then packs with two workers. A worker forked from it would inherit that pool and wait
 # forever in cv2.setNumThreads; it also checks the workers' module imports no torch (cheap to start).
