@@ -115,9 +115,15 @@ def image_header(data: bytes) -> tuple[int, int, bool] | None:
     jpeg = parse_jpeg_header(data)
     if jpeg is not None:
         return jpeg.width, jpeg.height, True
+    size = _other_image_size(data)
+    return None if size is None else (*size, False)
+
+
+def _other_image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a file that is not a JPEG, from PIL's header parse."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.size[0], image.size[1], False
+            return image.size
     except Exception:  # PIL raises many types for unreadable headers; decoding reports them
         return None
 
@@ -213,11 +219,11 @@ def _inspect(sample: Sample) -> _Source:
     jpeg = parse_jpeg_header(sample)
     if jpeg is not None:
         return _Source(sample, jpeg.width, jpeg.height, True, jpeg.storable and jpeg.has_end)
-    header = image_header(sample)
-    if header is None:  # no parsable header: decode now, raising the error that says why
+    size = _other_image_size(sample)  # not image_header: the JPEG parse above is not repeated
+    if size is None:  # no parsable header: decode now, raising the error that says why
         decoded = decode_rgb(sample)
         return _Source(decoded, decoded.shape[1], decoded.shape[0], False)
-    return _Source(sample, *header)
+    return _Source(sample, *size, False)
 
 
 def decode_window(decoder: jpeg_region.RegionDecoder, data: bytes, width: int, height: int,
