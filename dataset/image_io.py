@@ -27,10 +27,10 @@ _SOI, _EOI, _SOS, _APP14 = 0xD8, 0xD9, 0xDA, 0xEE
 
 # OpenCV applies the EXIF orientation unless told not to; torchvision's PIL loader (which the
 # official teachers were trained with) does not, so neither do we.
-_CV_COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-_CV_COLOR_AT_SCALE = {scale: flag | cv2.IMREAD_IGNORE_ORIENTATION for scale, flag in (
+CV_COLOR_AT_SCALE = {scale: flag | cv2.IMREAD_IGNORE_ORIENTATION for scale, flag in (
     (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
     (8, cv2.IMREAD_REDUCED_COLOR_8))}
+_CV_COLOR = CV_COLOR_AT_SCALE[1]
 _CV_CHECK = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
 
 
@@ -152,7 +152,7 @@ def _decode_jpeg_bgr(data: bytes, header: JpegHeader, min_shorter_side: int) -> 
     scale = 8
     while scale > 1 and shorter // scale < min_shorter_side:
         scale //= 2
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _CV_COLOR_AT_SCALE[scale])
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), CV_COLOR_AT_SCALE[scale])
     if image is None:
         raise ImageDecodeError("damaged JPEG data")
     return image

@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dataset.image_io import CV_COLOR_AT_SCALE
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "jpeg_region.c"
 SCALES = (1, 2, 4, 8)
 JPEG_MAX_SIDE = 65535
@@ -145,10 +147,8 @@ def self_check(decoder: RegionDecoder) -> None:
     if not ok:
         raise RuntimeError("OpenCV could not encode the self-check image")
     data = encoded.tobytes()
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-             8: cv2.IMREAD_REDUCED_COLOR_8}
     for scale in SCALES:
-        whole = cv2.imdecode(encoded, flags[scale])[:, :, ::-1]
+        whole = cv2.imdecode(encoded, CV_COLOR_AT_SCALE[scale])[:, :, ::-1]
         height, width = whole.shape[:2]
         x, y, w, h = width // 4 + 3, height // 4 + 1, width // 2, height // 3
         region, first = decoder.decode(data, x - 1, y, w + 2, h, scale)

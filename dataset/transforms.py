@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dataset import jpeg_region
-from dataset.image_io import decode_rgb, parse_jpeg_header
+from dataset.image_io import CV_COLOR_AT_SCALE, decode_rgb, parse_jpeg_header
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
 SizeHW = tuple[int, int]
@@ -51,8 +51,6 @@ JPEG_REDUCTIONS = (8, 4, 2)
 # kind takes the smallest margin whose worst case stays well inside the 3-level tolerance.
 REDUCED_DECODE_MARGIN = 1.5
 RANDOM_CROP_MARGIN = 1.25
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 class Box(NamedTuple):
@@ -145,7 +143,7 @@ def decode_scaled(data: bytes, factor: int = 1) -> np.ndarray:
     read go through ``decode_rgb`` at full size; undecodable bytes raise its ValueError.
     """
     buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION) if buffer.size else None
+    image = cv2.imdecode(buffer, CV_COLOR_AT_SCALE[factor]) if buffer.size else None
     if image is None:
         image = np.ascontiguousarray(decode_rgb(data)[:, :, ::-1])
     return image
