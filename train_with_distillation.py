@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dataset.imagenet_data import ImageNet12
 from dataset.prefetch_data import DevicePrefetcher
-from knowledge_distiller import WSLDistiller, build_loss
+from knowledge_distiller import WSLDistiller, build_loss, freeze
 from models import WeightsError, build_model, load_weights, teacher_student_names
 from utils import distributed
 from utils.checkpoint import (
@@ -47,8 +48,8 @@ from utils.checkpoint import (
 )
 from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file
 from utils.demo import DEMO_CONFIG, DemoError, run_demo
-from utils.logger import RunLogger, print_error
-from utils.metrics import AverageMeter, all_reduce_sums, error_percent, topk_correct
+from utils.logger import RunLogger, one_line, print_error
+from utils.metrics import all_reduce_sums, error_percent, topk_correct
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCHEDULES = ("step", "cosine")
@@ -171,8 +172,20 @@ def make_loss(cfg: AttrDict) -> nn.Module:
                       cfg.model.num_classes, smoothing)
 
 
-def needs_teacher(cfg: AttrDict) -> bool:
-    return make_loss(cfg).needs_teacher or bool(cfg.train_params.eval_teacher)
+def needs_teacher(cfg: AttrDict, loss: nn.Module | None = None) -> bool:
+    """Whether a teacher is built: the loss needs one, or its evaluation is asked for."""
+    return (loss or make_loss(cfg)).needs_teacher or bool(cfg.train_params.eval_teacher)
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """Channels-last on CUDA, where convolutions run faster in it; the default elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def on_device(loader: Any, device: torch.device, cfg: AttrDict) -> DevicePrefetcher:
+    """loader's batches moved to device and normalised there, in the networks' memory format."""
+    return DevicePrefetcher(loader, device, cfg.data.mean, cfg.data.std,
+                            memory_format_for(device) == torch.channels_last)
 
 
 def open_data(cfg: AttrDict, num_workers: int) -> ImageNet12:
@@ -254,13 +267,10 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
     loss_sum, top1_sum, top5_sum = zero.clone(), zero.clone(), zero.clone()
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     images_seen = 0
-    window_loss, window_top1, window_top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    last_loss, last_top1, last_top5, last_images = 0.0, 0.0, 0.0, 0
+    last, last_images = [0.0, 0.0, 0.0], 0  # the sums at the previous log line
     start = window_start = time.perf_counter()
 
-    for step, (images, target) in enumerate(loader):
-        if step >= steps:
-            break
+    for step, (images, target) in enumerate(itertools.islice(loader, steps)):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, loss = model(images, target)
         bad = ~torch.isfinite(loss.detach())
@@ -281,27 +291,26 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
         images_seen += batch
 
         if (step + 1) % print_freq == 0 or step + 1 == steps:
-            raise_if_non_finite(first_bad_step, epoch)
+            # One read of the device for the sums and the loss check.
+            *totals, bad_step = torch.stack([loss_sum, top1_sum, top5_sum, first_bad_step.double()]).tolist()
+            raise_if_non_finite(int(bad_step), epoch)
             now = time.perf_counter()
-            totals = torch.stack([loss_sum, top1_sum, top5_sum]).tolist()
             n = images_seen - last_images
-            window_loss.update((totals[0] - last_loss) / n, n)
-            window_top1.update(error_percent(totals[1] - last_top1, n), n)
-            window_top5.update(error_percent(totals[2] - last_top5, n), n)
             speed = n * world_size / max(now - window_start, 1e-9)
             per_step = (now - start) / (step + 1)
             epoch_eta = per_step * (steps - step - 1)
             run_eta = epoch_eta + per_step * steps * (epochs - epoch - 1)
             log.info(f"Epoch: [{epoch + 1}/{epochs}][{step + 1}/{steps}]  speed {speed:.1f} img/s  "
-                     f"loss {window_loss.val:.4f} ({window_loss.avg:.4f})  "
-                     f"top-1 err {window_top1.val:.2f} ({window_top1.avg:.2f})  "
-                     f"top-5 err {window_top5.val:.2f} ({window_top5.avg:.2f})  "
+                     f"loss {(totals[0] - last[0]) / n:.4f} ({totals[0] / images_seen:.4f})  "
+                     f"top-1 err {error_percent(totals[1] - last[1], n):.2f} "
+                     f"({error_percent(totals[1], images_seen):.2f})  "
+                     f"top-5 err {error_percent(totals[2] - last[2], n):.2f} "
+                     f"({error_percent(totals[2], images_seen):.2f})  "
                      f"lr {optimizer.param_groups[0]['lr']:.6g}  "
                      f"ETA {format_duration(epoch_eta)} (run {format_duration(run_eta)})")
-            last_loss, last_top1, last_top5, last_images = totals[0], totals[1], totals[2], images_seen
-            window_start = now
+            last, last_images, window_start = totals, images_seen, now
 
-    raise_if_non_finite(first_bad_step, epoch)
+    raise_if_non_finite(int(first_bad_step.item()), epoch)
     seconds = time.perf_counter() - start
     sums = all_reduce_sums({"loss": loss_sum, "top1": top1_sum, "top5": top5_sum,
                             "images": images_seen, "seconds": seconds}, device)
@@ -312,11 +321,15 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
             "images_per_second": sums["images"] / max(sums["seconds"] / world_size, 1e-9)}
 
 
-def raise_if_non_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
-    step = int(first_bad_step.item())
-    if step >= 0:
-        raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped and "
-                            f"the last checkpoint was kept. Lower optim.init_lr or enable optim.use_grad_clip")
+def raise_if_non_finite(first_bad_step: int, epoch: int) -> None:
+    """first_bad_step: the 0-based step of the epoch whose loss was not finite, or -1."""
+    if first_bad_step >= 0:
+        raise non_finite(f"loss at epoch {epoch + 1}, step {first_bad_step + 1}")
+
+
+def non_finite(what: str) -> TrainingError:
+    return TrainingError(f"non-finite {what}; training stopped and the last checkpoint was kept. "
+                         "Lower optim.init_lr or enable optim.use_grad_clip")
 
 
 @torch.inference_mode()
@@ -405,13 +418,13 @@ class Progress:
 
 def build_networks(cfg: AttrDict, device: torch.device) -> tuple[nn.Module | None, WSLDistiller]:
     """The teacher (None when neither the loss nor its evaluation needs it) and the distiller."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = memory_format_for(device)
     teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
     loss = make_loss(cfg)
     teacher = None
-    if loss.needs_teacher or cfg.train_params.eval_teacher:
+    if needs_teacher(cfg, loss):
         teacher = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
-        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+        teacher = freeze(teacher.to(device, memory_format=memory_format))
     student = build_model(student_name, cfg.model.num_classes, cfg.model.student_weights or None)
     distiller = WSLDistiller(teacher if loss.needs_teacher else None, student, loss)
     return teacher, distiller.to(device, memory_format=memory_format)
@@ -454,15 +467,15 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     log.info("Effective configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
     if proc.is_main:
         write_config(cfg, tp.output_dir)
-    log.info(f"{world_size} process(es) on {device.type}, {cfg.data.batch_size // world_size} images each per step")
-
     batch_size = cfg.data.batch_size // world_size
+    log.info(f"{world_size} process(es) on {device.type}, {batch_size} images each per step")
+
     data = open_data(cfg, cfg.data.num_workers // max(1, proc.local_world_size))
-    train_loader, val_loader = data.getTrainLoader(batch_size), data.getTestLoader(batch_size)
+    # Seeded runs start fresh workers each epoch, seeded from that epoch's seed, as a resumed
+    # run does; persistent workers would carry their generators over from the last epoch.
+    train_loader = data.getTrainLoader(batch_size, persistent_workers=not tp.use_seed)
     log.info(f"JPEG decoding: {data.describe_decoder()}")
-    channels_last = device.type == "cuda"
-    train_data = DevicePrefetcher(train_loader, device, cfg.data.mean, cfg.data.std, channels_last)
-    val_data = DevicePrefetcher(val_loader, device, cfg.data.mean, cfg.data.std, channels_last)
+    train_data, val_data = on_device(train_loader, device, cfg), on_device(data.getTestLoader(batch_size), device, cfg)
     amp_dtype = resolve_amp(tp.amp, device)
 
     if tp.use_seed:
@@ -497,11 +510,6 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     for epoch in range(first_epoch, tp.epochs):
         if tp.use_seed:
             seed_everything(epoch_seed(tp.seed, epoch, proc.rank))
-        if tp.use_seed and train_loader.persistent_workers and epoch > first_epoch:
-            # Persistent workers would carry their generators over from the last epoch, where a
-            # resumed run starts fresh ones: fresh workers, seeded from this epoch's seed.
-            train_loader = data.getTrainLoader(batch_size)
-            train_data = DevicePrefetcher(train_loader, device, cfg.data.mean, cfg.data.std, channels_last)
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -509,8 +517,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
         distributed.broadcast_buffers(student)  # validate, everywhere, the weights rank 0 saves
         val_stats = validate(student, val_data, amp_dtype)
         if not math.isfinite(val_stats["loss"]):
-            raise TrainingError(f"non-finite validation loss after epoch {epoch + 1}; training stopped and "
-                                f"the last checkpoint was kept. Lower optim.init_lr or enable optim.use_grad_clip")
+            raise non_finite(f"validation loss after epoch {epoch + 1}")
         scheduler.step()
         log.info(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
 
@@ -544,10 +551,8 @@ def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
         model = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
     else:
         model = load_weights(build_model(student_name, cfg.model.num_classes), target, student_name)
-    channels_last = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    val_data = DevicePrefetcher(val_loader, device, cfg.data.mean, cfg.data.std, channels_last)
-    return validate(model, val_data, resolve_amp(cfg.train_params.amp, device))
+    model = model.to(device, memory_format=memory_format_for(device))
+    return validate(model, on_device(val_loader, device, cfg), resolve_amp(cfg.train_params.amp, device))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -583,10 +588,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error("interrupted")
         return 130
     return 0
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

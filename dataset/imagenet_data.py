@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import Compose
 
@@ -36,6 +35,7 @@ from dataset.transforms import (
     RandomScaleCropFlip,
     ResizeCenterCrop,
 )
+from utils import distributed
 from utils.config import ConfigError
 
 DATA_TYPES = ("lmdb", "img")
@@ -79,9 +79,7 @@ class ShardSampler(Sampler[int]):
 
 def process_group_shape() -> tuple[int, int]:
     """(world_size, rank) of the initialised process group; (1, 0) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return distributed.get_world_size(), distributed.get_rank()
 
 
 def open_split(data_type: str, root: str, list_path: str, transform: Callable,
@@ -177,14 +175,16 @@ class ImageNet12:
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def getTrainLoader(self, batch_size: int) -> DataLoader:
-        """Shuffled, reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size per process."""
+    def getTrainLoader(self, batch_size: int, persistent_workers: bool = True) -> DataLoader:
+        """Shuffled, reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size per process.
+        persistent_workers=False starts fresh workers, seeded anew, for every pass."""
         dataset = self.train_set()
         self.train_num_examples = len(dataset)
         world_size, rank = process_group_shape()
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=self.seed, drop_last=True)
-        return self._loader(dataset, batch_size, sampler, drop_last=len(sampler) > batch_size)
+        return self._loader(dataset, batch_size, sampler, drop_last=len(sampler) > batch_size,
+                            persistent_workers=persistent_workers)
 
     def getTestLoader(self, batch_size: int) -> DataLoader:
         """In order; under a process group, this rank's disjoint shard."""
@@ -197,11 +197,12 @@ class ImageNet12:
     def getTrainTestLoader(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         return self.getTrainLoader(batch_size), self.getTestLoader(batch_size)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool,
+                persistent_workers: bool = True) -> DataLoader:
         workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
-                          persistent_workers=workers > 0)
+                          persistent_workers=persistent_workers and workers > 0)
 
 
 def _beside(folder: str, name: str) -> str:

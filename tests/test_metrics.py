@@ -1,4 +1,4 @@
-"""Metrics: running averages, top-k counts, and sums that do not depend on the process count."""
+"""Metrics: top-k counts, and sums that do not depend on the process count."""
 
 from __future__ import annotations
 
@@ -7,15 +7,7 @@ import math
 import pytest
 import torch
 
-from utils.metrics import AverageMeter, all_reduce_sums, error_percent, topk_correct
-
-
-def test_average_meter_weights_by_count():
-    meter = AverageMeter()
-    assert meter.avg == 0.0
-    meter.update(2.0, n=3)
-    meter.update(6.0, n=1)
-    assert meter.val == 6.0 and meter.count == 4 and meter.avg == pytest.approx(3.0)
+from utils.metrics import all_reduce_sums, error_percent, topk_correct
 
 
 def test_topk_counts_match_a_direct_count():

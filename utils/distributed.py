@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from utils.logger import one_line
+
 # The environment torchrun (and torch.distributed.launch) sets for every process it starts.
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -129,8 +131,7 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple,
     try:
         fn(proc, *args)
     except user_errors as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        errors.put(f"{message} (process {proc.rank})")
+        errors.put(f"{one_line(exc)} (process {proc.rank})")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -197,10 +198,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

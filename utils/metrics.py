@@ -1,4 +1,4 @@
-"""Training and validation statistics: running averages, top-k counts, exact distributed sums.
+"""Training and validation statistics: top-k counts and exact distributed sums.
 
 Validation reports counts (correct predictions, images, summed loss) rather than averages of
 per-process averages, so that N processes report exactly what one process reports.
@@ -11,24 +11,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from utils.distributed import all_reduce_sum
-
-
-class AverageMeter:
-    """The latest value and the running, count-weighted average of a quantity."""
-
-    def __init__(self) -> None:
-        self.val = 0.0
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, val: float, n: int = 1) -> None:
-        self.val = float(val)
-        self.sum += float(val) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / self.count if self.count else 0.0
 
 
 @torch.no_grad()
