@@ -204,12 +204,6 @@ class WSLDistiller(nn.Module):
             self._teacher._apply(fn)
         return self
 
-    def train(self, mode: bool = True) -> WSLDistiller:
-        super().train(mode)
-        if self._teacher is not None:
-            self._teacher.eval()
-        return self
-
     def teacher_logits(self, x: Tensor) -> Tensor:
         """The teacher's float32 logits, without gradient, in the caller's autocast precision."""
         if self._teacher is None:

@@ -45,18 +45,13 @@ class AttrDict(dict):
     def __delattr__(self, name: str) -> None:
         del self[name]
 
-    def __deepcopy__(self, memo: dict) -> AttrDict:
-        return AttrDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
-
     def to_dict(self) -> dict:
         """Plain nested dicts, lists and scalars, e.g. to store in a checkpoint."""
         return {k: v.to_dict() if isinstance(v, AttrDict) else _plain(v) for k, v in self.items()}
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
 
@@ -94,6 +89,13 @@ def set_by_path(cfg: AttrDict, dotted: str, value: Any) -> None:
             node[part] = value
         else:
             node = node[part]
+
+
+def apply_mapping(cfg: AttrDict, mapping: Mapping[str, Any]) -> AttrDict:
+    """Set each dotted key of mapping in cfg (checked as set_by_path checks it); returns cfg."""
+    for key, value in mapping.items():
+        set_by_path(cfg, key, copy.deepcopy(value))
+    return cfg
 
 
 def _unknown_key_message(cfg: Mapping, dotted: str) -> str:
@@ -136,8 +138,5 @@ def load_config_file(path: str) -> AttrDict:
         return copy.deepcopy(AttrDict(module.cfg))
     if hasattr(module, "base"):
         base_path = os.path.join(os.path.dirname(os.path.abspath(path)), module.base)
-        cfg = load_config_file(base_path)
-        for key, value in getattr(module, "overrides", {}).items():
-            set_by_path(cfg, key, copy.deepcopy(value))
-        return cfg
+        return apply_mapping(load_config_file(base_path), getattr(module, "overrides", {}))
     raise ConfigError(f"config file '{path}' defines neither 'cfg' nor 'base'")

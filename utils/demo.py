@@ -19,19 +19,19 @@ import torch
 
 from dataset import img2lmdb, mk_img_list
 from dataset.demo_data import write_digits_tree
+from utils.checkpoint import BEST_NAME
 from utils.config import (
     AttrDict,
     ConfigError,
+    apply_mapping,
     apply_overrides,
     load_config_file,
     load_config_module,
-    set_by_path,
 )
 from utils.logger import CURVES_NAME, METRICS_NAME, read_metrics
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
-BEST_CHECKPOINT = "model_best.pth.tar"
 
 
 class DemoError(RuntimeError):
@@ -80,9 +80,7 @@ def run_configs(cfg_path: str, overrides: Sequence[str]) -> list[tuple[dict, Att
     defaults = load_config_file(cfg_path)
     configs = []
     for run in runs:
-        cfg = copy.deepcopy(defaults)
-        for key, value in run["overrides"].items():
-            set_by_path(cfg, key, copy.deepcopy(value))
+        cfg = apply_mapping(copy.deepcopy(defaults), run["overrides"])
         apply_overrides(cfg, overrides)  # the user's word comes last
         if cfg.dist.nprocs == 0 and not torch.cuda.is_available():
             cfg.dist.nprocs = CPU_PROCESSES
@@ -90,7 +88,7 @@ def run_configs(cfg_path: str, overrides: Sequence[str]) -> list[tuple[dict, Att
         cfg.train_params.output_dir = os.path.join(root, run["name"])
         if run is not runs[0]:  # the students distil from the demo's own teacher
             cfg.model.teacher = runs[0]["overrides"].get("model.student", cfg.model.teacher)
-            cfg.model.teacher_weights = os.path.join(root, runs[0]["name"], BEST_CHECKPOINT)
+            cfg.model.teacher_weights = os.path.join(root, runs[0]["name"], BEST_NAME)
         configs.append((run, cfg))
     return configs
 
