@@ -52,7 +52,7 @@ class FolderDataset(ListDataset):
                  classes: Sequence[str] | None = None) -> None:
         require_folder(root)
         super().__init__(list_path, transform, target_transform, decode)
-        self.classes = list(classes) if classes is not None else class_folders(root)
+        self.classes = list(classes) if classes is not None else mk_img_list.class_folders(root)
         self.root = root
         self.targets = labels_for(self.names, self.classes, list_path)
 

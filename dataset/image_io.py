@@ -99,14 +99,18 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | None:
     return None
 
 
+def imdecode(data: bytes, flags: int = _CV_COLOR) -> np.ndarray | None:
+    """OpenCV's decode of the bytes of an image file (BGR), or None where it cannot read them."""
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags) if data else None
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """An H x W x 3 uint8 RGB array from the bytes of an image file.
 
     OpenCV (libjpeg-turbo) reads nearly everything; PIL is the fallback for the rest. Raises
     ImageDecodeError (a ValueError) when neither can read the bytes.
     """
-    buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, _CV_COLOR) if buf.size else None
+    image = imdecode(data)
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     try:
@@ -132,8 +136,7 @@ def _decode_bgr_any(data: bytes) -> np.ndarray:
         pass
     except Exception as exc:  # PIL raises many types for a damaged file
         raise ImageDecodeError(f"damaged image ({exc.__class__.__name__}: {exc})") from None
-    buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, _CV_COLOR) if buf.size else None
+    image = imdecode(data)
     if image is None:
         raise ImageDecodeError("not an image file PIL or OpenCV can read")
     return image
@@ -152,7 +155,7 @@ def _decode_jpeg_bgr(data: bytes, header: JpegHeader, min_shorter_side: int) -> 
     scale = 8
     while scale > 1 and shorter // scale < min_shorter_side:
         scale //= 2
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), CV_COLOR_AT_SCALE[scale])
+    image = imdecode(data, CV_COLOR_AT_SCALE[scale])
     if image is None:
         raise ImageDecodeError("damaged JPEG data")
     return image
@@ -184,7 +187,7 @@ def check_jpeg_decodes(data: bytes, header: JpegHeader) -> None:
     skips most of the inverse DCT and the colour conversion.
     """
     _require_end(header)
-    if cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _CV_CHECK) is None:
+    if imdecode(data, _CV_CHECK) is None:
         raise ImageDecodeError("damaged JPEG data")
 
 

@@ -87,9 +87,7 @@ def open_split(data_type: str, root: str, list_path: str, transform: Callable,
     """The dataset of one split: an LMDB or a JPEG class-folder tree, handing file bytes to
     transform so that it decodes each image once, at reduced size where it can."""
     if data_type == "lmdb":
-        if not os.path.isfile(os.path.join(root, "data.mdb")):
-            raise FileNotFoundError(f"no LMDB at '{root}' (data.mdb missing); build it with "
-                                    "dataset/img2lmdb.py, or set data.*_data_type='img'")
+        lmdb_dataset.require_lmdb(root, hint=", or set data.*_data_type='img'")
         return lmdb_dataset.ImageFolder(root, list_path, transform=transform, decode=False)
     if data_type == "img":
         return FolderDataset(root, list_path, transform=transform, decode=False, classes=classes)

@@ -66,10 +66,11 @@ class ListDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        data, target = self.read_raw(index)
-        # A damaged image fails in the decode, or in a transform that decodes the bytes itself;
-        # either error names the sample, so the user knows which one to replace.
+        # A damaged record fails in read_raw, a damaged image in the decode or in a transform
+        # that decodes the bytes itself; each error names the sample, so the user knows which
+        # one to replace.
         try:
+            data, target = self.read_raw(index)
             sample: Any = decode_rgb(data) if self.decode else data
             if self.transform is not None:
                 sample = self.transform(sample)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import lmdb
 
-from dataset.list_dataset import ListDataset, with_context
+from dataset.list_dataset import ListDataset
 from dataset.lmdb_format import decode_record
 
 # Open environments of this process, by real path. py-lmdb refuses to open one environment
@@ -32,6 +32,12 @@ def open_lmdb_readonly(path: str) -> lmdb.Environment:
     return _open_resolved(os.path.realpath(path))
 
 
+def require_lmdb(path: str, hint: str = "") -> None:
+    """Raise FileNotFoundError, saying how to build one, unless path holds an LMDB."""
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        raise FileNotFoundError(f"no LMDB at '{path}' (data.mdb missing); build it with dataset/img2lmdb.py{hint}")
+
+
 def _open_resolved(real_path: str) -> lmdb.Environment:
     """open_lmdb_readonly for a path os.path.realpath already resolved: the per-read call.
 
@@ -45,8 +51,7 @@ def _open_resolved(real_path: str) -> lmdb.Environment:
             return env
         env.close()  # inherited through fork: closing only unmaps it in this process
         del _OPEN_ENVS[real_path]
-    if not os.path.isfile(os.path.join(real_path, "data.mdb")):
-        raise FileNotFoundError(f"no LMDB at '{real_path}' (data.mdb missing); build it with dataset/img2lmdb.py")
+    require_lmdb(real_path)
     env = lmdb.open(real_path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048)
     _OPEN_ENVS[real_path] = (os.getpid(), env)
     return env
@@ -71,7 +76,4 @@ class ImageFolder(ListDataset):
         if value is None:
             raise MissingSampleError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
                                      f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
-        try:
-            return decode_record(value)
-        except ValueError as exc:
-            raise with_context(exc, self.where(index)) from exc
+        return decode_record(value)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dataset import jpeg_region
-from dataset.image_io import CV_COLOR_AT_SCALE, decode_rgb, parse_jpeg_header
+from dataset.image_io import CV_COLOR_AT_SCALE, decode_rgb, imdecode, parse_jpeg_header
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
 SizeHW = tuple[int, int]
@@ -142,8 +142,7 @@ def decode_scaled(data: bytes, factor: int = 1) -> np.ndarray:
     EXIF orientation is ignored, as PIL (and so torchvision) ignores it. Files OpenCV cannot
     read go through ``decode_rgb`` at full size; undecodable bytes raise its ValueError.
     """
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, CV_COLOR_AT_SCALE[factor]) if buffer.size else None
+    image = imdecode(data, CV_COLOR_AT_SCALE[factor])
     if image is None:
         image = np.ascontiguousarray(decode_rgb(data)[:, :, ::-1])
     return image
