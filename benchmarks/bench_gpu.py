@@ -27,9 +27,8 @@ import torch
 
 from dataset import img2lmdb, mk_img_list
 from dataset.demo_data import write_photo_tree
-from dataset.prefetch_data import DevicePrefetcher
 from imagenet_train_cfg import cfg as default_cfg
-from train_with_distillation import build_networks, open_data, resolve_amp
+from train_with_distillation import build_networks, on_device, open_data, resolve_amp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_lmdb(root: str, images: int) -> None:
     """ImageNet-like JPEGs (300..500 px sides) packed as the training script reads them."""
     classes = 10
-    write_photo_tree(root, {"train": max(1, images // classes), "val": 1}, num_classes=classes,
+    write_photo_tree(root, {"train": max(1, images // classes)}, num_classes=classes,
                      side_range=(300, 500))
     packed = mk_img_list.main(["--image_path", root, "--output_path", root]) == 0 and img2lmdb.main(
         ["--image_path", root, "--list_path", root, "--output_path", root, "--split", "train"]) == 0
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train_params.eval_teacher = False
 
         loader = open_data(cfg, args.workers).getTrainLoader(args.batch)
-        data = DevicePrefetcher(loader, device, cfg.data.mean, cfg.data.std, channels_last=device.type == "cuda")
+        data = on_device(loader, device, cfg)
         _, model = build_networks(cfg, device)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         def batches():
             epoch = 0
             while True:
-                if hasattr(loader.sampler, "set_epoch"):
-                    loader.sampler.set_epoch(epoch)
+                loader.sampler.set_epoch(epoch)
                 yield from data
                 epoch += 1
 

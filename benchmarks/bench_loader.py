@@ -44,7 +44,7 @@ from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.imagenet_data import ImageNet12, collate_uint8  # noqa: E402
 from dataset.img2lmdb import pack_split  # noqa: E402
 from dataset.lmdb_dataset import ImageFolder as LmdbImageFolder  # noqa: E402
-from dataset.mk_img_list import make_lists  # noqa: E402
+from dataset.mk_img_list import make_lists, read_list  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 224
@@ -67,10 +67,8 @@ class DecodeOnly:
     dropped as soon as it is decoded (its memory reused by the next), the cheapest way."""
 
     def __init__(self, root: str, batch_size: int) -> None:
-        with open(os.path.join(root, "train_list.txt"), encoding="utf-8") as f:
-            names = f.read().split()
         self.blobs = []
-        for name in names:
+        for name in read_list(os.path.join(root, "train_list.txt")):
             with open(os.path.join(root, "train", name), "rb") as image:
                 self.blobs.append(image.read())
         self.batch_size = batch_size
@@ -82,10 +80,9 @@ class DecodeOnly:
             yield self.batch_size
 
 
-def ours(lmdb_root: str, batch_size: int, decoder: str = "auto") -> ImageNet12:
-    data = ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"), num_workers=0,
+def ours(lmdb_root: str, decoder: str = "auto") -> ImageNet12:
+    return ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"), num_workers=0,
                       data_config={"train_data_type": "lmdb", "decoder": decoder}, pin_memory=False)
-    return data
 
 
 def torchvision_standard(root: str, batch_size: int) -> DataLoader:
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as root:
         lmdb_root = build_data(root, args.per_class)
-        ours_data = ours(lmdb_root, args.batch_size, args.decoder)
+        ours_data = ours(lmdb_root, args.decoder)
         streams = {
             "decode": forever(DecodeOnly(root, args.batch_size)),
             "ours": forever(ours_data.getTrainLoader(args.batch_size)),

@@ -29,7 +29,8 @@ import lmdb  # noqa: E402
 
 from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.image_io import decode_rgb  # noqa: E402
-from dataset.lmdb_format import decode_record  # noqa: E402
+from dataset.lmdb_format import decode_record, encode_key, encode_record  # noqa: E402
+from dataset.mk_img_list import read_list  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 8
@@ -39,10 +40,8 @@ PR_SET_CHILD_SUBREAPER = 36  # Linux prctl option
 def pack_like_original(image_path: str, list_file: str, lmdb_path: str) -> None:
     """One process: cv2.imread, cv2.imencode to JPEG, msgpack, commit every 1000 images."""
     import cv2
-    import msgpack
 
-    with open(list_file, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = read_list(list_file)
     classes = sorted({line.split("/")[0] for line in lines})
     labels = {wnid: index for index, wnid in enumerate(classes)}
     env = lmdb.open(lmdb_path, map_size=1 << 40)
@@ -52,9 +51,7 @@ def pack_like_original(image_path: str, list_file: str, lmdb_path: str) -> None:
         ok, encoded = cv2.imencode(".jpg", image)
         if not ok:
             raise RuntimeError(f"cannot encode {line}")
-        value = msgpack.packb(encoded.tobytes() + labels[line.split("/")[0]].to_bytes(2, "little"),
-                              use_bin_type=True)
-        txn.put(line.encode("utf-8"), value)
+        txn.put(encode_key(line), encode_record(encoded.tobytes(), labels[line.split("/")[0]]))
         if count % 1000 == 0:
             txn.commit()
             txn = env.begin(write=True)
@@ -131,8 +128,7 @@ def main() -> None:
         subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", tree, "--output_path", root],
                        check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
         list_file = os.path.join(root, "train_list.txt")
-        with open(list_file, encoding="utf-8") as f:
-            num_images = sum(1 for line in f if line.strip())
+        num_images = len(read_list(list_file))
 
         ours, baseline = [], []
         for run in range(args.repeats):
