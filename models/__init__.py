@@ -70,11 +70,10 @@ def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None 
     if weights == OFFICIAL_WEIGHTS and num_classes != 1000:
         raise ValueError(f"the official '{name}' weights have 1000 classes, but num_classes is {num_classes}; "
                          "train this model from scratch or pass a local weights file")
-    official_path = official_weights_path(name) if weights == OFFICIAL_WEIGHTS else None
+    if weights == OFFICIAL_WEIGHTS:
+        weights = official_weights_path(name)  # fetched (or found cached) before the model is built
     model = constructor(num_classes=num_classes)
-    if official_path is not None:
-        load_weights(model, official_path, name)
-    elif weights is not None and weights != "":
+    if weights is not None and weights != "":
         load_weights(model, weights, name)
     return model
 
