@@ -1,7 +1,8 @@
 """Networks: torchvision's ResNets and MobileNetV1, with safe weight loading.
 
 The ResNets are torchvision's own architectures, so their state-dict keys are the official ones
-and torchvision's IMAGENET1K_V1 files load into them unchanged.
+and torchvision's IMAGENET1K_V1 files load into them unchanged. Every network's classifier (fc)
+computes in float32 under autocast (models/classifier.py), under the same keys.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 from torch import nn
 from torchvision import models as tv_models
 
+from models.classifier import float32_classifier
 from models.mobilenet import MobileNetV1
 from models.weights import PathOrState, WeightsError, load_weights, official_checkpoint
 
@@ -73,6 +75,7 @@ def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None 
     if weights == OFFICIAL_WEIGHTS:
         weights = official_weights_path(name)  # fetched (or found cached) before the model is built
     model = constructor(num_classes=num_classes)
+    model.fc = float32_classifier(model.fc)
     if weights is not None and weights != "":
         load_weights(model, weights, name)
     return model

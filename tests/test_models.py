@@ -75,6 +75,32 @@ def test_every_model_builds_with_the_asked_classifier_width(name):
     assert logits(model, torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v1"])
+def test_classifier_runs_in_float32_under_bf16_autocast(name):
+    """The logits are the float32 classifier applied to the features, not bf16-rounded."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10).eval()
+    features = []
+    model.fc.register_forward_pre_hook(lambda module, args: features.append(args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert features[0].dtype == torch.bfloat16  # the layers before it did run in bf16
+    assert out.dtype == torch.float32 and model.fc.weight.dtype == torch.float32
+    expected = nn.functional.linear(features[0].float(), model.fc.weight, model.fc.bias)
+    assert torch.equal(out, expected)
+
+
+def test_float32_classifier_keeps_torchvisions_keys_and_initialisation():
+    torch.manual_seed(0)
+    ours = build_model("resnet18", num_classes=10)
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=10)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="resnet18, resnet34, resnet50"):
         build_model("vgg16")
