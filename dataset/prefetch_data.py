@@ -27,6 +27,9 @@ class DevicePrefetcher:
         shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor([255.0 * s for s in std], dtype=torch.float32, device=self.device).view(shape)
+        # One side stream for every pass: the caching allocator reuses a freed block only on the
+        # stream that allocated it, so a new stream per pass would strand each pass's buffers.
+        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
     def __len__(self) -> int:
         if not isinstance(self.loader, Sized):
@@ -48,7 +51,7 @@ class DevicePrefetcher:
             yield self.normalize(images.to(self.device)), labels.to(self.device)
 
     def _iter_cuda(self) -> Iterator[Batch]:
-        side = torch.cuda.Stream(device=self.device)
+        side = self.stream
         # The side stream must see everything queued before it (mean and std among them).
         side.wait_stream(torch.cuda.current_stream(self.device))
         batches = iter(self.loader)

@@ -1,4 +1,4 @@
-"""DevicePrefetcher on the CPU: normalisation, labels, length, memory format."""
+"""DevicePrefetcher: normalisation, labels, length, memory format; its side stream on CUDA."""
 
 from __future__ import annotations
 
@@ -70,3 +70,29 @@ def test_extreme_values_map_to_the_ends_of_the_normalised_range():
     for c in range(3):
         assert out[0, c, 0, 0].item() == pytest.approx(-MEAN[c] / STD[c], abs=1e-5)
         assert out[0, c, 0, 1].item() == pytest.approx((1 - MEAN[c]) / STD[c], abs=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_passes_share_one_side_stream():
+    """A stream per pass would strand each pass's batch buffers in the caching allocator."""
+    batches = uint8_batches()
+    prefetcher = DevicePrefetcher(batches, "cuda", MEAN, STD, channels_last=True)
+    copy_streams = []
+    normalize = prefetcher.normalize
+
+    def recording_normalize(images: torch.Tensor) -> torch.Tensor:  # runs where the copies run
+        copy_streams.append(torch.cuda.current_stream(prefetcher.device).cuda_stream)
+        return normalize(images)
+
+    prefetcher.normalize = recording_normalize
+    for _ in range(3):  # e.g. three epochs, or training and validation passes
+        seen = list(prefetcher)
+        assert len(seen) == len(batches)
+        for (images, labels), (raw_images, raw_labels) in zip(seen, batches):
+            assert images.device.type == "cuda" and images.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(images.double().cpu(), reference(raw_images), atol=1e-5, rtol=0)
+            assert torch.equal(labels.cpu(), raw_labels)
+    assert len(copy_streams) == 3 * len(batches)
+    assert set(copy_streams) == {prefetcher.stream.cuda_stream}
+    assert prefetcher.stream.cuda_stream != torch.cuda.default_stream(prefetcher.device).cuda_stream
