@@ -46,7 +46,9 @@ cfg = AttrDict(
     ),
     data=dict(
         data_path="/path/to/imagenet",
-        num_workers=32,  # data-loading workers in all, shared among the processes of a machine
+        # 'auto': each process's share of the machine's cores, less one or two for the training
+        # loop itself; a number: the loader workers of a whole machine, shared by its processes
+        num_workers="auto",
         batch_size=256,  # global batch, split evenly across processes
         dataset="imagenet",
         train_data_type="lmdb",  # 'lmdb' | 'img' (the JPEG class folders)

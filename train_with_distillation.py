@@ -48,6 +48,7 @@ from utils.checkpoint import (
 )
 from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file
 from utils.demo import DEMO_CONFIG, DemoError, run_demo
+from utils.device import build_sgd, choose_precision, configure_backends, load_optimizer_state
 from utils.logger import RunLogger, one_line, print_error
 from utils.metrics import all_reduce_sums, error_percent, topk_correct
 
@@ -123,6 +124,9 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
     require(isinstance(cfg.train_params.epochs, int) and cfg.train_params.epochs >= 0,
             f"train_params.epochs must be a non-negative integer, got {cfg.train_params.epochs!r}")
     require(cfg.train_params.print_freq > 0, "train_params.print_freq must be positive")
+    workers = cfg.data.num_workers
+    require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+            f"data.num_workers must be 'auto' or a non-negative integer, got {workers!r}")
     require(len(cfg.data.input_size) == 3, f"data.input_size must be (3, H, W), got {cfg.data.input_size!r}")
     require(cfg.dist.timeout_s > 0, "dist.timeout_s must be positive")
     devices = torch.cuda.device_count()
@@ -199,10 +203,8 @@ def open_data(cfg: AttrDict, num_workers: int) -> ImageNet12:
 
 
 def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: 'auto' is bf16 on CUDA devices that support it, full precision elsewhere."""
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
+    """The autocast dtype of train_params.amp on device (see utils.device.choose_precision)."""
+    return choose_precision(setting, device).dtype
 
 
 def lr_at_epoch(epoch: int, optim_cfg: AttrDict, epochs: int) -> float:
@@ -380,14 +382,7 @@ def configure_process(proc: distributed.ProcessInfo, cfg: AttrDict, device: torc
     """Threads, cuDNN and determinism settings, then the process group."""
     if device.type == "cpu":
         torch.set_num_threads(distributed.cpu_threads_per_process(proc.local_world_size))
-    if device.type == "cuda":
-        if cfg.train_params.use_seed:  # slower kernels whose results do not vary run to run
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.deterministic = True
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = not cfg.train_params.use_seed
-    # On the CPU the kernels this training uses give the same results for the same thread
-    # count, so seeding alone makes a run reproducible there.
+    configure_backends(device, deterministic=cfg.train_params.use_seed)
     backend = cfg.dist.backend or distributed.default_backend(device)
     distributed.init_process_group(proc, backend, cfg.dist.timeout_s)
 
@@ -436,7 +431,7 @@ def resume(path: str, student: nn.Module, arch: str, optimizer: torch.optim.Opti
     """Restore everything a checkpoint of this script holds; returns where training stands."""
     checkpoint = load_checkpoint(path)
     load_weights(student, checkpoint, arch)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(optimizer, checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"] or not scaler.is_enabled():
         scaler.load_state_dict(checkpoint["scaler"])
@@ -470,13 +465,16 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     batch_size = cfg.data.batch_size // world_size
     log.info(f"{world_size} process(es) on {device.type}, {batch_size} images each per step")
 
-    data = open_data(cfg, cfg.data.num_workers // max(1, proc.local_world_size))
+    data = open_data(cfg, distributed.loader_workers_per_process(cfg.data.num_workers, proc.local_world_size))
     # Seeded runs start fresh workers each epoch, seeded from that epoch's seed, as a resumed
     # run does; persistent workers would carry their generators over from the last epoch.
     train_loader = data.getTrainLoader(batch_size, persistent_workers=not tp.use_seed)
-    log.info(f"JPEG decoding: {data.describe_decoder()}")
+    log.info(f"JPEG decoding: {data.describe_decoder()}; {data.num_workers} loader workers per process")
     train_data, val_data = on_device(train_loader, device, cfg), on_device(data.getTestLoader(batch_size), device, cfg)
-    amp_dtype = resolve_amp(tp.amp, device)
+    precision = choose_precision(tp.amp, device)
+    if precision.warning:
+        log.info(f"warning: {precision.warning}")
+    amp_dtype = precision.dtype
 
     if tp.use_seed:
         seed_everything(tp.seed)  # the same initial weights in every process and every run
@@ -484,10 +482,9 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     student = distiller.student
     teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
     log.info(f"Teacher {teacher_name if distiller.teacher is not None else '(none)'}, student {student_name}, "
-             f"loss {distiller.loss}, precision {amp_dtype or torch.float32}")
-
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.optim.init_lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+             f"loss {distiller.loss}")
+    optimizer, kernels = build_sgd(student.parameters(), cfg.optim, device)
+    log.info(f"Precision {precision.describe()}; optimizer {kernels}")
     scheduler = make_scheduler(optimizer, cfg.optim, tp.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     progress = Progress()
@@ -545,14 +542,19 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
 def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
     """Validation error of a student checkpoint, or of the configured teacher, in this one process."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    val_loader = open_data(cfg, cfg.data.num_workers).getTestLoader(cfg.data.batch_size)
+    configure_backends(device, deterministic=cfg.train_params.use_seed)
+    precision = choose_precision(cfg.train_params.amp, device)
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
+    workers = distributed.loader_workers_per_process(cfg.data.num_workers, local_world_size=1)
+    val_loader = open_data(cfg, workers).getTestLoader(cfg.data.batch_size)
     teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
     if target == "teacher":
         model = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
     else:
         model = load_weights(build_model(student_name, cfg.model.num_classes), target, student_name)
     model = model.to(device, memory_format=memory_format_for(device))
-    return validate(model, on_device(val_loader, device, cfg), resolve_amp(cfg.train_params.amp, device))
+    return validate(model, on_device(val_loader, device, cfg), precision.dtype)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -185,12 +185,13 @@ class ImageNet12:
                             persistent_workers=persistent_workers)
 
     def getTestLoader(self, batch_size: int) -> DataLoader:
-        """In order; under a process group, this rank's disjoint shard."""
+        """In order; under a process group, this rank's disjoint shard. Its workers start for
+        each pass and end with it, so they hold no cores while training runs between passes."""
         dataset = self.val_set()
         self.test_num_examples = len(dataset)
         world_size, rank = process_group_shape()
         return self._loader(dataset, batch_size, ShardSampler(len(dataset), world_size, rank),
-                            drop_last=False)
+                            drop_last=False, persistent_workers=False)
 
     def getTrainTestLoader(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         return self.getTrainLoader(batch_size), self.getTestLoader(batch_size)

@@ -114,10 +114,24 @@ def test_worker_processes_give_what_the_main_process_gives(data_roots):
     cv2.resize(np.zeros((2000, 2000, 3), dtype=np.uint8), (500, 500), interpolation=cv2.INTER_AREA)
     data = make_data(data_roots, "lmdb", num_workers=2)
     loader = data.getTestLoader(BATCH)
-    assert loader.persistent_workers
+    assert loader.num_workers == 2
     assert torch.equal(collect(loader)[0], collect(make_data(data_roots, "lmdb").getTestLoader(BATCH))[0])
-    images, labels = collect(data.getTrainLoader(BATCH))
+    train_loader = data.getTrainLoader(BATCH)
+    assert train_loader.num_workers == 2 and train_loader.persistent_workers
+    images, labels = collect(train_loader)
     assert images.shape == (NUM_TRAIN // BATCH * BATCH, 3, SIZE, SIZE)
+
+
+def test_validation_workers_end_with_each_pass(data_roots):
+    """Idle through training, persistent validation workers would hold cores the training needs."""
+    loader = make_data(data_roots, "lmdb", num_workers=1).getTestLoader(BATCH)
+    assert loader.num_workers == 1 and not loader.persistent_workers
+    batches = iter(loader)
+    workers = list(batches._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    for _ in batches:
+        pass
+    assert not any(w.is_alive() for w in workers)
 
 
 @pytest.mark.parametrize("data_type", ["lmdb", "img"])

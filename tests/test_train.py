@@ -87,6 +87,8 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
     assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
     assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +loss [\d.]+ \([\d.]+\) +top-1 err [\d.]+ "
                      r"\([\d.]+\) +top-5 err [\d.]+ \([\d.]+\) .*ETA \d+:\d\d:\d\d", log)
+    assert "Precision float32 (train_params.amp='auto' on cpu); optimizer SGD" in log
+    assert "; 0 loader workers per process" in log
     assert re.search(r"Validation epoch \[2/2\] +top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
 
     records = read_metrics(os.path.join(full_run, METRICS_NAME))
@@ -289,6 +291,66 @@ def test_torchrun_environment_places_the_process(monkeypatch):
                                            init_method="env://")
     assert not proc.is_main
     assert distributed.planned_world_size(3) == 8  # torchrun's count wins over dist.nprocs
+
+
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NODEID")
+
+
+@pytest.mark.parametrize("slurm, devices, expected", [
+    ({"SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "8"}, 8, 8),
+    ({"SLURM_LOCALID": "3", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}, 0, 8),
+    ({"SLURM_LOCALID": "3", "SLURM_TASKS_PER_NODE": "6,4(x2)", "SLURM_NODEID": "2"}, 8, 4),
+    ({}, 8, 8),  # no launcher count: one process per visible device
+    ({"SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2"}, 8, 8),  # SLURM's task is not this process
+    ({}, 0, 16),  # no devices either: every process on this machine
+])
+def test_local_world_size_without_local_world_size(monkeypatch, slurm, devices, expected):
+    """A hand-written SLURM script: two 8-GPU machines, 16 processes, no LOCAL_WORLD_SIZE."""
+    for key in LAUNCHER_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    env = {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    for key, value in {**env, **slurm}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    proc = distributed.torchrun_process()
+    assert proc is not None and (proc.world_size, proc.local_rank) == (16, 3)
+    assert proc.local_world_size == expected
+    if devices:  # no "16 processes on a machine with 8 devices"
+        train_with_distillation.check_config(copy.deepcopy(default_cfg), world_size=16)
+
+
+@pytest.mark.parametrize("cores, local_processes, setting, expected", [
+    (128, 8, "auto", 14), (256, 8, "auto", 30), (16, 8, "auto", 1), (2, 1, "auto", 1), (8, 1, "auto", 7),
+    (1, 1, "auto", 1), (128, 8, 32, 4), (128, 8, 0, 0), (2, 1, 5, 5),
+])
+def test_loader_workers_per_process(monkeypatch, cores, local_processes, setting, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert distributed.loader_workers_per_process(setting, local_processes) == expected
+
+
+@pytest.mark.parametrize("workers", ["many", -1, 2.5, True])
+def test_bad_num_workers_is_a_config_error(workers):
+    cfg = copy.deepcopy(default_cfg)
+    cfg.data.num_workers = workers
+    with pytest.raises(ConfigError, match="data.num_workers must be 'auto' or a non-negative integer"):
+        train_with_distillation.check_config(cfg, world_size=1)
+
+
+def test_evaluation_configures_the_backends_as_training_does(data, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(train_with_distillation, "configure_backends",
+                        lambda device, deterministic: calls.append((device.type, deterministic)))
+    argv = overrides(data, str(tmp_path / "out"), data__num_workers="auto")
+    assert train_with_distillation.main(["--evaluate", "teacher", *argv]) == 0
+    assert last_json_line(capsys.readouterr().out)["images"] == 13
+    cfg = train_with_distillation.load_config(train_with_distillation.build_arg_parser().parse_args(argv))
+    threads = torch.get_num_threads()
+    try:
+        train_with_distillation.configure_process(distributed.ProcessInfo(), cfg, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [("cpu", True), ("cpu", True)]
 
 
 def test_more_torchrun_processes_than_devices_is_a_config_error(monkeypatch):

@@ -4,6 +4,13 @@
 is. Under torchrun the process is already one of many and ``fn`` runs directly; otherwise N > 1
 processes are spawned on this machine, rendezvous on a free localhost port, and the first one
 to fail stops the others, so a dead process never leaves its peers waiting on a collective.
+
+A process counts as started by torchrun (or any launcher that sets the same environment: a
+hand-written SLURM script, for one) when RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT are all set. The number of processes on this machine, which shares out its CPU cores
+and loader workers, comes from LOCAL_WORLD_SIZE; without it, from SLURM_NTASKS_PER_NODE or
+SLURM_TASKS_PER_NODE (with SLURM_NODEID) when SLURM_LOCALID equals LOCAL_RANK, else from the
+number of visible CUDA devices (see ``local_world_size``).
 """
 
 from __future__ import annotations
@@ -64,8 +71,42 @@ def torchrun_process() -> ProcessInfo | None:
     world_size = int(os.environ["WORLD_SIZE"])
     return ProcessInfo(rank=int(os.environ["RANK"]), world_size=world_size,
                        local_rank=int(os.environ["LOCAL_RANK"]),
-                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-                       init_method="env://")
+                       local_world_size=local_world_size(world_size), init_method="env://")
+
+
+def local_world_size(world_size: int) -> int:
+    """How many processes of the job run on this machine, from the launcher's environment.
+
+    LOCAL_WORLD_SIZE when set (torchrun sets it). Otherwise, when SLURM_LOCALID equals LOCAL_RANK
+    (srun started this process as one of its tasks), SLURM_NTASKS_PER_NODE or this node's entry of
+    SLURM_TASKS_PER_NODE. Otherwise one process per visible CUDA device, at most world_size; on
+    a machine without CUDA devices, world_size (every process on this machine).
+    """
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if os.environ.get("SLURM_LOCALID") is not None and os.environ["SLURM_LOCALID"] == os.environ.get("LOCAL_RANK"):
+        if os.environ.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+            return int(os.environ["SLURM_NTASKS_PER_NODE"])
+        tasks = _slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""),
+                                     os.environ.get("SLURM_NODEID", ""))
+        if tasks:
+            return tasks
+    devices = torch.cuda.device_count()
+    return min(world_size, devices) if devices else world_size
+
+
+def _slurm_tasks_on_node(tasks_per_node: str, node_id: str) -> int:
+    """Node node_id's entry of SLURM's compressed task list, e.g. '8(x2),4' -> 8, 8, 4; 0 if unknown."""
+    if not node_id.isdigit():
+        return 0
+    counts: list[int] = []
+    for entry in tasks_per_node.split(","):
+        count, _, repeat = entry.partition("(x")
+        if not count.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return 0
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = int(node_id)
+    return counts[node] if node < len(counts) else 0
 
 
 def planned_world_size(nprocs: int) -> int:
@@ -224,10 +265,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu_threads_per_process(local_world_size: int) -> int:
     """The CPU cores of this machine shared evenly among its processes (at least one each)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
+    return max(1, usable_cores() // max(1, local_world_size))
+
+
+def loader_workers_per_process(setting: int | str, local_world_size: int) -> int:
+    """Each process's data-loading workers from data.num_workers.
+
+    'auto': the process's share of the machine's cores, less one for the training loop itself
+    (two when the share is over 8: the loop and its pin-memory thread), at least one. A number: the machine's total, divided evenly among its processes.
+    """
+    local = max(1, local_world_size)
+    if setting == "auto":
+        share = cpu_threads_per_process(local)
+        return max(1, share - (2 if share > 8 else 1))
+    return int(setting) // local

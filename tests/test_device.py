@@ -1,0 +1,194 @@
+"""Device-dependent choices on the CPU: precision from a mocked GPU, SGD kernels, backend flags."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from imagenet_train_cfg import cfg as default_cfg
+from utils import device as device_module
+from utils.checkpoint import atomic_save
+from utils.device import (
+    build_sgd,
+    choose_precision,
+    configure_backends,
+    fused_sgd_unavailable,
+    load_optimizer_state,
+)
+
+CUDA = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def gpu(monkeypatch):
+    """Pretend CUDA device 0 has the compute capability the test sets: gpu(7, 0)."""
+    def set_capability(major: int, minor: int) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{major}{minor}")
+    return set_capability
+
+
+@pytest.mark.parametrize("capability, dtype", [
+    ((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+])
+def test_auto_is_bf16_from_capability_8_and_fp16_below(gpu, capability, dtype):
+    gpu(*capability)
+    precision = choose_precision("auto", CUDA)
+    assert precision.dtype == dtype and not precision.warning
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    assert precision.describe().startswith(f"{name} (train_params.amp='auto': GPU sm_")
+    assert f"compute capability {capability[0]}.{capability[1]}" in precision.describe()
+
+
+def test_auto_is_full_precision_on_the_cpu():
+    precision = choose_precision("auto", CPU)
+    assert precision.dtype is None and precision.describe() == "float32 (train_params.amp='auto' on cpu)"
+
+
+def test_bf16_asked_for_on_an_old_gpu_is_kept_with_a_one_line_warning(gpu):
+    gpu(7, 0)
+    precision = choose_precision("bf16", CUDA)
+    assert precision.dtype == torch.bfloat16
+    assert "slow" in precision.warning and "7.0" in precision.warning and "\n" not in precision.warning
+    gpu(8, 6)
+    assert not choose_precision("bf16", CUDA).warning
+
+
+@pytest.mark.parametrize("setting, dtype", [("fp16", torch.float16), ("off", None), ("bf16", torch.bfloat16)])
+def test_explicit_settings_are_taken_as_given(gpu, setting, dtype):
+    gpu(9, 0)
+    assert choose_precision(setting, CUDA).dtype == dtype
+    assert choose_precision(setting, CPU).dtype == dtype
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_sgd_on_cuda_is_fused_with_the_configured_settings():
+    optimizer, kernels = build_sgd(small_model().parameters(), default_cfg.optim, CUDA)
+    group = optimizer.param_groups[0]
+    assert group["fused"] and not group["foreach"] and kernels == "fused SGD"
+    assert optimizer._step_supports_amp_scaling  # what lets GradScaler.step skip its .item()
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (
+        default_cfg.optim.init_lr, default_cfg.optim.momentum, default_cfg.optim.weight_decay,
+        default_cfg.optim.nesterov)
+
+
+def test_sgd_falls_back_to_foreach_and_says_why(monkeypatch):
+    monkeypatch.setattr(device_module, "fused_sgd_unavailable", lambda params: "no fused kernels here")
+    optimizer, kernels = build_sgd(small_model().parameters(), default_cfg.optim, CUDA)
+    group = optimizer.param_groups[0]
+    assert group["foreach"] and not group["fused"]
+    assert "foreach" in kernels and "no fused kernels here" in kernels
+
+
+def test_sgd_on_the_cpu_keeps_torch_defaults():
+    optimizer, kernels = build_sgd(small_model().parameters(), default_cfg.optim, CPU)
+    assert not optimizer.param_groups[0]["fused"] and kernels == "SGD"
+
+
+def test_fused_sgd_unavailable_names_the_reason():
+    assert fused_sgd_unavailable(list(small_model().parameters())) == ""
+    reason = fused_sgd_unavailable([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+    assert "fused" in reason and "\n" not in reason
+
+
+def scaled_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                poison: bool = False) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(torch.ones(2, 4)).square().mean()
+    scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def test_fused_sgd_steps_under_the_grad_scaler_without_reading_the_device(monkeypatch):
+    """The step a plain SGD would take, taken without Tensor.item (a GPU sync on CUDA)."""
+    model, reference = small_model(), small_model()
+    optimizer, _ = build_sgd(model.parameters(), default_cfg.optim, CUDA)
+    reference_optimizer, _ = build_sgd(reference.parameters(), default_cfg.optim, CPU)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    real_item = torch.Tensor.item
+
+    def no_item(self):
+        raise AssertionError("GradScaler.step read a value from the device")
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(model(torch.ones(2, 4)).square().mean()).backward()
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    scaler.step(optimizer)
+    monkeypatch.setattr(torch.Tensor, "item", real_item)
+    scaler.update()
+    reference(torch.ones(2, 4)).square().mean().backward()
+    reference_optimizer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    scaled_step(model, optimizer, scaler, poison=True)  # an overflow: the step is skipped
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert scaler.get_scale() == 512.0
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [("fused", "foreach"), ("foreach", "fused"), ("cpu", "fused")])
+def test_optimizer_state_loads_across_sgd_kernels(saved_on, resumed_on, monkeypatch, tmp_path):
+    """Momentum comes back; the kernels stay those the resumed optimizer was built with."""
+    def build(kernels: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        with monkeypatch.context() as patch:
+            if kernels == "foreach":
+                patch.setattr(device_module, "fused_sgd_unavailable", lambda params: "test")
+            model = small_model()
+            return model, build_sgd(model.parameters(), default_cfg.optim, CPU if kernels == "cpu" else CUDA)[0]
+
+    model, optimizer = build(saved_on)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaled_step(model, optimizer, scaler)
+    path = str(tmp_path / "optimizer.pth")
+    atomic_save(optimizer.state_dict(), path)
+
+    resumed_model, resumed = build(resumed_on)
+    built_with = copy.deepcopy([(g["fused"], g["foreach"]) for g in resumed.param_groups])
+    load_optimizer_state(resumed, torch.load(path, weights_only=True))
+    assert [(g["fused"], g["foreach"]) for g in resumed.param_groups] == built_with
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], resumed.state[q]["momentum_buffer"])
+    scaled_step(resumed_model, resumed, torch.amp.GradScaler("cpu", init_scale=1024.0))  # an fp16 step runs
+
+
+@pytest.fixture()
+def backend_flags(monkeypatch):
+    """Restore the global cuDNN and determinism settings a test changes."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+    torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[4]
+
+
+def test_seeded_cuda_runs_are_deterministic_without_filling_new_memory(backend_flags):
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    configure_backends(CUDA, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
+
+
+def test_unseeded_cuda_runs_let_cudnn_pick_algorithms(backend_flags):
+    torch.backends.cudnn.benchmark = False
+    configure_backends(CUDA, deterministic=False)
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_cpu_leaves_the_backends_alone(backend_flags):
+    torch.backends.cudnn.benchmark = False
+    configure_backends(CPU, deterministic=True)
+    assert not torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()

@@ -1,0 +1,120 @@
+"""How a process uses its device: the autocast precision, the SGD kernels, cuDNN and determinism.
+
+Each choice depends on the hardware (a V100 has no bf16 convolutions; fused SGD keeps the fp16
+grad scaler's overflow check on the GPU), so each is made here, once, from the device, and the
+training script and ``--evaluate`` share them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# cuDNN runs bf16 convolutions from this compute capability (Ampere) on; below it they fall
+# back to slow generic kernels.
+BF16_CAPABILITY = (8, 0)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "float32"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype (None: full precision), why it was chosen, and a warning ('' for none)."""
+
+    dtype: torch.dtype | None
+    reason: str
+    warning: str = ""
+
+    def describe(self) -> str:
+        return f"{_DTYPE_NAMES[self.dtype]} ({self.reason})"
+
+
+def choose_precision(setting: str, device: torch.device) -> Precision:
+    """train_params.amp for this device: 'auto' is bf16 on CUDA capability >= 8.0, fp16 (with the
+    grad scaler) below it, full precision on the CPU; 'bf16', 'fp16' and 'off' are taken as given."""
+    if device.type != "cuda":
+        if setting == "auto":
+            return Precision(None, f"train_params.amp='auto' on {device.type}")
+        return Precision(_DTYPES[setting], f"train_params.amp='{setting}'")
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    has_bf16_convolutions = (major, minor) >= BF16_CAPABILITY
+    if setting == "auto":
+        if has_bf16_convolutions:
+            return Precision(torch.bfloat16, f"train_params.amp='auto': {gpu} runs bf16 convolutions")
+        return Precision(torch.float16, f"train_params.amp='auto': {gpu} has no bf16 convolutions "
+                                        "in cuDNN, so fp16 with a grad scaler")
+    warning = ""
+    if setting == "bf16" and not has_bf16_convolutions:
+        warning = (f"train_params.amp='bf16' on {gpu}: cuDNN runs bf16 convolutions only from "
+                   f"capability 8.0, so these run on slow generic kernels; 'auto' picks fp16 here")
+    return Precision(_DTYPES[setting], f"train_params.amp='{setting}' on {gpu}", warning)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN and determinism settings for device, the same for training and evaluation.
+
+    Deterministic runs pick kernels whose results do not vary run to run; the others let cuDNN
+    time its algorithms for each input shape. Determinism here does not need torch to fill every
+    new tensor with NaN (which use_deterministic_algorithms turns on), so that fill is turned off:
+    it would cost an extra pass over every allocation, batch collation's included.
+    """
+    if device.type != "cuda":
+        return  # on the CPU the kernels used give the same results for the same thread count
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any],
+              device: torch.device) -> tuple[torch.optim.SGD, str]:
+    """The optimizer of cfg.optim and one line saying which SGD kernels it runs.
+
+    On CUDA the fused kernels: they take the fp16 grad scaler's overflow flag on the device, where
+    the others make ``GradScaler.step`` wait for the GPU every step. Where fused kernels are
+    unavailable, the foreach ones.
+    """
+    params = list(params)
+    settings = {"lr": optim_cfg["init_lr"], "momentum": optim_cfg["momentum"],
+                "weight_decay": optim_cfg["weight_decay"], "nesterov": optim_cfg["nesterov"]}
+    if device.type != "cuda":
+        return torch.optim.SGD(params, **settings), "SGD"
+    unavailable = fused_sgd_unavailable(params)
+    if unavailable:
+        return (torch.optim.SGD(params, foreach=True, **settings),
+                f"foreach SGD, as fused SGD is unavailable ({unavailable}); fp16 steps wait for the GPU")
+    return torch.optim.SGD(params, fused=True, **settings), "fused SGD"
+
+
+def fused_sgd_unavailable(params: list[torch.nn.Parameter]) -> str:
+    """Why fused SGD cannot step these parameters ('' when it can), found by one step of a copy
+    of the first parameter: torch checks the device and dtype only at the first step."""
+    if not params:
+        return ""
+    probe = torch.zeros(1, dtype=params[0].dtype, device=params[0].device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.SGD([probe], lr=0.0, fused=True).step()
+    except (RuntimeError, TypeError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ""
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a saved optimizer state, keeping the kernels optimizer was built with.
+
+    ``Optimizer.load_state_dict`` takes every group setting from the file, 'fused' and 'foreach'
+    included; a fused optimizer given a foreach checkpoint would then fail at its first fp16 step.
+    """
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
+               for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, kernels):
+        group.update(keep)
