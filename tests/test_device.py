@@ -136,6 +136,31 @@ def test_fused_sgd_steps_under_the_grad_scaler_without_reading_the_device(monkey
     assert scaler.get_scale() == 512.0
 
 
+def test_fused_sgd_with_unscaled_clipped_gradients():
+    """The grad-clip path: unscale_, clip, step; an overflow still skips the step."""
+    model, reference = small_model(), small_model()
+    optimizer, _ = build_sgd(model.parameters(), default_cfg.optim, CUDA)
+    reference_optimizer, _ = build_sgd(reference.parameters(), default_cfg.optim, CPU)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for poison in (False, True):
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(torch.ones(2, 4)).square().mean()
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        scaler.step(optimizer)
+        scaler.update()
+        if poison:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        else:
+            reference(torch.ones(2, 4)).square().mean().backward()
+            nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+            reference_optimizer.step()
+            for p, q in zip(model.parameters(), reference.parameters()):
+                torch.testing.assert_close(p, q)
+
+
 @pytest.mark.parametrize("saved_on, resumed_on", [("fused", "foreach"), ("foreach", "fused"), ("cpu", "fused")])
 def test_optimizer_state_loads_across_sgd_kernels(saved_on, resumed_on, monkeypatch, tmp_path):
     """Momentum comes back; the kernels stay those the resumed optimizer was built with."""
