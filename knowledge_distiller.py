@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.config import require_choice
+from utils.errors import ConfigError
+
 LOSS_METHODS = ("wsld", "kd", "none")
 
 # Added to the teacher's cross-entropy before dividing, as in the paper: a certain, correct
@@ -70,9 +73,9 @@ class _ClassificationLoss(nn.Module):
     def __init__(self, num_classes: int = 1000, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.num_classes = num_classes
         self.label_smoothing = float(label_smoothing)
 
@@ -109,9 +112,9 @@ class _SoftLabelLoss(_ClassificationLoss):
                  label_smoothing: float = 0.0) -> None:
         super().__init__(num_classes, label_smoothing)
         if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a positive number, got {temperature}")
+            raise ConfigError(f"temperature must be a positive number, got {temperature}")
         if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a non-negative number, got {alpha}")
+            raise ConfigError(f"alpha must be a non-negative number, got {alpha}")
         self.temperature = float(temperature)
         self.alpha = float(alpha)
 
@@ -159,13 +162,11 @@ class WSLDLoss(_SoftLabelLoss):
 def build_loss(method: str, temperature: float = 2.0, alpha: float = 2.5, num_classes: int = 1000,
                label_smoothing: float = 0.0) -> nn.Module:
     """The loss for ``cfg.distill.method``: 'wsld' | 'kd' | 'none' (plain cross-entropy)."""
-    if method == "wsld":
-        return WSLDLoss(temperature, alpha, num_classes, label_smoothing)
-    if method == "kd":
-        return KDLoss(temperature, alpha, num_classes, label_smoothing)
+    require_choice("distill.method", method, LOSS_METHODS)
     if method == "none":
         return CrossEntropyLoss(num_classes, label_smoothing)
-    raise ValueError(f"unknown distillation method '{method}'; choose one of {', '.join(LOSS_METHODS)}")
+    soft_label_loss = WSLDLoss if method == "wsld" else KDLoss
+    return soft_label_loss(temperature, alpha, num_classes, label_smoothing)
 
 
 def freeze(net: nn.Module) -> nn.Module:

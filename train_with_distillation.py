@@ -32,24 +32,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset.imagenet_data import ImageNet12
+from dataset.imagenet_data import AUGMENTATIONS, DATA_TYPES, DECODERS, ImageNet12
 from dataset.prefetch_data import DevicePrefetcher
-from knowledge_distiller import WSLDistiller, build_loss, freeze
-from models import WeightsError, build_model, load_weights, teacher_student_names
+from knowledge_distiller import LOSS_METHODS, WSLDistiller, build_loss, freeze
+from models import MODEL_NAMES, NET_TYPES, build_model, load_weights, teacher_student_names
 from utils import distributed
 from utils.checkpoint import (
     CheckpointError,
-    atomic_write,
     capture_rng_state,
     load_checkpoint,
     resolve_resume_path,
     restore_rng_state,
     save_checkpoint,
 )
-from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file
-from utils.demo import DEMO_CONFIG, DemoError, run_demo
+from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file, require_choice
+from utils.demo import DEMO_CONFIG, run_demo
 from utils.device import build_sgd, choose_precision, configure_backends, load_optimizer_state
-from utils.logger import RunLogger, one_line, print_error
+from utils.errors import DataError, UserError, one_line
+from utils.files import atomic_write_text
+from utils.logger import RunLogger, print_error
 from utils.metrics import all_reduce_sums, error_percent, topk_correct
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -57,13 +58,8 @@ LR_SCHEDULES = ("step", "cosine")
 CONFIG_NAME = "config.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (a non-finite loss); the message is one line."""
-
-
-# Problems the user can fix: one line on stderr and a non-zero exit, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, CheckpointError, FileNotFoundError, WeightsError, TrainingError, ValueError, DemoError)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -94,7 +90,18 @@ def load_config(args: argparse.Namespace) -> AttrDict:
         from imagenet_train_cfg import cfg as defaults
 
         cfg = copy.deepcopy(defaults)
-    apply_overrides(cfg, args.overrides)
+    return apply_overrides(cfg, args.overrides)
+
+
+def resolve_config(cfg: AttrDict) -> AttrDict:
+    """Fill in the values the config derives from others, once, in place; returns cfg.
+
+    The teacher and student names follow net_type unless set, and the output folder defaults
+    to ./output/<net_type>; everything downstream reads the resolved values.
+    """
+    require_choice("net_type", cfg.net_type, NET_TYPES)
+    cfg.model.teacher, cfg.model.student = teacher_student_names(cfg.net_type, cfg.model.teacher,
+                                                                 cfg.model.student)
     if not cfg.train_params.output_dir:
         cfg.train_params.output_dir = os.path.join("output", cfg.net_type)
     return cfg
@@ -106,15 +113,25 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
         if not ok:
             raise ConfigError(message)
 
+    for key, value, choices in (
+            ("train_params.amp", cfg.train_params.amp, AMP_MODES),
+            ("optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES),
+            ("distill.method", cfg.distill.method, LOSS_METHODS),
+            ("data.train_data_type", cfg.data.train_data_type, DATA_TYPES),
+            ("data.val_data_type", cfg.data.val_data_type, DATA_TYPES),
+            ("data.type_of_data_aug", cfg.data.type_of_data_aug, AUGMENTATIONS),
+            ("data.decoder", cfg.data.decoder, DECODERS),
+            ("net_type", cfg.net_type, NET_TYPES)):
+        require_choice(key, value, choices)
+    for role in ("teacher", "student"):  # '' follows net_type
+        if cfg.model[role]:
+            require_choice(f"model.{role}", cfg.model[role], MODEL_NAMES)
+
     batch = cfg.data.batch_size
     require(isinstance(batch, int) and batch > 0, f"data.batch_size must be a positive integer, got {batch!r}")
     require(batch % world_size == 0,
             f"data.batch_size={batch} (the global batch) does not divide among {world_size} processes; "
             f"use a multiple of {world_size}")
-    require(cfg.train_params.amp in AMP_MODES,
-            f"train_params.amp must be one of {', '.join(AMP_MODES)}, got {cfg.train_params.amp!r}")
-    require(cfg.optim.lr_schedule in LR_SCHEDULES,
-            f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.optim.lr_schedule!r}")
     require(cfg.optim.init_lr > 0, f"optim.init_lr must be positive, got {cfg.optim.init_lr}")
     require(cfg.optim.lr_step_epochs > 0, f"optim.lr_step_epochs must be positive, got {cfg.optim.lr_step_epochs}")
     restart = cfg.optim.cosine.restart
@@ -137,23 +154,21 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
     require(not (devices and torchrun is not None and torchrun.local_world_size > devices),
             f"torchrun started {torchrun.local_world_size if torchrun else 0} processes on a machine with {devices} "
             f"CUDA devices; use --nproc_per_node={devices} or fewer")
-    teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)  # ValueError for bad names
-    make_loss(cfg)  # ValueError for a bad method, temperature or alpha
+    make_loss(cfg)  # ConfigError for a bad temperature or alpha
 
 
 def check_inputs(cfg: AttrDict) -> None:
-    """Look for the data, the weights and the checkpoint to resume, once, before processes start.
+    """Look for the data, the weights and the checkpoint to resume, once per machine, before training.
 
     Loading the teacher here also fetches official weights once rather than in every process.
     """
     data = open_data(cfg, num_workers=0)
     data.train_set()[0]  # opens the LMDB or folder and decodes an image: the data is really there
     data.val_set()[0]
-    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
     if needs_teacher(cfg):
-        build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
+        build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
     if cfg.model.student_weights:
-        build_model(student_name, cfg.model.num_classes, cfg.model.student_weights)
+        build_model(cfg.model.student, cfg.model.num_classes, cfg.model.student_weights)
     output_dir = cfg.train_params.output_dir
     resume = resolve_resume_path(cfg.optim.if_resume, cfg.optim.resume_path, output_dir)
     if resume is not None:
@@ -196,8 +211,8 @@ def open_data(cfg: AttrDict, num_workers: int) -> ImageNet12:
     """The train and validation data of cfg.data, read by num_workers loader processes each."""
     root = cfg.data.data_path
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.data_path '{root}' is not a folder; point it at the folder that "
-                                f"holds train/, val/ and the list files")
+        raise DataError(f"data.data_path '{root}' is not a folder; point it at the folder that "
+                        f"holds train/, val/ and the list files")
     return ImageNet12(os.path.join(root, "train"), os.path.join(root, "val"), num_workers,
                       cfg.data.type_of_data_aug, cfg.data, seed=cfg.train_params.seed)
 
@@ -387,14 +402,19 @@ def configure_process(proc: distributed.ProcessInfo, cfg: AttrDict, device: torc
     distributed.init_process_group(proc, backend, cfg.dist.timeout_s)
 
 
-def run(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
+def training_process(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
     """The whole training job as seen by one process."""
+    started_by_torchrun = distributed.torchrun_process() is not None
+    if started_by_torchrun and proc.local_rank == 0:
+        check_inputs(cfg)  # once per machine; the machine's other processes wait at the barrier
     device = select_device(proc)
     configure_process(proc, cfg, device)
+    if started_by_torchrun:
+        distributed.barrier()
     log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
     try:
         train(proc, cfg, device, log)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
         raise
     finally:
@@ -414,13 +434,12 @@ class Progress:
 def build_networks(cfg: AttrDict, device: torch.device) -> tuple[nn.Module | None, WSLDistiller]:
     """The teacher (None when neither the loss nor its evaluation needs it) and the distiller."""
     memory_format = memory_format_for(device)
-    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
     loss = make_loss(cfg)
     teacher = None
     if needs_teacher(cfg, loss):
-        teacher = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
+        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
         teacher = freeze(teacher.to(device, memory_format=memory_format))
-    student = build_model(student_name, cfg.model.num_classes, cfg.model.student_weights or None)
+    student = build_model(cfg.model.student, cfg.model.num_classes, cfg.model.student_weights or None)
     distiller = WSLDistiller(teacher if loss.needs_teacher else None, student, loss)
     return teacher, distiller.to(device, memory_format=memory_format)
 
@@ -433,9 +452,10 @@ def resume(path: str, student: nn.Module, arch: str, optimizer: torch.optim.Opti
     load_weights(student, checkpoint, arch)
     load_optimizer_state(optimizer, checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint["scaler"] or not scaler.is_enabled():
+    if scaler.is_enabled() and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
-    # else: saved by a bf16 or full-precision run, now resumed in fp16; the scaler starts afresh
+    # An empty scaler state comes from a bf16 or full-precision run: resumed in fp16, the scaler
+    # starts afresh.
     if restore_rng:
         restore_rng_state(checkpoint["rng"])
     return Progress(int(checkpoint["epoch"]), float(checkpoint["best_top1_err"]),
@@ -453,8 +473,7 @@ def checkpoint_state(student: nn.Module, arch: str, optimizer: torch.optim.Optim
 
 
 def write_config(cfg: AttrDict, output_dir: str) -> None:
-    with atomic_write(os.path.join(output_dir, CONFIG_NAME)) as f:
-        f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode("utf-8"))
+    atomic_write_text(os.path.join(output_dir, CONFIG_NAME), json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, log: RunLogger) -> None:
@@ -479,9 +498,8 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     if tp.use_seed:
         seed_everything(tp.seed)  # the same initial weights in every process and every run
     teacher, distiller = build_networks(cfg, device)
-    student = distiller.student
-    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
-    log.info(f"Teacher {teacher_name if distiller.teacher is not None else '(none)'}, student {student_name}, "
+    student, student_name = distiller.student, cfg.model.student
+    log.info(f"Teacher {cfg.model.teacher if distiller.teacher is not None else '(none)'}, student {student_name}, "
              f"loss {distiller.loss}")
     optimizer, kernels = build_sgd(student.parameters(), cfg.optim, device)
     log.info(f"Precision {precision.describe()}; optimizer {kernels}")
@@ -539,8 +557,9 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
 
 # ----------------------------------------------------------------------------- evaluation only
 
-def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
-    """Validation error of a student checkpoint, or of the configured teacher, in this one process."""
+def evaluate(cfg: AttrDict, checkpoint: str | None) -> dict[str, float]:
+    """Validation error of a student checkpoint file, or of the configured teacher when
+    checkpoint is None, in this one process."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     configure_backends(device, deterministic=cfg.train_params.use_seed)
     precision = choose_precision(cfg.train_params.amp, device)
@@ -548,42 +567,47 @@ def evaluate(cfg: AttrDict, target: str) -> dict[str, float]:
         print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
     workers = distributed.loader_workers_per_process(cfg.data.num_workers, local_world_size=1)
     val_loader = open_data(cfg, workers).getTestLoader(cfg.data.batch_size)
-    teacher_name, student_name = teacher_student_names(cfg.net_type, cfg.model.teacher, cfg.model.student)
-    if target == "teacher":
-        model = build_model(teacher_name, cfg.model.num_classes, cfg.model.teacher_weights)
+    if checkpoint is None:
+        model = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
     else:
-        model = load_weights(build_model(student_name, cfg.model.num_classes), target, student_name)
+        model = load_weights(build_model(cfg.model.student, cfg.model.num_classes), checkpoint, cfg.model.student)
     model = model.to(device, memory_format=memory_format_for(device))
     return validate(model, on_device(val_loader, device, cfg), precision.dtype)
 
 
 # ----------------------------------------------------------------------------- entry point
 
-def fit(cfg: AttrDict) -> None:
-    """Check the config and inputs in this process, then train in as many processes as it asks for."""
+def launch_training(cfg: AttrDict) -> None:
+    """Check the config and inputs, then train in as many processes as the config asks for.
+
+    The inputs are checked here, before any process starts, unless torchrun started this
+    process: then the first process of each machine checks them (see training_process).
+    """
+    resolve_config(cfg)
     check_config(cfg, distributed.planned_world_size(cfg.dist.nprocs))
-    check_inputs(cfg)
-    distributed.launch(run, (cfg,), nprocs=cfg.dist.nprocs, user_errors=USER_ERRORS)
+    if distributed.torchrun_process() is None:
+        check_inputs(cfg)
+    distributed.launch(training_process, (cfg,), nprocs=cfg.dist.nprocs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_intermixed_args(argv)
     try:
         if args.demo:
-            run_demo(fit, args.overrides, args.cfg or DEMO_CONFIG)
+            run_demo(launch_training, args.overrides, args.cfg or DEMO_CONFIG)
             return 0
         cfg = load_config(args)
         if args.evaluate:
-            check_config(cfg, world_size=1)
-            stats = evaluate(cfg, args.evaluate)
+            check_config(resolve_config(cfg), world_size=1)
+            stats = evaluate(cfg, None if args.evaluate == "teacher" else args.evaluate)
             print(f"Evaluation of {args.evaluate}: {describe(stats)}")
             print(json.dumps({"checkpoint": args.evaluate, **stats}))
             return 0
-        fit(cfg)
+        launch_training(cfg)
     except distributed.LaunchError as exc:
         print_error(str(exc))
         return exc.exit_code
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print_error(one_line(exc))
         return 2
     except KeyboardInterrupt:

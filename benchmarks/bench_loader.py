@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.imagenet_data import ImageNet12, collate_uint8  # noqa: E402
 from dataset.img2lmdb import pack_split  # noqa: E402
-from dataset.lmdb_dataset import ImageFolder as LmdbImageFolder  # noqa: E402
+from dataset.lmdb_dataset import LMDBDataset  # noqa: E402
 from dataset.mk_img_list import make_lists, read_list  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -94,7 +94,7 @@ def torchvision_standard(root: str, batch_size: int) -> DataLoader:
 
 def original(lmdb_root: str, batch_size: int) -> DataLoader:
     transform = T.Compose([Image.fromarray, T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), np.asarray])
-    dataset = LmdbImageFolder(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "train_list.txt"),
+    dataset = LMDBDataset(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "train_list.txt"),
                               transform=transform, decode=True)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True,
                       collate_fn=collate_uint8)

@@ -1,6 +1,6 @@
 """A dataset over ImageNet's JPEG class folders, read through the same list file as the LMDB.
 
-It mirrors ``dataset.lmdb_dataset.ImageFolder`` (same list, same labels, same ``decode`` switch),
+It mirrors ``dataset.lmdb_dataset.LMDBDataset`` (same list, same labels, same ``decode`` switch),
 so a split can move between ``img`` and ``lmdb`` without changing a single label: a class's index
 is its position among the sorted class folders of the train split, as the LMDB packer numbers it.
 """
@@ -13,20 +13,15 @@ from typing import Callable
 
 import numpy as np
 
-from dataset import mk_img_list
+from dataset.image_list import class_folders
 from dataset.list_dataset import ListDataset
+from utils.errors import DataError
 
 
 def require_folder(root: str) -> None:
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder '{root}' not found; set data.data_path to the folder "
-                                "that holds the train/ and val/ class folders")
-
-
-def class_folders(root: str) -> list[str]:
-    """The sorted class folders of a split, in label order: the list maker's and packer's."""
-    require_folder(root)
-    return mk_img_list.class_folders(root)
+        raise DataError(f"image folder '{root}' not found; set data.data_path to the folder "
+                        "that holds the train/ and val/ class folders")
 
 
 def labels_for(names: np.ndarray, classes: Sequence[str], list_path: str) -> np.ndarray:
@@ -35,7 +30,7 @@ def labels_for(names: np.ndarray, classes: Sequence[str], list_path: str) -> np.
     wnids, inverse = np.unique(np.char.partition(names, b"/")[:, 0], return_inverse=True)
     unknown = [w.decode("utf-8") for w in wnids if w not in index]
     if unknown:
-        raise ValueError(f"list '{list_path}' names classes that are not class folders of the train "
+        raise DataError(f"list '{list_path}' names classes that are not class folders of the train "
                          f"split (e.g. '{unknown[0]}'); remake it with dataset/mk_img_list.py")
     return np.array([index[w] for w in wnids], dtype=np.int32)[inverse.reshape(-1)]
 
@@ -51,8 +46,8 @@ class FolderDataset(ListDataset):
                  target_transform: Callable | None = None, decode: bool = True,
                  classes: Sequence[str] | None = None) -> None:
         require_folder(root)
+        self.classes = list(classes) if classes is not None else class_folders(root)
         super().__init__(list_path, transform, target_transform, decode)
-        self.classes = list(classes) if classes is not None else mk_img_list.class_folders(root)
         self.root = root
         self.targets = labels_for(self.names, self.classes, list_path)
 

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from utils.errors import DataError
+
 DEFAULT_JPEG_QUALITY = 95  # what the original packer's cv2.imencode used
 
 # Start-of-frame markers whose frames libjpeg, libjpeg-turbo and PIL all decode: baseline,
@@ -34,7 +36,7 @@ _CV_COLOR = CV_COLOR_AT_SCALE[1]
 _CV_CHECK = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """Bytes that are not a readable image; the message says why in a few words."""
 
 
@@ -108,7 +110,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """An H x W x 3 uint8 RGB array from the bytes of an image file.
 
     OpenCV (libjpeg-turbo) reads nearly everything; PIL is the fallback for the rest. Raises
-    ImageDecodeError (a ValueError) when neither can read the bytes.
+    ImageDecodeError (a DataError) when neither can read the bytes.
     """
     image = imdecode(data)
     if image is not None:

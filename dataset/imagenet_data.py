@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import Compose
 
 from dataset import jpeg_region, lmdb_dataset
-from dataset.folder_dataset import FolderDataset, class_folders
+from dataset.folder_dataset import FolderDataset, require_folder
+from dataset.image_list import class_folders
 from dataset.transforms import (
     ColorJitter,
     RandomResizedCropFlip,
@@ -36,7 +37,7 @@ from dataset.transforms import (
     ResizeCenterCrop,
 )
 from utils import distributed
-from utils.config import ConfigError
+from utils.config import ConfigError, require_choice
 
 DATA_TYPES = ("lmdb", "img")
 AUGMENTATIONS = ("random_sized", "rand_scale")
@@ -88,10 +89,9 @@ def open_split(data_type: str, root: str, list_path: str, transform: Callable,
     transform so that it decodes each image once, at reduced size where it can."""
     if data_type == "lmdb":
         lmdb_dataset.require_lmdb(root, hint=", or set data.*_data_type='img'")
-        return lmdb_dataset.ImageFolder(root, list_path, transform=transform, decode=False)
-    if data_type == "img":
-        return FolderDataset(root, list_path, transform=transform, decode=False, classes=classes)
-    raise ConfigError(f"unknown data type '{data_type}'; use one of {', '.join(DATA_TYPES)}")
+        return lmdb_dataset.LMDBDataset(root, list_path, transform=transform, decode=False)
+    require_choice("data type", data_type, DATA_TYPES)
+    return FolderDataset(root, list_path, transform=transform, decode=False, classes=classes)
 
 
 class ImageNet12:
@@ -112,19 +112,15 @@ class ImageNet12:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
         self.augmentation = str(type_of_data_augmentation).lower()
-        if self.augmentation not in AUGMENTATIONS:
-            raise ConfigError(f"unknown data.type_of_data_aug '{type_of_data_augmentation}'; use one "
-                              f"of {', '.join(AUGMENTATIONS)}")
+        require_choice("data.type_of_data_aug", self.augmentation, AUGMENTATIONS)
         self.size = tuple(int(s) for s in config.get("input_size", (3, 224, 224))[1:3])
         self.train_data_type = config.get("train_data_type", "lmdb")
         self.val_data_type = config.get("val_data_type", "lmdb")
-        for key, value in (("train_data_type", self.train_data_type), ("val_data_type", self.val_data_type)):
-            if value not in DATA_TYPES:
-                raise ConfigError(f"unknown data.{key} '{value}'; use one of {', '.join(DATA_TYPES)}")
+        require_choice("data.train_data_type", self.train_data_type, DATA_TYPES)
+        require_choice("data.val_data_type", self.val_data_type, DATA_TYPES)
         self.min_scale = float(config.get("random_sized", {}).get("min_scale", 0.08))
         self.decoder = config.get("decoder", "auto")
-        if self.decoder not in DECODERS:
-            raise ConfigError(f"unknown data.decoder '{self.decoder}'; use one of {', '.join(DECODERS)}")
+        require_choice("data.decoder", self.decoder, DECODERS)
         if self.decoder == "region" and self.augmentation == "random_sized" and jpeg_region.region_decoder() is None:
             raise ConfigError(f"data.decoder='region' but JPEG decoding is {jpeg_region.describe()}; "
                               "install a C compiler and libjpeg-turbo's headers, or set data.decoder='auto'")
@@ -160,7 +156,10 @@ class ImageNet12:
     def class_names(self) -> list[str] | None:
         """Label order for JPEG folders: the train split's sorted class folders, as the LMDB
         packer numbers them; None (each folder its own) when the train split is an LMDB."""
-        return class_folders(self.trainFolder) if self.train_data_type == "img" else None
+        if self.train_data_type != "img":
+            return None
+        require_folder(self.trainFolder)
+        return class_folders(self.trainFolder)
 
     def train_set(self) -> Dataset:
         return open_split(self.train_data_type, self.trainFolder, self.train_list,

@@ -49,13 +49,14 @@ from dataset.mk_img_list import (  # noqa: E402
     read_list,
     write_list,
 )
+from utils.errors import DataError  # noqa: E402
 
 ORIGINAL_LIST_SUFFIX = "_datalist"
 INITIAL_MAP_SIZE = 1 << 30  # doubled whenever a commit finds the map full
 DEFAULT_COMMIT_EVERY = 1000
 
 
-class PackError(Exception):
+class PackError(DataError):
     """A problem the user can fix (missing folder or file, bad image, bad list); the message is one line."""
 
 

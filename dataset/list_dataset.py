@@ -12,7 +12,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from dataset.image_io import decode_rgb
-from dataset.mk_img_list import read_list as read_list_lines
+from dataset.image_list import read_list as read_list_lines
+from utils.errors import DataError
 
 
 def read_list(list_path: str) -> np.ndarray:
@@ -23,17 +24,17 @@ def read_list(list_path: str) -> np.ndarray:
     """
     names = [line.encode("utf-8") for line in read_list_lines(list_path)]
     if not names:
-        raise ValueError(f"image list '{list_path}' is empty; remake it with dataset/mk_img_list.py")
+        raise DataError(f"image list '{list_path}' is empty; remake it with dataset/mk_img_list.py")
     return np.array(names, dtype=np.bytes_)
 
 
-def with_context(exc: ValueError, context: str) -> ValueError:
+def with_context(exc: DataError, context: str) -> DataError:
     """exc with context in front of its message, of the same type where its constructor takes a message."""
     message = f"{context}: {exc}"
     try:
         return type(exc)(message)
-    except TypeError:  # e.g. UnicodeDecodeError or msgpack's ExtraData, built from parts
-        return ValueError(message)
+    except TypeError:
+        return DataError(message)
 
 
 class ListDataset(Dataset):
@@ -74,7 +75,7 @@ class ListDataset(Dataset):
             sample: Any = decode_rgb(data) if self.decode else data
             if self.transform is not None:
                 sample = self.transform(sample)
-        except ValueError as exc:
+        except DataError as exc:
             raise with_context(exc, self.where(index)) from exc
         if self.target_transform is not None:
             target = self.target_transform(target)

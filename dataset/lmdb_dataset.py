@@ -13,6 +13,7 @@ import lmdb
 
 from dataset.list_dataset import ListDataset
 from dataset.lmdb_format import decode_record
+from utils.errors import DataError
 
 # Open environments of this process, by real path. py-lmdb refuses to open one environment
 # twice in a process (an inherited, forked copy included), so datasets on the same LMDB share
@@ -20,11 +21,8 @@ from dataset.lmdb_format import decode_record
 _OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-class MissingSampleError(KeyError):
+class MissingSampleError(DataError):
     """A list line whose key the LMDB lacks: the list and the LMDB are out of step."""
-
-    def __str__(self) -> str:  # KeyError would show the message in quotes
-        return str(self.args[0])
 
 
 def open_lmdb_readonly(path: str) -> lmdb.Environment:
@@ -33,9 +31,9 @@ def open_lmdb_readonly(path: str) -> lmdb.Environment:
 
 
 def require_lmdb(path: str, hint: str = "") -> None:
-    """Raise FileNotFoundError, saying how to build one, unless path holds an LMDB."""
+    """Raise DataError, saying how to build one, unless path holds an LMDB."""
     if not os.path.isfile(os.path.join(path, "data.mdb")):
-        raise FileNotFoundError(f"no LMDB at '{path}' (data.mdb missing); build it with dataset/img2lmdb.py{hint}")
+        raise DataError(f"no LMDB at '{path}' (data.mdb missing); build it with dataset/img2lmdb.py{hint}")
 
 
 def _open_resolved(real_path: str) -> lmdb.Environment:
@@ -57,7 +55,7 @@ def _open_resolved(real_path: str) -> lmdb.Environment:
     return env
 
 
-class ImageFolder(ListDataset):
+class LMDBDataset(ListDataset):
     """The samples of a list, read from the LMDB at root; the label is the one stored in the record."""
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
@@ -77,3 +75,6 @@ class ImageFolder(ListDataset):
             raise MissingSampleError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
                                      f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
         return decode_record(value)
+
+
+ImageFolder = LMDBDataset  # the original's name for this dataset, kept for code that imports it

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import msgpack
 
+from utils.errors import DataError
+
 LABEL_BYTES = 2
 MAX_LABEL = (1 << (8 * LABEL_BYTES)) - 1
 
@@ -27,7 +29,10 @@ def encode_record(image_bytes: bytes, label: int) -> bytes:
 
 def decode_record(value: bytes) -> tuple[bytes, int]:
     """Returns (image file bytes, label)."""
-    payload = msgpack.unpackb(value, raw=False)
+    try:
+        payload = msgpack.unpackb(value, raw=False)
+    except (ValueError, msgpack.UnpackException):  # msgpack's errors for bytes that are not msgpack
+        payload = None
     if not isinstance(payload, (bytes, bytearray)) or len(payload) <= LABEL_BYTES:
-        raise ValueError("LMDB value is not a WSLD record (msgpack bytes: image + 2-byte label)")
+        raise DataError("LMDB value is not a WSLD record (msgpack bytes: image + 2-byte label)")
     return bytes(payload[:-LABEL_BYTES]), int.from_bytes(payload[-LABEL_BYTES:], "little")

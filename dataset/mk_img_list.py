@@ -7,7 +7,7 @@ duplicated every line).
 
     python3 dataset/mk_img_list.py --image_path /path/to/imagenet --output_path /path/to/imagenet
 
-This module also owns the list file format for the packer and the datasets.
+The list format itself lives in dataset/image_list.py.
 """
 
 from __future__ import annotations
@@ -16,31 +16,28 @@ import argparse
 import os
 import sys
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-LIST_SUFFIX = "_list.txt"
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataset.image_list import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    ImageListError,
+    class_folders,
+    list_file_path,
+    read_list,
+    visible_subfolders,
+    write_list,
+)
 
-class ImageListError(ValueError):
-    """A problem with the image tree or a list that the user can fix; the message is one line."""
-
-
-def _visible_subfolders(path: str) -> list[str]:
-    with os.scandir(path) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def class_folders(split_dir: str) -> list[str]:
-    """The sorted class folder names of a split: the order that defines the labels, as in torchvision's ImageFolder."""
-    if not os.path.isdir(split_dir):
-        raise ImageListError(f"image folder '{split_dir}' not found; pass the folder that holds train/ and val/ as --image_path")
-    return _visible_subfolders(split_dir)
+__all__ = ["ImageListError", "class_folders", "list_file_path", "list_images", "main", "make_lists",
+           "read_list", "split_folders", "write_list"]
 
 
 def split_folders(image_path: str) -> list[str]:
     """The names of the folders under image_path that hold class folders, sorted."""
     if not os.path.isdir(image_path):
         raise ImageListError(f"image folder '{image_path}' not found; pass the folder that holds train/ and val/")
-    return [name for name in _visible_subfolders(image_path) if _visible_subfolders(os.path.join(image_path, name))]
+    return [name for name in visible_subfolders(image_path) if visible_subfolders(os.path.join(image_path, name))]
 
 
 def is_image_file(name: str) -> bool:
@@ -62,33 +59,6 @@ def list_images(split_dir: str) -> list[str]:
                     raise ImageListError(f"file name {os.path.join(folder, name)!r} has a line break; rename it")
                 lines.append(f"{relative}/{name}")
     return sorted(lines)
-
-
-def list_file_path(list_dir: str, split: str) -> str:
-    return os.path.join(list_dir, split + LIST_SUFFIX)
-
-
-def read_list(path: str) -> list[str]:
-    """The lines of a list file, without surrounding white space or blank lines."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image list '{path}' not found; make it with dataset/mk_img_list.py") from None
-    except UnicodeDecodeError:
-        raise ImageListError(f"image list '{path}' is not UTF-8 text; remake it with dataset/mk_img_list.py") from None
-
-
-def write_list(path: str, lines: list[str]) -> None:
-    """Replace the list at path atomically, so that an interrupted write never leaves half a list."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 def make_lists(image_path: str, output_path: str) -> dict[str, int]:

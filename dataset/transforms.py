@@ -37,6 +37,7 @@ from PIL import Image
 
 from dataset import jpeg_region
 from dataset.image_io import CV_COLOR_AT_SCALE, decode_rgb, imdecode, parse_jpeg_header
+from utils.errors import ConfigError
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
 SizeHW = tuple[int, int]
@@ -140,7 +141,7 @@ def decode_scaled(data: bytes, factor: int = 1) -> np.ndarray:
     """The image at 1/factor of its size (JPEG DCT scaling), H x W x 3 uint8 in BGR order.
 
     EXIF orientation is ignored, as PIL (and so torchvision) ignores it. Files OpenCV cannot
-    read go through ``decode_rgb`` at full size; undecodable bytes raise its ValueError.
+    read go through ``decode_rgb`` at full size; undecodable bytes raise its ImageDecodeError.
     """
     image = imdecode(data, CV_COLOR_AT_SCALE[factor])
     if image is None:
@@ -313,7 +314,7 @@ class RandomScaleCropFlip:
                  flip_p: float = 0.5) -> None:
         self.size = as_size(size)
         if not max(self.size) <= min_side <= max_side:
-            raise ValueError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= max_side {max_side}")
+            raise ConfigError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= max_side {max_side}")
         self.min_side, self.max_side, self.flip_p = min_side, max_side, flip_p
 
     def __call__(self, sample: Sample) -> np.ndarray:

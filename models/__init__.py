@@ -16,8 +16,10 @@ from torchvision import models as tv_models
 from models.classifier import float32_classifier
 from models.mobilenet import MobileNetV1
 from models.weights import PathOrState, WeightsError, load_weights, official_checkpoint
+from utils.config import require_choice
+from utils.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "MobileNetV1", "WeightsError", "build_model", "load_weights",
+__all__ = ["MODEL_NAMES", "NET_TYPES", "MobileNetV1", "WeightsError", "build_model", "load_weights",
            "official_weights_path", "teacher_student_names"]
 
 # name -> (constructor taking num_classes, torchvision's official weights or None)
@@ -34,13 +36,13 @@ _NET_TYPES = MappingProxyType({
     "resnet": ("resnet34", "resnet18"),
     "mobilenet": ("resnet50", "mobilenet_v1"),
 })
+NET_TYPES = tuple(_NET_TYPES)
 OFFICIAL_WEIGHTS = "torchvision"
 
 
 def teacher_student_names(net_type: str, teacher: str = "", student: str = "") -> tuple[str, str]:
     """The (teacher, student) model names of ``cfg.net_type``; non-empty explicit names win."""
-    if net_type not in _NET_TYPES:
-        raise ValueError(f"unknown net_type '{net_type}'; choose one of {', '.join(_NET_TYPES)}")
+    require_choice("net_type", net_type, NET_TYPES)
     default_teacher, default_student = _NET_TYPES[net_type]
     return teacher or default_teacher, student or default_student
 
@@ -52,7 +54,7 @@ def official_weights_path(name: str) -> str:
     """
     _, official = _architecture(name)
     if official is None:
-        raise ValueError(f"torchvision has no official weights for '{name}'; "
+        raise ConfigError(f"torchvision has no official weights for '{name}'; "
                          "pass a local weights file instead")
     return official_checkpoint(official.url)
 
@@ -63,14 +65,14 @@ def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None 
     weights: None or '' for random initialisation; 'torchvision' for the official ImageNet
     weights (1000 classes only); otherwise a checkpoint file (a state dict, or one under
     'state_dict'/'model', ``module.`` prefixes allowed) or a state mapping.
-    Raises ValueError for a bad name or combination, FileNotFoundError for a missing file and
-    WeightsError for weights that cannot be used.
+    Raises ConfigError for a bad name or combination and WeightsError for weights that are
+    missing or cannot be used.
     """
     constructor, _ = _architecture(name)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+        raise ConfigError(f"num_classes must be positive, got {num_classes}")
     if weights == OFFICIAL_WEIGHTS and num_classes != 1000:
-        raise ValueError(f"the official '{name}' weights have 1000 classes, but num_classes is {num_classes}; "
+        raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes is {num_classes}; "
                          "train this model from scratch or pass a local weights file")
     if weights == OFFICIAL_WEIGHTS:
         weights = official_weights_path(name)  # fetched (or found cached) before the model is built
@@ -82,6 +84,5 @@ def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None 
 
 
 def _architecture(name: str) -> tuple[Callable[..., nn.Module], tv_models.WeightsEnum | None]:
-    if name not in _ARCHITECTURES:
-        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    require_choice("the model name", name, MODEL_NAMES)
     return _ARCHITECTURES[name]

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from utils.errors import UserError, first_line
+
 # Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Keys under which training scripts nest the state dict beside the optimizer, epoch, ...
@@ -26,7 +28,7 @@ MAX_LISTED_KEYS = 10
 PathOrState = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError):
     """Weights that cannot be used: unreadable, unsafe, not matching the model, or not available.
 
     The message is one line that says what is wrong and what to do.
@@ -36,12 +38,12 @@ class WeightsError(RuntimeError):
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """The unpickled contents of a checkpoint file, tensors on the CPU.
 
-    Raises FileNotFoundError for a missing file and WeightsError for one that is unreadable or
+    Raises WeightsError for a file that is missing, unreadable, or
     would run code when unpickled.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file '{path}' does not exist; check the path")
+        raise WeightsError(f"weights file '{path}' does not exist; check the path")
     if os.path.isdir(path):
         raise WeightsError(f"weights path '{path}' is a directory; pass the checkpoint file inside it")
     try:
@@ -54,10 +56,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
                 "unpickled; load it only if you trust it and re-save just the tensors with "
                 "torch.save(model.state_dict(), path)") from None
         raise WeightsError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
-                           f"({_first_line(exc)}); is the file complete?") from None
+                           f"({first_line(exc)}); is the file complete?") from None
     except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
         raise WeightsError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
-                           f"({_first_line(exc)}); is the file complete?") from None
+                           f"({first_line(exc)}); is the file complete?") from None
 
 
 def _blocked_global(message: str) -> str | None:
@@ -67,11 +69,6 @@ def _blocked_global(message: str) -> str | None:
         if match:
             return match.group(1)
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -134,7 +131,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
 def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -> nn.Module:
     """Load a checkpoint file or a state mapping into model, strictly; returns model.
 
-    On any error (FileNotFoundError, WeightsError) the model is left as it was.
+    On any error (a WeightsError) the model is left as it was.
     """
     if isinstance(path_or_state, Mapping):
         source, checkpoint = "the given state dict", path_or_state
@@ -165,7 +162,7 @@ def official_checkpoint(url: str) -> str:
         # or concurrent download never leaves a partial file under the final name.
         torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None)
     except Exception as exc:  # network, disk and hash errors alike mean: fetch it by hand
-        raise WeightsError(f"cannot download the official weights {filename} ({_first_line(exc)}); "
+        raise WeightsError(f"cannot download the official weights {filename} ({first_line(exc)}); "
                            f"download {url} elsewhere and put it in {folder} "
                            "(set TORCH_HOME to use another cache)") from None
     return path

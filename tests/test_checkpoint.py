@@ -21,6 +21,7 @@ from utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from utils.config import ConfigError
 
 
 class _Unpicklable:
@@ -85,7 +86,7 @@ def test_a_crash_between_the_two_writes_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_load_rejects_missing_truncated_and_code_bearing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(str(tmp_path / "missing.pth"))
     path = tmp_path / "cut.pth"
     atomic_save({"w": torch.randn(1000)}, str(path))
@@ -103,18 +104,19 @@ def test_load_rejects_missing_truncated_and_code_bearing_files(tmp_path):
         load_checkpoint(str(listing))
 
 
-def test_resolve_resume_path(tmp_path):
+def test_resume_path_decides_whether_and_where_to_resume(tmp_path):
     out = str(tmp_path)
     assert resolve_resume_path(False, "", out) is None
     assert resolve_resume_path(False, "auto", out) is None  # nothing to resume yet: start afresh
     save_checkpoint({"epoch": 1}, out, is_best=False)
-    assert resolve_resume_path(False, "auto", out) == os.path.join(out, CHECKPOINT_NAME)
-    explicit = os.path.join(out, CHECKPOINT_NAME)
-    assert resolve_resume_path(True, explicit, out) == explicit
-    with pytest.raises(FileNotFoundError, match="optim.resume_path"):
-        resolve_resume_path(True, "", out)
-    with pytest.raises(FileNotFoundError, match="not found"):
-        resolve_resume_path(True, str(tmp_path / "nope.pth"), out)
+    saved = os.path.join(out, CHECKPOINT_NAME)
+    for if_resume in (False, True):  # if_resume never overrides resume_path, either way
+        assert resolve_resume_path(if_resume, "auto", out) == saved
+        assert resolve_resume_path(if_resume, saved, out) == saved
+    with pytest.raises(ConfigError, match="optim.resume_path"):
+        resolve_resume_path(True, "", out)  # asked to resume, but not from where
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_resume_path(False, str(tmp_path / "nope.pth"), out)
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):

@@ -20,6 +20,7 @@ from knowledge_distiller import (
     build_loss,
     stable_log_softmax,
 )
+from utils.errors import ConfigError
 
 NUM_CLASSES = 10
 
@@ -193,14 +194,14 @@ def test_build_loss_gives_the_three_methods():
     wsld = build_loss("wsld", 3.0, 1.5, 7, 0.1)
     assert (wsld.temperature, wsld.alpha, wsld.num_classes, wsld.label_smoothing) == (3.0, 1.5, 7, 0.1)
     assert build_loss("wsld").needs_teacher and build_loss("kd").needs_teacher
-    with pytest.raises(ValueError, match="wsld, kd, none"):
+    with pytest.raises(ConfigError, match="wsld, kd, none"):
         build_loss("dkd")
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"alpha": -1.0}, {"label_smoothing": 1.0},
                                     {"num_classes": 0}])
 def test_bad_loss_settings_are_refused(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         WSLDLoss(**kwargs)
 
 

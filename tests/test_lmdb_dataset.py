@@ -19,6 +19,7 @@ from dataset.lmdb_dataset import ImageFolder, MissingSampleError, open_lmdb_read
 from dataset.lmdb_format import encode_record
 from dataset.mk_img_list import make_lists, read_list
 from tests.conftest import ODD_FILES
+from utils.errors import DataError, UserError
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_missing_key_error_names_the_key(packed_val, tmp_path):
     ds[0]
     with pytest.raises(MissingSampleError, match="n00000001/not_packed.JPEG") as info:
         ds[1]
-    assert isinstance(info.value, KeyError) and str(info.value).startswith("key 'n00000001/not_packed.JPEG'")
+    assert isinstance(info.value, UserError) and "key 'n00000001/not_packed.JPEG'" in str(info.value)
 
 
 def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
@@ -124,15 +125,15 @@ def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
         message = str(info.value)
         assert message.startswith(f"image 'n00000001/cut_short.JPEG' in the LMDB at '{damaged_root}': ")
         assert "cannot decode image" in message and "\n" not in message
-        with pytest.raises(ValueError, match=r"^image 'n00000002/not_a_record.JPEG' in the LMDB at .*: "):
+        with pytest.raises(DataError, match=r"^image 'n00000002/not_a_record.JPEG' in the LMDB at .*: "):
             ds[2]
 
 
 def test_opens_lazily(packed_val, tmp_path):
     ds = ImageFolder(str(tmp_path / "not_built_yet"), packed_val[1])  # construction touches no LMDB
-    with pytest.raises(FileNotFoundError, match="img2lmdb"):
+    with pytest.raises(DataError, match="img2lmdb"):
         ds[0]
-    with pytest.raises(FileNotFoundError, match="mk_img_list"):
+    with pytest.raises(DataError, match="mk_img_list"):
         ImageFolder(packed_val[0], str(tmp_path / "no_list.txt"))
 
 

@@ -19,6 +19,7 @@ from models import (
     load_weights,
     teacher_student_names,
 )
+from utils.errors import ConfigError
 
 OFFICIAL_RESNET18 = "resnet18-f37072fd.pth"
 
@@ -102,7 +103,7 @@ def test_float32_classifier_keeps_torchvisions_keys_and_initialisation():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50"):
+    with pytest.raises(ConfigError, match="resnet18, resnet34, resnet50"):
         build_model("vgg16")
 
 
@@ -184,12 +185,12 @@ def test_official_weights_are_downloaded_into_the_cache(hub_dir, resnet18_state,
 
 @pytest.mark.parametrize(("name", "num_classes"), [("resnet18", 10), ("mobilenet_v1", 1000)])
 def test_official_weights_only_for_torchvision_models_with_1000_classes(hub_dir, name, num_classes):
-    with pytest.raises(ValueError, match="official"):
+    with pytest.raises(ConfigError, match="official"):
         build_model(name, num_classes=num_classes, weights="torchvision")
 
 
 def test_missing_file_is_a_file_not_found_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         build_model("resnet18", weights=str(tmp_path / "absent.pth"))
 
 
@@ -264,7 +265,7 @@ def test_net_types_map_to_the_original_pairs():
     assert teacher_student_names("mobilenet") == ("resnet50", "mobilenet_v1")
     assert teacher_student_names("resnet", teacher="resnet50") == ("resnet50", "resnet18")
     assert teacher_student_names("mobilenet", student="resnet18") == ("resnet50", "resnet18")
-    with pytest.raises(ValueError, match="resnet, mobilenet"):
+    with pytest.raises(ConfigError, match="resnet, mobilenet"):
         teacher_student_names("vgg")
 
 

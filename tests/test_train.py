@@ -358,9 +358,56 @@ def test_more_torchrun_processes_than_devices_is_a_config_error(monkeypatch):
                        "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    cfg = copy.deepcopy(default_cfg)
+    cfg = train_with_distillation.resolve_config(copy.deepcopy(default_cfg))
     with pytest.raises(ConfigError, match="--nproc_per_node=2"):
         train_with_distillation.check_config(cfg, world_size=4)
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(local_rank, monkeypatch, tmp_path):
+    """Eight processes of a machine must not all open the data and load the teacher at once:
+    only local rank 0 checks, and the others wait for it at a barrier."""
+    for key, value in {"RANK": str(8 + local_rank), "WORLD_SIZE": "16", "LOCAL_RANK": str(local_rank),
+                       "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    calls: list[str] = []
+    module = train_with_distillation
+    monkeypatch.setattr(module, "check_inputs", lambda cfg: calls.append("check_inputs"))
+    monkeypatch.setattr(module, "configure_process", lambda proc, cfg, device: calls.append("process group"))
+    monkeypatch.setattr(module.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(module, "train", lambda proc, cfg, device, log: calls.append("train"))
+    monkeypatch.setattr(module.distributed, "launch", lambda fn, args, nprocs: fn(distributed.torchrun_process(), *args))
+    cfg = copy.deepcopy(default_cfg)
+    cfg.train_params.output_dir = str(tmp_path)
+    module.launch_training(cfg)
+    expected = ["check_inputs"] if local_rank == 0 else []
+    assert calls == [*expected, "process group", "barrier", "train"]
+
+
+def test_a_bug_keeps_its_traceback_while_a_bad_setting_is_one_line(data, tmp_path):
+    """Only the project's UserError becomes one line: a ValueError from inside the code is a bug,
+    and the user (or a bug report) needs its whole traceback."""
+    out = str(tmp_path / "out")
+    argv = overrides(data, out, **{"dist.nprocs": 1, "train_params.eval_teacher": False})
+    program = (
+        "import sys, knowledge_distiller, train_with_distillation\n"
+        "def broken(self, fc_s, fc_t, label):\n"
+        "    raise ValueError('an internal inconsistency')\n"
+        "knowledge_distiller.WSLDLoss.forward = broken\n"
+        "sys.exit(train_with_distillation.main(sys.argv[1:]))\n")
+    bug = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bug.returncode == 1, bug.stderr
+    assert "Traceback (most recent call last)" in bug.stderr
+    assert "ValueError: an internal inconsistency" in bug.stderr
+    assert "in forward" in bug.stderr or "in broken" in bug.stderr  # the stack reaches the loss
+    assert not any(line.startswith("error: ") for line in bug.stderr.splitlines())
+
+    setting = subprocess.run([sys.executable, "train_with_distillation.py", *argv, "optim.init_l=0.1"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert setting.returncode == 2
+    assert setting.stderr.strip().splitlines() == [
+        "error: unknown config key 'optim.init_l'; did you mean 'optim.init_lr'?"]
 
 
 def _write_truncated_checkpoint(path: str) -> str:

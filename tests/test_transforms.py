@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 
 from dataset import transforms
 from dataset.demo_data import sample_photos
-from dataset.image_io import decode_rgb
+from dataset.image_io import ImageDecodeError, decode_rgb
 from dataset.transforms import (
     Box,
     ColorJitter,
@@ -29,6 +29,7 @@ from dataset.transforms import (
     image_header,
     sample_resized_crop_box,
 )
+from utils.errors import ConfigError
 
 TOLERANCE = 3.0  # mean absolute difference on 0..255 allowed against torchvision
 
@@ -272,7 +273,7 @@ def test_rand_scale_draws_shorter_side_position_and_flip_uniformly(photos):
 
 
 def test_rand_scale_rejects_sides_below_the_crop():
-    with pytest.raises(ValueError, match="min_side"):
+    with pytest.raises(ConfigError, match="min_side"):
         RandomScaleCropFlip(224, min_side=200)
 
 
@@ -356,7 +357,7 @@ def test_damaged_jpeg_data_falls_back_to_the_whole_image_decoders(photos, decode
     data[table:table + 16] = b"\xff" * 16
     errors = []
     for region in (True, False):
-        with pytest.raises(ValueError) as caught:
+        with pytest.raises(ImageDecodeError) as caught:
             RandomResizedCropFlip(224, region=region).apply(bytes(data), Box(100, 100, 200, 200), False)
         errors.append(str(caught.value))
     assert decodes["window"] == [1] and decodes["whole"] == [1, 1]
@@ -368,7 +369,7 @@ def test_truncated_jpeg_is_refused(photos, decodes, region):
     """A file cut short is an error, never a crop of libjpeg's grey filler rows: without the
     end marker the region decoder is not asked, and the whole-image path refuses the file."""
     cut = photos["china"][:len(photos["china"]) // 2]
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ImageDecodeError, match="truncated"):
         RandomResizedCropFlip(224, region=region).apply(cut, Box(0, 0, 100, 100), False)
     assert decodes == {"window": [], "whole": [1]}
 
@@ -382,6 +383,6 @@ def test_header_reads_size_and_kind(photos):
 
 
 @pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
-def test_undecodable_bytes_raise_value_error(region):
-    with pytest.raises(ValueError, match="cannot decode"):
+def test_undecodable_bytes_raise_an_image_decode_error(region):
+    with pytest.raises(ImageDecodeError, match="cannot decode"):
         RandomResizedCropFlip(224, region=region)(b"\x00" * 100)

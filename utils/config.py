@@ -15,9 +15,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
+from utils.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem that the user can fix; its message is one line."""
+__all__ = ["AttrDict", "ConfigError", "apply_mapping", "apply_overrides", "load_config_file",
+           "load_config_module", "require_choice", "set_by_path"]
 
 
 class AttrDict(dict):
@@ -96,6 +97,14 @@ def apply_mapping(cfg: AttrDict, mapping: Mapping[str, Any]) -> AttrDict:
     for key, value in mapping.items():
         set_by_path(cfg, key, copy.deepcopy(value))
     return cfg
+
+
+def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ConfigError unless value is one of choices: the one check of every setting that
+    takes one of a fixed set of values."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _unknown_key_message(cfg: Mapping, dotted: str) -> str:

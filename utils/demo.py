@@ -28,13 +28,14 @@ from utils.config import (
     load_config_file,
     load_config_module,
 )
+from utils.errors import UserError
 from utils.logger import CURVES_NAME, METRICS_NAME, read_metrics
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError):
     """Preparing the demo failed; the tool that failed has already said why."""
 
 

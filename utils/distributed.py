@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from utils.logger import one_line
+from utils.errors import UserError, one_line
 
 # The environment torchrun (and torch.distributed.launch) sets for every process it starts.
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -119,14 +119,13 @@ def planned_world_size(nprocs: int) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0,
-           user_errors: tuple[type[BaseException], ...] = ()) -> None:
+def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
     """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
 
-    nprocs = 0 means one process per visible CUDA device (one on the CPU). Exceptions of the
-    types in ``user_errors`` raised in a spawned process come back as a LaunchError carrying
-    their message, without a traceback; other failures carry the process's exit status (its
-    traceback has already been printed by the process itself).
+    nprocs = 0 means one process per visible CUDA device (one on the CPU). A UserError raised
+    in a spawned process comes back as a LaunchError carrying its message, without a
+    traceback; other failures carry the process's exit status (its traceback has already been
+    printed by the process itself).
     """
     proc = torchrun_process()
     if proc is not None:
@@ -138,17 +137,16 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0,
         return
     template = ProcessInfo(world_size=world_size, local_world_size=world_size,
                            init_method=f"tcp://127.0.0.1:{find_free_port()}")
-    _spawn_and_join(fn, args, template, user_errors)
+    _spawn_and_join(fn, args, template)
 
 
-def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo,
-                    user_errors: tuple[type[BaseException], ...]) -> None:
+def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) -> None:
     ctx = multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
     processes = []
     for rank in range(template.world_size):
         proc = replace(template, rank=rank, local_rank=rank)
-        process = ctx.Process(target=_spawned_entry, args=(fn, proc, args, user_errors, errors),
+        process = ctx.Process(target=_spawned_entry, args=(fn, proc, args, errors),
                               name=f"rank{rank}")
         process.start()
         processes.append(process)
@@ -164,14 +162,13 @@ def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo,
     raise LaunchError(message, exit_code=failed.exitcode if (failed.exitcode or 0) > 0 else 1)
 
 
-def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple,
-                   user_errors: tuple[type[BaseException], ...], errors: Any) -> None:
+def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, errors: Any) -> None:
     """A spawned process: run fn, and turn a user error into a message for the parent and exit 2."""
     # Stopped by the parent because a peer failed: unwind, so half-written files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         fn(proc, *args)
-    except user_errors as exc:
+    except UserError as exc:
         errors.put(f"{one_line(exc)} (process {proc.rank})")
         sys.exit(2)
     except KeyboardInterrupt:

@@ -128,11 +128,6 @@ class RunLogger:
         self.close()
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (its type's name when it has none)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def print_error(message: str) -> None:
     """The one line a user sees for a problem they can fix."""
     print(f"error: {message}", file=sys.stderr, flush=True)
