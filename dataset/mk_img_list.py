@@ -7,6 +7,12 @@ duplicated every line).
 
     python3 dataset/mk_img_list.py --image_path /path/to/imagenet --output_path /path/to/imagenet
 
+When the image path holds ImageNet's three official archives and no train/ folder, the lists
+come from the archives, which are read in place (see dataset/imagenet_archives.py). With
+``--val_labels`` (Kaggle's LOC_val_solution.csv, or the devkit's ground truth with ``--devkit``),
+a flat val/ folder is listed as if sorted into class folders. Either way the lines are those of
+the sorted class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
+
 This module also owns the list file format for the packer and the datasets.
 """
 
@@ -15,6 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 LIST_SUFFIX = "_list.txt"
@@ -64,6 +73,28 @@ def list_images(split_dir: str) -> list[str]:
     return sorted(lines)
 
 
+def list_flat_images(folder: str) -> list[str]:
+    """Sorted names of the image files directly in folder (a flat validation folder)."""
+    if not os.path.isdir(folder):
+        raise ImageListError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ folder "
+                             f"of images under --image_path")
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+    if not names:
+        raise ImageListError(f"no image files directly in '{folder}'; --val_labels is for a flat val/ folder")
+    return names
+
+
+def flat_val_labels(image_path: str, val_labels: str, devkit: str | None) -> dict[str, str]:
+    """Name -> wnid of every image in the flat ``<image_path>/val`` folder, from the labels file."""
+    from dataset.imagenet_archives import read_val_labels
+
+    val_dir = os.path.join(image_path, "val")
+    if os.path.isdir(val_dir) and _visible_subfolders(val_dir):
+        raise ImageListError(f"'{val_dir}' is already in class folders; leave out --val_labels")
+    return read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
+
+
 def list_file_path(list_dir: str, split: str) -> str:
     return os.path.join(list_dir, split + LIST_SUFFIX)
 
@@ -91,32 +122,56 @@ def write_list(path: str, lines: list[str]) -> None:
             os.remove(tmp_path)
 
 
-def make_lists(image_path: str, output_path: str) -> dict[str, int]:
-    """Write one list per split folder; returns the number of images per split."""
-    splits = split_folders(image_path)
-    if not splits:
-        raise ImageListError(f"no split folders (folders of class folders such as train/n01440764/) under '{image_path}'")
+def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
+               devkit: str | None = None) -> dict[str, int]:
+    """Write one list per split (folder, or official archive); returns the number of images per split.
+
+    Every list is worked out before any is written, so that an error leaves the old lists as they were.
+    """
+    from dataset.imagenet_archives import archive_lists, find_archives, val_lines
+
+    archives = find_archives(image_path)
+    if archives is not None:
+        lists = archive_lists(archives, val_labels)
+    else:
+        splits = split_folders(image_path)
+        lists = {split: list_images(os.path.join(image_path, split)) for split in splits}
+        if val_labels is not None:
+            wnid_by_name = flat_val_labels(image_path, val_labels, devkit)
+            lists["val"] = val_lines(list(wnid_by_name), wnid_by_name)
+        if not lists:
+            raise ImageListError(f"no split folders (folders of class folders such as train/n01440764/) "
+                                 f"under '{image_path}', nor the official archives")
     os.makedirs(output_path, exist_ok=True)
-    counts = {}
-    for split in splits:
-        lines = list_images(os.path.join(image_path, split))
+    for split, lines in lists.items():
         write_list(list_file_path(output_path, split), lines)
-        counts[split] = len(lines)
-    return counts
+    return {split: len(lines) for split, lines in lists.items()}
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """--val_labels and --devkit, shared with the packer."""
+    parser.add_argument("--val_labels", default=None,
+                        help="labels of a flat val/ folder: Kaggle's LOC_val_solution.csv, or the devkit's "
+                             "ILSVRC2012_validation_ground_truth.txt together with --devkit")
+    parser.add_argument("--devkit", default=None, help="ILSVRC2012_devkit_t12.tar.gz, for the ground-truth file's IDs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image_path", required=True, help="folder holding the split folders (train/, val/)")
+    parser.add_argument("--image_path", required=True,
+                        help="folder holding the split folders (train/, val/), or the three official archives")
     parser.add_argument("--output_path", required=True, help="folder for the <split>_list.txt files")
+    add_label_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dataset.imagenet_archives import ArchiveError
+
     args = parse_args(argv)
     try:
-        counts = make_lists(args.image_path, args.output_path)
-    except (ImageListError, OSError) as exc:
+        counts = make_lists(args.image_path, args.output_path, args.val_labels, args.devkit)
+    except (ImageListError, ArchiveError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for split, count in counts.items():

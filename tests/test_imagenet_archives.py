@@ -1,0 +1,337 @@
+"""ImageNet from its official archives and from Kaggle's layout: the same lists and the same LMDBs as
+from extracted, sorted class folders; restarts, --skip_bad and one-line errors for bad archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import lmdb
+import numpy as np
+import pytest
+import scipy.io
+
+from dataset import img2lmdb
+from dataset.imagenet_archives import DEVKIT, GROUND_TRUTH, META_MAT, TRAIN_TAR, VAL_TAR
+from dataset.mk_img_list import main as make_lists
+from dataset.mk_img_list import read_list
+from tests.conftest import NUM_CLASSES, ODD_FILES, truncate_file
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+                 "num_train_images")
+# The devkit numbers the classes in its own order, not the sorted-wnid order: sorted class k has ID CLASS_IDS[k].
+CLASS_IDS = (3, 1, 4, 2)
+PARENTS = (("n09000001", 5, (1, 2)), ("n09000002", 6, (3, 4, 5)))  # non-leaf synsets after the classes
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            add_bytes(tar, name, data)
+    return buffer.getvalue()
+
+
+def write_tar(path: str, files: dict[str, bytes], mode: str = "w") -> None:
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            add_bytes(tar, name, data)
+
+
+def folder_files(folder: str) -> dict[str, bytes]:
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            files[name] = f.read()
+    return files
+
+
+def meta_mat(wnids: list[str]) -> bytes:
+    """meta.mat as the devkit lays it out: a 1-column struct array 'synsets', leaves first, then parents."""
+    rows = [(CLASS_IDS[k], wnid, f"class {k}", f"gloss {k}", 0, np.zeros((1, 0)), 0, 6)
+            for k, wnid in enumerate(wnids)]
+    rows.sort(key=lambda row: row[0])  # the devkit's ID order
+    rows += [(synset_id, wnid, "parent", "a parent", len(children), np.array(children), 2, 0)
+             for wnid, synset_id, children in PARENTS]
+    synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
+    for i, row in enumerate(rows):
+        for name, value in zip(SYNSET_FIELDS, row):
+            synsets[i, 0][name] = value
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, {"synsets": synsets})
+    return buffer.getvalue()
+
+
+def write_devkit(path: str, wnids: list[str], ground_truth: str | None, with_meta: bool = True) -> None:
+    files = {f"{DEVKIT_DIR}/COPYING": b"devkit"}
+    if with_meta:
+        files[f"{DEVKIT_DIR}/{META_MAT}"] = meta_mat(wnids)
+    if ground_truth is not None:
+        files[f"{DEVKIT_DIR}/{GROUND_TRUTH}"] = ground_truth.encode("ascii")
+    write_tar(path, files, "w:gz")
+
+
+@pytest.fixture(scope="module")
+def imagenet(photo_tree, tmp_path_factory) -> dict[str, str]:
+    """The same images three ways: extracted and sorted, the official archives, Kaggle's layout.
+
+    The validation images get official names, numbered in an order unrelated to their classes.
+    """
+    root = str(tmp_path_factory.mktemp("imagenet_layouts"))
+    folders, archives, kaggle = (os.path.join(root, name) for name in ("folders", "archives", "kaggle"))
+    shutil.copytree(os.path.join(photo_tree, "train"), os.path.join(folders, "train"))
+    wnids = sorted(os.listdir(os.path.join(photo_tree, "val")))
+    val_images = [(wnid, name) for wnid in wnids for name in sorted(os.listdir(os.path.join(photo_tree, "val", wnid)))]
+    order = np.random.default_rng(0).permutation(len(val_images))
+    os.makedirs(os.path.join(kaggle, "val"))
+    ground_truth, csv_rows, flat = [], ["ImageId,PredictionString"], {}
+    for number, index in enumerate(order, start=1):
+        wnid, name = val_images[index]
+        official = f"ILSVRC2012_val_{number:08d}.JPEG"
+        os.makedirs(os.path.join(folders, "val", wnid), exist_ok=True)
+        shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(folders, "val", wnid, official))
+        shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(kaggle, "val", official))
+        with open(os.path.join(photo_tree, "val", wnid, name), "rb") as f:
+            flat[official] = f.read()
+        ground_truth.append(str(CLASS_IDS[wnids.index(wnid)]))
+        csv_rows.append(f"{official[:-5]},{wnid} 10 20 30 40 {wnid} 1 2 3 4")
+
+    os.makedirs(archives)
+    write_tar(os.path.join(archives, TRAIN_TAR),
+              {f"{wnid}.tar": tar_bytes(folder_files(os.path.join(folders, "train", wnid))) for wnid in wnids})
+    write_tar(os.path.join(archives, VAL_TAR), flat)
+    write_devkit(os.path.join(archives, DEVKIT), wnids, "\n".join(ground_truth) + "\n")
+
+    shutil.copytree(os.path.join(folders, "train"), os.path.join(kaggle, "train"))
+    os.makedirs(os.path.join(kaggle, "test"))
+    shutil.copy(os.path.join(kaggle, "val", "ILSVRC2012_val_00000001.JPEG"), os.path.join(kaggle, "test"))
+    csv_path = os.path.join(root, "LOC_val_solution.csv")
+    with open(csv_path, "w") as f:
+        f.write("\n".join(csv_rows) + "\n")
+    ground_truth_path = os.path.join(root, "ILSVRC2012_validation_ground_truth.txt")
+    with open(ground_truth_path, "w") as f:
+        f.write("\n".join(ground_truth) + "\n")
+    return {"folders": folders, "archives": archives, "kaggle": kaggle, "csv": csv_path,
+            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT)}
+
+
+@pytest.fixture()
+def archives_copy(imagenet, tmp_path) -> str:
+    dst = str(tmp_path / "archives")
+    shutil.copytree(imagenet["archives"], dst)
+    return dst
+
+
+def raw_lmdb(path: str) -> dict[bytes, bytes]:
+    env = lmdb.open(path, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return dict(txn.cursor())
+    finally:
+        env.close()
+
+
+def list_and_pack(image_path: str, out: str, splits: tuple[str, ...], *extra: str, workers: str = "1") -> None:
+    assert make_lists(["--image_path", image_path, "--output_path", out, *extra]) == 0
+    for split in splits:
+        assert img2lmdb.main(["--image_path", image_path, "--list_path", out, "--output_path", out,
+                              "--split", split, "--workers", workers, *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def from_folders(imagenet, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("from_folders"))
+    list_and_pack(imagenet["folders"], out, ("train", "val"))
+    return out
+
+
+def error_line(capsys) -> str:
+    """The last line of stderr, after any progress bar: the one error line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and sum(line.startswith("error") for line in err) == 1, err
+    return err[-1]
+
+
+def test_archives_give_the_lists_and_lmdbs_of_the_sorted_folders(imagenet, from_folders, tmp_path):
+    out = str(tmp_path)
+    list_and_pack(imagenet["archives"], out, ("train", "val"), workers="2")
+    assert sorted(os.listdir(imagenet["archives"])) == sorted([TRAIN_TAR, VAL_TAR, DEVKIT])  # nothing extracted
+    for split in ("train", "val"):
+        lines = read_list(os.path.join(out, f"{split}_list.txt"))
+        assert lines == read_list(os.path.join(from_folders, f"{split}_list.txt"))
+        assert raw_lmdb(os.path.join(out, split)) == raw_lmdb(os.path.join(from_folders, split))
+    val = read_list(os.path.join(out, "val_list.txt"))
+    assert val[0].startswith("n00000000/ILSVRC2012_val_") and len(val) == len(set(val))
+    odd = [name.removeprefix("train/") for key, name in ODD_FILES.items() if key != "grey_val"]
+    assert set(odd) <= set(read_list(os.path.join(out, "train_list.txt")))
+
+
+@pytest.mark.parametrize("labels", ["csv", "ground_truth"])
+def test_flat_val_folder_with_val_labels_matches_the_sorted_folders(imagenet, from_folders, tmp_path, labels):
+    out = str(tmp_path)
+    extra = ["--val_labels", imagenet[labels]] + (["--devkit", imagenet["devkit"]] if labels == "ground_truth" else [])
+    list_and_pack(imagenet["kaggle"], out, ("val",), *extra)
+    for split in ("train", "val"):
+        assert read_list(os.path.join(out, f"{split}_list.txt")) == read_list(
+            os.path.join(from_folders, f"{split}_list.txt"))
+    assert not os.path.exists(os.path.join(out, "test_list.txt"))  # Kaggle's unlabelled test/ is not a split
+    assert raw_lmdb(os.path.join(out, "val")) == raw_lmdb(os.path.join(from_folders, "val"))
+
+
+def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path)
+    list_and_pack(imagenet["archives"], out, ("val",))
+    env = lmdb.open(os.path.join(out, "val"))
+    with env.begin(write=True) as txn:
+        removed = [key for i, (key, _) in enumerate(txn.cursor()) if i % 3 == 0]
+        for key in removed:
+            txn.delete(key)
+    env.close()
+    decoded = []
+    real_prepare = img2lmdb.prepare_for_storage
+    monkeypatch.setattr(img2lmdb, "prepare_for_storage", lambda data, *a: decoded.append(data) or real_prepare(data, *a))
+    capsys.readouterr()
+    assert img2lmdb.main(["--image_path", imagenet["archives"], "--list_path", out, "--output_path", out,
+                          "--split", "val", "--workers", "1"]) == 0
+    total = len(read_list(os.path.join(out, "val_list.txt")))
+    assert len(decoded) == len(removed)
+    assert f"{total - len(removed)} of {total} images already in" in capsys.readouterr().out
+    assert raw_lmdb(os.path.join(out, "val")) == raw_lmdb(os.path.join(from_folders, "val"))
+
+
+def damage_train_member(archives_dir: str, wnid: str, member: str, damage) -> None:
+    """Rewrite the train tar with one image of one inner tar changed by damage(bytes)."""
+    path = os.path.join(archives_dir, TRAIN_TAR)
+    with tarfile.open(path) as outer:
+        inner_tars = {m.name: outer.extractfile(m).read() for m in outer}
+    with tarfile.open(fileobj=io.BytesIO(inner_tars[f"{wnid}.tar"])) as inner:
+        files = {m.name: inner.extractfile(m).read() for m in inner}
+    files[member] = damage(files[member])
+    inner_tars[f"{wnid}.tar"] = tar_bytes(files)
+    write_tar(path, inner_tars)
+
+
+def test_skip_bad_leaves_out_a_damaged_image_of_the_archive(archives_copy, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
+    bad = "n00000002/n00000002_3.JPEG"
+    damage_train_member(archives_copy, "n00000002", "n00000002_3.JPEG", lambda data: data[: len(data) // 3])
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
+            "--workers", "2", "--commit_every", "4"]
+    assert img2lmdb.main(pack) == 2
+    assert f"{TRAIN_TAR}/n00000002.tar/n00000002_3.JPEG" in error_line(capsys)
+    assert img2lmdb.main([*pack, "--skip_bad"]) == 0
+    assert read_list(os.path.join(out, "train_skipped.txt")) == [bad]
+    lines = read_list(os.path.join(out, "train_list.txt"))
+    assert bad not in lines and sorted(k.decode() for k in raw_lmdb(os.path.join(out, "train"))) == lines
+
+
+def test_a_truncated_train_tar_stops_packing_and_a_rerun_finishes(imagenet, from_folders, archives_copy, tmp_path,
+                                                                  capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
+    train_tar = os.path.join(archives_copy, TRAIN_TAR)
+    truncate_file(train_tar, keep_fraction=0.6)
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
+            "--workers", "1", "--commit_every", "3"]
+    assert img2lmdb.main(pack) == 2
+    assert train_tar in error_line(capsys)
+    stored = raw_lmdb(os.path.join(out, "train"))
+    assert stored and all(value == raw_lmdb(os.path.join(from_folders, "train"))[key] for key, value in stored.items())
+    shutil.copy(os.path.join(imagenet["archives"], TRAIN_TAR), train_tar)
+    assert img2lmdb.main(pack) == 0
+    assert raw_lmdb(os.path.join(out, "train")) == raw_lmdb(os.path.join(from_folders, "train"))
+
+
+BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a wnid", "image without label",
+              "ground truth too short", "devkit without meta.mat", "train tar cut between members"]
+
+
+@pytest.mark.parametrize("problem", BAD_INPUTS)
+def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_copy, tmp_path, capsys, problem):
+    image_path, extra = archives_copy, []
+    wnids = [f"n{k:08d}" for k in range(NUM_CLASSES)]
+    train_tar, val_tar, devkit = (os.path.join(archives_copy, name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT))
+    if problem == "missing archive":
+        os.remove(val_tar)
+        expected = val_tar
+    elif problem == "truncated tar":
+        truncate_file(val_tar, keep_fraction=0.5)
+        expected = val_tar
+    elif problem == "not a tar":
+        with open(train_tar, "wb") as f:
+            f.write(b"<html>not found</html>" * 100)
+        expected = train_tar
+    elif problem == "inner tar not a wnid":
+        with tarfile.open(train_tar) as outer:
+            inner_tars = {m.name: outer.extractfile(m).read() for m in outer}
+        inner_tars["extras.tar"] = tar_bytes({"x.JPEG": b"x"})
+        write_tar(train_tar, inner_tars)
+        expected = "extras"
+    elif problem == "image without label":
+        image_path = str(tmp_path / "kaggle")
+        shutil.copytree(imagenet["kaggle"], image_path)
+        with open(imagenet["csv"]) as f:
+            rows = f.read().splitlines()
+        dropped = rows.pop(2).split(",")[0] + ".JPEG"
+        labels = str(tmp_path / "LOC_val_solution.csv")
+        with open(labels, "w") as f:
+            f.write("\n".join(rows) + "\n")
+        extra, expected = ["--val_labels", labels], dropped
+    elif problem == "ground truth too short":
+        with open(imagenet["ground_truth"]) as f:
+            ground_truth = f.read().split()
+        write_devkit(devkit, wnids, "\n".join(ground_truth[:-1]) + "\n")
+        expected = devkit
+    elif problem == "devkit without meta.mat":
+        write_devkit(devkit, wnids, "1\n", with_meta=False)
+        expected = devkit
+    elif problem == "train tar cut between members":
+        with open(train_tar, "rb") as f:
+            data = f.read()
+        with tarfile.open(train_tar) as outer:
+            last = outer.getmembers()[-1]
+        with open(train_tar, "wb") as f:
+            f.write(data[:last.offset])
+        expected = train_tar
+    out = str(tmp_path / "lists")
+    assert make_lists(["--image_path", image_path, "--output_path", out, *extra]) == 2
+    assert expected in error_line(capsys)
+    assert not os.path.exists(out) or not os.listdir(out)
+
+
+def test_packing_checks_the_archive_before_writing(archives_copy, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
+    os.remove(os.path.join(archives_copy, DEVKIT))
+    result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy, "--list_path", out,
+                             "--output_path", out, "--split", "val"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and DEVKIT in result.stderr
+    assert not os.path.exists(os.path.join(out, "val"))
+
+
+def test_a_stale_val_list_is_refused(imagenet, archives_copy, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
+    list_file = os.path.join(out, "val_list.txt")
+    lines = read_list(list_file)
+    name = lines[0].split("/")[1]
+    lines[0] = f"n00000003/{name}"  # a list from other labels
+    with open(list_file, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    assert img2lmdb.main(["--image_path", archives_copy, "--list_path", out, "--output_path", out,
+                          "--split", "val", "--workers", "1"]) == 2
+    assert name in error_line(capsys)
