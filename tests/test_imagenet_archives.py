@@ -16,75 +16,17 @@ import pytest
 import scipy.io
 
 from dataset import img2lmdb
-from dataset.imagenet_archives import DEVKIT, GROUND_TRUTH, META_MAT, TRAIN_TAR, VAL_TAR
+from dataset.demo_data import tar_bytes, write_devkit, write_official_archives, write_tar
+from dataset.imagenet_archives import DEVKIT, TRAIN_TAR, VAL_TAR, devkit_classes
 from dataset.mk_img_list import main as make_lists
 from dataset.mk_img_list import read_list
-from tests.conftest import NUM_CLASSES, ODD_FILES, truncate_file
+from tests.conftest import ODD_FILES, truncate_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVKIT_DIR = "ILSVRC2012_devkit_t12"
-SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-                 "num_train_images")
-# The devkit numbers the classes in its own order, not the sorted-wnid order: sorted class k has ID CLASS_IDS[k].
-CLASS_IDS = (3, 1, 4, 2)
-PARENTS = (("n09000001", 5, (1, 2)), ("n09000002", 6, (3, 4, 5)))  # non-leaf synsets after the classes
-
-
-def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def tar_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            add_bytes(tar, name, data)
-    return buffer.getvalue()
-
-
-def write_tar(path: str, files: dict[str, bytes], mode: str = "w") -> None:
-    with tarfile.open(path, mode) as tar:
-        for name, data in files.items():
-            add_bytes(tar, name, data)
-
-
-def folder_files(folder: str) -> dict[str, bytes]:
-    files = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            files[name] = f.read()
-    return files
-
-
-def meta_mat(wnids: list[str]) -> bytes:
-    """meta.mat as the devkit lays it out: a 1-column struct array 'synsets', leaves first, then parents."""
-    rows = [(CLASS_IDS[k], wnid, f"class {k}", f"gloss {k}", 0, np.zeros((1, 0)), 0, 6)
-            for k, wnid in enumerate(wnids)]
-    rows.sort(key=lambda row: row[0])  # the devkit's ID order
-    rows += [(synset_id, wnid, "parent", "a parent", len(children), np.array(children), 2, 0)
-             for wnid, synset_id, children in PARENTS]
-    synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
-    for i, row in enumerate(rows):
-        for name, value in zip(SYNSET_FIELDS, row):
-            synsets[i, 0][name] = value
-    buffer = io.BytesIO()
-    scipy.io.savemat(buffer, {"synsets": synsets})
-    return buffer.getvalue()
-
-
-def write_devkit(path: str, wnids: list[str], ground_truth: str | None, with_meta: bool = True) -> None:
-    files = {f"{DEVKIT_DIR}/COPYING": b"devkit"}
-    if with_meta:
-        files[f"{DEVKIT_DIR}/{META_MAT}"] = meta_mat(wnids)
-    if ground_truth is not None:
-        files[f"{DEVKIT_DIR}/{GROUND_TRUTH}"] = ground_truth.encode("ascii")
-    write_tar(path, files, "w:gz")
 
 
 @pytest.fixture(scope="module")
-def imagenet(photo_tree, tmp_path_factory) -> dict[str, str]:
+def imagenet(photo_tree, tmp_path_factory) -> dict:
     """The same images three ways: extracted and sorted, the official archives, Kaggle's layout.
 
     The validation images get official names, numbered in an order unrelated to their classes.
@@ -96,23 +38,16 @@ def imagenet(photo_tree, tmp_path_factory) -> dict[str, str]:
     val_images = [(wnid, name) for wnid in wnids for name in sorted(os.listdir(os.path.join(photo_tree, "val", wnid)))]
     order = np.random.default_rng(0).permutation(len(val_images))
     os.makedirs(os.path.join(kaggle, "val"))
-    ground_truth, csv_rows, flat = [], ["ImageId,PredictionString"], {}
+    val_wnids, csv_rows = [], ["ImageId,PredictionString"]
     for number, index in enumerate(order, start=1):
         wnid, name = val_images[index]
         official = f"ILSVRC2012_val_{number:08d}.JPEG"
         os.makedirs(os.path.join(folders, "val", wnid), exist_ok=True)
         shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(folders, "val", wnid, official))
         shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(kaggle, "val", official))
-        with open(os.path.join(photo_tree, "val", wnid, name), "rb") as f:
-            flat[official] = f.read()
-        ground_truth.append(str(CLASS_IDS[wnids.index(wnid)]))
+        val_wnids.append(wnid)
         csv_rows.append(f"{official[:-5]},{wnid} 10 20 30 40 {wnid} 1 2 3 4")
-
-    os.makedirs(archives)
-    write_tar(os.path.join(archives, TRAIN_TAR),
-              {f"{wnid}.tar": tar_bytes(folder_files(os.path.join(folders, "train", wnid))) for wnid in wnids})
-    write_tar(os.path.join(archives, VAL_TAR), flat)
-    write_devkit(os.path.join(archives, DEVKIT), wnids, "\n".join(ground_truth) + "\n")
+    class_ids = write_official_archives(folders, archives)
 
     shutil.copytree(os.path.join(folders, "train"), os.path.join(kaggle, "train"))
     os.makedirs(os.path.join(kaggle, "test"))
@@ -120,11 +55,23 @@ def imagenet(photo_tree, tmp_path_factory) -> dict[str, str]:
     csv_path = os.path.join(root, "LOC_val_solution.csv")
     with open(csv_path, "w") as f:
         f.write("\n".join(csv_rows) + "\n")
+    ground_truth = [class_ids[wnid] for wnid in val_wnids]
     ground_truth_path = os.path.join(root, "ILSVRC2012_validation_ground_truth.txt")
     with open(ground_truth_path, "w") as f:
-        f.write("\n".join(ground_truth) + "\n")
+        f.write("".join(f"{class_id}\n" for class_id in ground_truth))
     return {"folders": folders, "archives": archives, "kaggle": kaggle, "csv": csv_path,
-            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT)}
+            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT), "class_ids": class_ids,
+            "ground_truth_ids": ground_truth}
+
+
+def test_devkit_numbers_classes_in_its_own_order_and_has_parents(imagenet):
+    class_ids = imagenet["class_ids"]
+    assert [class_ids[wnid] for wnid in sorted(class_ids)] != sorted(class_ids.values())  # not the label order
+    assert devkit_classes(imagenet["devkit"]) == {class_id: wnid for wnid, class_id in class_ids.items()}
+    with tarfile.open(imagenet["devkit"]) as devkit:
+        meta = devkit.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()
+    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    assert sum(int(s["num_children"]) > 0 for s in synsets) == 2 and len(synsets) == len(class_ids) + 2
 
 
 @pytest.fixture()
@@ -262,7 +209,7 @@ BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
 def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_copy, tmp_path, capsys, problem):
     image_path, extra = archives_copy, []
-    wnids = [f"n{k:08d}" for k in range(NUM_CLASSES)]
+    class_ids = imagenet["class_ids"]
     train_tar, val_tar, devkit = (os.path.join(archives_copy, name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT))
     if problem == "missing archive":
         os.remove(val_tar)
@@ -279,7 +226,7 @@ def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_cop
             inner_tars = {m.name: outer.extractfile(m).read() for m in outer}
         inner_tars["extras.tar"] = tar_bytes({"x.JPEG": b"x"})
         write_tar(train_tar, inner_tars)
-        expected = "extras"
+        expected = "'extras.tar'"
     elif problem == "image without label":
         image_path = str(tmp_path / "kaggle")
         shutil.copytree(imagenet["kaggle"], image_path)
@@ -291,12 +238,10 @@ def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_cop
             f.write("\n".join(rows) + "\n")
         extra, expected = ["--val_labels", labels], dropped
     elif problem == "ground truth too short":
-        with open(imagenet["ground_truth"]) as f:
-            ground_truth = f.read().split()
-        write_devkit(devkit, wnids, "\n".join(ground_truth[:-1]) + "\n")
+        write_devkit(devkit, class_ids, imagenet["ground_truth_ids"][:-1])
         expected = devkit
     elif problem == "devkit without meta.mat":
-        write_devkit(devkit, wnids, "1\n", with_meta=False)
+        write_devkit(devkit, class_ids, [1], with_meta=False)
         expected = devkit
     elif problem == "train tar cut between members":
         with open(train_tar, "rb") as f:
