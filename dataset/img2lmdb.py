@@ -9,7 +9,7 @@ be the split's image folder itself: the LMDB's two files sit beside the class fo
 
 The image path may instead hold ImageNet's three official archives (and no train/ folder): the
 images are then read from the archives, each read once, front to back, and labels number the
-devkit's classes in sorted-wnid order. ``--val_labels`` packs a flat val/ folder (Kaggle's
+train tar's inner tars (one per class) in sorted-wnid order. ``--val_labels`` packs a flat val/ folder (Kaggle's
 layout). Either way the LMDB is the one the sorted class folders would give, byte for byte.
 
 - Lossless: RGB and greyscale JPEGs are stored byte for byte; PNGs, CMYK JPEGs and other
@@ -51,9 +51,9 @@ from dataset.imagenet_archives import (  # noqa: E402
     Archives,
     archive_val_labels,
     find_archives,
-    sorted_wnids,
     stream_train_tar,
     stream_val_tar,
+    train_classes,
 )
 from dataset.lmdb_format import encode_key, encode_record  # noqa: E402
 from dataset.mk_img_list import (  # noqa: E402
@@ -298,7 +298,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
         raise PackError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
     flat = archives is None and split == "val" and val_labels is not None
     if archives is not None:
-        labels = {wnid: index for index, wnid in enumerate(sorted_wnids(archives.devkit))}
+        labels = {wnid: index for index, wnid in enumerate(train_classes(archives.train))}
         if split == "val":
             _check_val_lines(lines, archive_val_labels(archives, val_labels), list_file, f"'{archives.val}'")
     else:

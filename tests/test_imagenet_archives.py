@@ -185,21 +185,37 @@ def test_skip_bad_leaves_out_a_damaged_image_of_the_archive(archives_copy, tmp_p
     assert bad not in lines and sorted(k.decode() for k in raw_lmdb(os.path.join(out, "train"))) == lines
 
 
-def test_a_truncated_train_tar_stops_packing_and_a_rerun_finishes(imagenet, from_folders, archives_copy, tmp_path,
-                                                                  capsys):
+def test_a_truncated_train_tar_is_refused_before_anything_is_written(archives_copy, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
     train_tar = os.path.join(archives_copy, TRAIN_TAR)
     truncate_file(train_tar, keep_fraction=0.6)
-    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
-            "--workers", "1", "--commit_every", "3"]
-    assert img2lmdb.main(pack) == 2
+    assert img2lmdb.main(["--image_path", archives_copy, "--list_path", out, "--output_path", out,
+                          "--split", "train", "--workers", "1"]) == 2
     assert train_tar in error_line(capsys)
-    stored = raw_lmdb(os.path.join(out, "train"))
-    assert stored and all(value == raw_lmdb(os.path.join(from_folders, "train"))[key] for key, value in stored.items())
+    assert not os.path.exists(os.path.join(out, "train"))
+
+
+def test_a_damaged_inner_tar_stops_packing_and_a_rerun_finishes(imagenet, from_folders, archives_copy, tmp_path,
+                                                                capsys):
+    out = str(tmp_path / "out")
+    assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
+    train_tar = os.path.join(archives_copy, TRAIN_TAR)
+    with tarfile.open(train_tar) as outer:
+        inner_tars = {m.name: outer.extractfile(m).read() for m in outer}
+    inner = inner_tars["n00000002.tar"]
+    inner_tars["n00000002.tar"] = inner[: int(len(inner) * 0.6)]  # the outer tar is whole, the inner cut short
+    write_tar(train_tar, inner_tars)
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
+            "--workers", "2", "--commit_every", "3"]
+    assert img2lmdb.main(pack) == 2
+    assert f"{train_tar}/n00000002.tar" in error_line(capsys)
+    stored, expected = raw_lmdb(os.path.join(out, "train")), raw_lmdb(os.path.join(from_folders, "train"))
+    assert {key.decode()[:9] for key in stored} >= {"n00000000", "n00000001"}  # the classes before the damage
+    assert all(value == expected[key] for key, value in stored.items())
     shutil.copy(os.path.join(imagenet["archives"], TRAIN_TAR), train_tar)
     assert img2lmdb.main(pack) == 0
-    assert raw_lmdb(os.path.join(out, "train")) == raw_lmdb(os.path.join(from_folders, "train"))
+    assert raw_lmdb(os.path.join(out, "train")) == expected
 
 
 BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a wnid", "image without label",
