@@ -11,7 +11,7 @@ The ImageNet site hands out three files, which torchvision's ``ImageNet`` also e
 Kaggle's copy has extracted folders, a flat ``val/`` and ``LOC_val_solution.csv`` instead.
 
 Nothing is extracted to disk. Listing reads only the tar headers (seeking over the images);
-packing reads each archive once, front to back, as one stream. The list lines are those of
+packing reads each archive once, front to back, as one stream: every read lies after the last. The list lines are those of
 validation sorted into class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
 """
 
@@ -24,6 +24,7 @@ import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from dataset.mk_img_list import is_image_file
 
@@ -122,25 +123,45 @@ def _checked_name(member: tarfile.TarInfo, archive: str) -> str:
     return member.name.removeprefix("./")
 
 
-def _check_end(f: io.RawIOBase, tar: tarfile.TarFile, path: str) -> None:
+def _check_end(f: BinaryIO, tar: tarfile.TarFile, path: str) -> None:
     """A tar cut short exactly between two members reads as a shorter, valid one: its end marker tells."""
     f.seek(tar.offset)
     if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
         raise _damaged(path, "it has no end-of-archive marker")
 
 
-def _list_members(f: io.RawIOBase, path: str) -> list[tarfile.TarInfo]:
-    """The file members of the tar that starts at f's position, read header by header."""
+def _file_members(f: BinaryIO, path: str, size: int) -> Iterator[tarfile.TarInfo]:
+    """The file members of the tar that starts at f's position, header by header, front to back.
+
+    The caller may read a member's data between two members: each header is read at its own
+    offset, so every read moves forward through the file. size is the whole file's.
+    """
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves f open
-            members = [member for member in tar if member.isfile()]
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    raise _damaged(path, f"it ends inside {member.name}")
+                if member.isfile():
+                    yield member
             _check_end(f, tar, path)
     except (tarfile.TarError, EOFError) as exc:
         raise _damaged(path, exc) from None
+
+
+def _open_archive(path: str, buffering: int) -> BinaryIO:
+    try:
+        return open(path, "rb", buffering=buffering)
+    except FileNotFoundError:
+        raise ArchiveError(f"archive '{path}' not found") from None
+
+
+def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str]]:
+    """(wnid, where) of each inner tar of the train tar, with f at the inner tar's first header."""
     size = os.fstat(f.fileno()).st_size
-    if members and members[-1].offset_data + members[-1].size > size:
-        raise _damaged(path, "it ends inside its last file")
-    return members
+    for inner in _file_members(f, path, size):
+        wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
+        f.seek(inner.offset_data)
+        yield wnid, f"{path}/{inner.name}"
 
 
 def train_classes(path: str) -> list[str]:
@@ -148,40 +169,29 @@ def train_classes(path: str) -> list[str]:
 
     Only the 1,000 outer headers are read, so this costs a thousand short reads, not a pass over the tar.
     """
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return sorted(_check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
-                          for inner in _list_members(f, path))
-    except FileNotFoundError:
-        raise ArchiveError(f"archive '{path}' not found") from None
+    with _open_archive(path, 0) as f:
+        return sorted(_check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
+                      for inner in _file_members(f, path, os.fstat(f.fileno()).st_size))
 
 
 def list_train_tar(path: str) -> list[str]:
     """Sorted ``wnid/file`` lines of the train tar's images, from the headers alone."""
     lines = []
-    try:
-        with open(path, "rb", buffering=0) as f:
-            for inner in _list_members(f, path):
-                wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
-                where = f"{path}/{inner.name}"
-                f.seek(inner.offset_data)
-                for member in _list_members(f, where):
-                    name = _checked_name(member, where)
-                    if is_image_file(name):
-                        lines.append(f"{wnid}/{name}")
-    except FileNotFoundError:
-        raise ArchiveError(f"archive '{path}' not found") from None
+    with _open_archive(path, 0) as f:  # unbuffered: a header is one short read, the images are skipped
+        size = os.fstat(f.fileno()).st_size
+        for wnid, where in _inner_tars(f, path):
+            for member in _file_members(f, where, size):
+                name = _checked_name(member, where)
+                if is_image_file(name):
+                    lines.append(f"{wnid}/{name}")
     return sorted(lines)
 
 
 def list_val_tar(path: str) -> list[str]:
     """Sorted names of the validation tar's images, from the headers alone."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return sorted(name for name in (_checked_name(m, path) for m in _list_members(f, path))
-                          if is_image_file(name))
-    except FileNotFoundError:
-        raise ArchiveError(f"archive '{path}' not found") from None
+    with _open_archive(path, 0) as f:
+        members = _file_members(f, path, os.fstat(f.fileno()).st_size)
+        return sorted(name for name in (_checked_name(m, path) for m in members) if is_image_file(name))
 
 
 def read_val_labels(labels_file: str, image_names: list[str], source: str,
@@ -268,49 +278,32 @@ def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str
     return {"train": train, "val": val_lines(list(wnid_by_name), wnid_by_name)}
 
 
-def _open_stream(source: str | io.BufferedReader, path: str) -> tarfile.TarFile:
-    """A tar read strictly front to back; source is its path, or the file object of a tar inside a tar."""
-    try:
-        if isinstance(source, str):
-            return tarfile.open(source, mode="r|", bufsize=_STREAM_BUFFER)
-        return tarfile.open(fileobj=source, mode="r|", bufsize=_STREAM_BUFFER)
-    except FileNotFoundError:
-        raise ArchiveError(f"archive '{path}' not found") from None
-    except (tarfile.TarError, EOFError) as exc:
-        raise _damaged(path, exc) from None
-
-
-def _stream_members(tar: tarfile.TarFile, path: str, wanted: Callable[[str], bool],
-                    line_of: Callable[[str], str]) -> Iterator[tuple[str, str, bytes]]:
-    try:
-        for member in tar:
-            name = _checked_name(member, path)
-            if not member.isfile() or not is_image_file(name):
-                continue
-            line = line_of(name)
-            if wanted(line):  # a stored image is skipped by reading past it, never decoded
-                yield line, f"{path}/{name}", tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError) as exc:
-        raise _damaged(path, exc) from None
+def _read_wanted(f: BinaryIO, path: str, size: int, line_of: Callable[[str], str],
+                 wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
+    for member in _file_members(f, path, size):
+        name = _checked_name(member, path)
+        if not is_image_file(name):
+            continue
+        line = line_of(name)
+        if wanted(line):  # a stored image is skipped, never read nor decoded
+            f.seek(member.offset_data)
+            data = f.read(member.size)
+            if len(data) != member.size:
+                raise _damaged(path, f"it ends inside {name}")
+            yield line, f"{path}/{name}", data
 
 
 def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once, in order."""
-    with _open_stream(path, path) as outer:
-        try:
-            for inner in outer:
-                if not inner.isfile():
-                    continue
-                wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
-                where = f"{path}/{inner.name}"
-                with _open_stream(outer.extractfile(inner), where) as tar:
-                    yield from _stream_members(tar, where, wanted, lambda name, wnid=wnid: f"{wnid}/{name}")
-        except (tarfile.TarError, EOFError) as exc:
-            raise _damaged(path, exc) from None
+    """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once, front to back."""
+    with _open_archive(path, _STREAM_BUFFER) as f:
+        size = os.fstat(f.fileno()).st_size
+        for wnid, where in _inner_tars(f, path):
+            yield from _read_wanted(f, where, size, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
 
 
 def stream_val_tar(path: str, line_by_name: dict[str, str],
                    wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted validation image, reading the tar once, in order."""
-    with _open_stream(path, path) as tar:
-        yield from _stream_members(tar, path, wanted, lambda name: line_by_name.get(name, ""))
+    """(list line, where, bytes) of each wanted validation image, reading the tar once, front to back."""
+    with _open_archive(path, _STREAM_BUFFER) as f:
+        yield from _read_wanted(f, path, os.fstat(f.fileno()).st_size, lambda name: line_by_name.get(name, ""),
+                                wanted)
