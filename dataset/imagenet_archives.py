@@ -52,13 +52,21 @@ class Archives:
     devkit: str
 
 
-def find_archives(image_path: str) -> Archives | None:
-    """The official files in image_path, when it holds any of them and no extracted train/ folder.
+def _has_subfolder(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return any(e.is_dir() for e in entries)
 
-    None means the folder route. One file present and another missing is an error, so that a
-    half-finished download is named rather than mistaken for an empty tree.
+
+def find_archives(image_path: str) -> Archives | None:
+    """The official files in image_path, when it holds any of them and no extracted train/ tree.
+
+    None means the folder route. A train/ folder without subfolders is the LMDB packed from the
+    archives into the same folder, not an extracted tree. One file present and another missing
+    is an error, so that a half-finished download is named rather than mistaken for an empty tree.
     """
-    if not os.path.isdir(image_path) or os.path.isdir(os.path.join(image_path, "train")):
+    if not os.path.isdir(image_path) or _has_subfolder(os.path.join(image_path, "train")):
         return None
     names = (TRAIN_TAR, VAL_TAR, DEVKIT)
     present = [os.path.isfile(os.path.join(image_path, name)) for name in names]

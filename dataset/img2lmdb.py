@@ -297,6 +297,9 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
     if not lines:
         raise PackError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
     flat = archives is None and split == "val" and val_labels is not None
+    if archives is None and not flat and not class_folders(split_dir):
+        raise PackError(f"'{split_dir}' holds no class folders; for a flat validation folder pass --val_labels, "
+                        f"as to dataset/mk_img_list.py")
     if archives is not None:
         labels = {wnid: index for index, wnid in enumerate(train_classes(archives.train))}
         if split == "val":

@@ -273,9 +273,12 @@ def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_cop
     assert not os.path.exists(out) or not os.listdir(out)
 
 
-def test_packing_checks_the_archive_before_writing(archives_copy, tmp_path, capsys):
+def test_commands_list_archives_and_check_them_before_writing(archives_copy, tmp_path):
     out = str(tmp_path / "out")
-    assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
+    result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", archives_copy,
+                             "--output_path", out], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "train: 28 images" in result.stdout and "val: 13 images" in result.stdout
     os.remove(os.path.join(archives_copy, DEVKIT))
     result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy, "--list_path", out,
                              "--output_path", out, "--split", "val"], cwd=REPO_ROOT, capture_output=True, text=True)
@@ -296,3 +299,19 @@ def test_a_stale_val_list_is_refused(imagenet, archives_copy, tmp_path, capsys):
     assert img2lmdb.main(["--image_path", archives_copy, "--list_path", out, "--output_path", out,
                           "--split", "val", "--workers", "1"]) == 2
     assert name in error_line(capsys)
+
+
+def test_lists_and_lmdbs_may_sit_beside_the_archives(imagenet, from_folders, archives_copy):
+    """The LMDB folder train/ that packing leaves there is not taken for an extracted tree."""
+    list_and_pack(archives_copy, archives_copy, ("train", "val"))
+    assert make_lists(["--image_path", archives_copy, "--output_path", archives_copy]) == 0
+    for split in ("train", "val"):
+        assert raw_lmdb(os.path.join(archives_copy, split)) == raw_lmdb(os.path.join(from_folders, split))
+
+
+def test_a_flat_val_folder_without_val_labels_is_named(imagenet, tmp_path, capsys):
+    out = str(tmp_path)
+    assert make_lists(["--image_path", imagenet["kaggle"], "--output_path", out, "--val_labels", imagenet["csv"]]) == 0
+    assert img2lmdb.main(["--image_path", imagenet["kaggle"], "--list_path", out, "--output_path", out,
+                          "--split", "val"]) == 2
+    assert "--val_labels" in error_line(capsys)
