@@ -20,7 +20,7 @@ from dataset.demo_data import tar_bytes, write_devkit, write_official_archives, 
 from dataset.imagenet_archives import DEVKIT, TRAIN_TAR, VAL_TAR, devkit_classes
 from dataset.mk_img_list import main as make_lists
 from dataset.mk_img_list import read_list
-from tests.conftest import ODD_FILES, truncate_file
+from tests.conftest import NUM_CLASSES, ODD_FILES, TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -278,7 +278,9 @@ def test_commands_list_archives_and_check_them_before_writing(archives_copy, tmp
     result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", archives_copy,
                              "--output_path", out], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "train: 28 images" in result.stdout and "val: 13 images" in result.stdout
+    num_train = NUM_CLASSES * TRAIN_PER_CLASS + sum(name.startswith("train/") for name in ODD_FILES.values())
+    assert f"train: {num_train} images" in result.stdout
+    assert f"val: {NUM_CLASSES * VAL_PER_CLASS + 1} images" in result.stdout
     os.remove(os.path.join(archives_copy, DEVKIT))
     result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy, "--list_path", out,
                              "--output_path", out, "--split", "val"], cwd=REPO_ROOT, capture_output=True, text=True)
