@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dataset.mk_img_list import is_image_file
+from dataset.mk_img_list import ImageListError, is_image_file
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -39,7 +39,7 @@ _WNID = re.compile(r"n\d{8}")
 _STREAM_BUFFER = 1 << 20  # bytes per read of an archive stream
 
 
-class ArchiveError(ValueError):
+class ArchiveError(ImageListError):
     """A missing, damaged or inconsistent archive or label file; the message is one line."""
 
 

@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None, fork_workers: bool = False) -> int:
                              image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad,
                              commit_every=args.commit_every, jpeg_quality=args.jpeg_quality,
                              fork_workers=fork_workers, val_labels=args.val_labels, devkit=args.devkit)
-    except (PackError, ImageListError, ArchiveError, OSError, lmdb.Error) as exc:
+    except (PackError, ImageListError, OSError, lmdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -166,6 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Run as a file, this module is __main__: ArchiveError derives from the package copy's ImageListError.
     from dataset.imagenet_archives import ArchiveError
 
     args = parse_args(argv)
