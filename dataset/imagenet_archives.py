@@ -10,9 +10,10 @@ The ImageNet site hands out three files, which torchvision's ``ImageNet`` also e
 
 Kaggle's copy has extracted folders, a flat ``val/`` and ``LOC_val_solution.csv`` instead.
 
-Nothing is extracted to disk. Listing reads only the tar headers (seeking over the images);
-packing reads each archive once, front to back, as one stream: every read lies after the last. The list lines are those of
-validation sorted into class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
+Nothing is extracted to disk. Listing reads only the tar headers (seeking over the images).
+Packing reads each archive once, front to back, as one stream: every read lies after the last,
+and images already stored are skipped unread. Validation lines are those of images sorted into
+class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 KAGGLE_HEADER = "ImageId"
 
 _WNID = re.compile(r"n\d{8}")
-_STREAM_BUFFER = 1 << 20  # bytes per read of an archive stream
+_STREAM_BUFFER = 1 << 20  # read-ahead buffer of an archive read as a stream
 
 
 class ArchiveError(ImageListError):
@@ -112,11 +113,6 @@ def devkit_classes(devkit: str) -> dict[int, str]:
     return classes
 
 
-def sorted_wnids(devkit: str) -> list[str]:
-    """The classes in label order: sorted wnids, as the sorted train/ folders would give."""
-    return sorted(devkit_classes(devkit).values())
-
-
 def _check_wnid(name: str, where: str, suffix: str = "") -> str:
     """name, which must be a wnid; suffix completes it to the name of the file it came from."""
     if not _WNID.fullmatch(name):
@@ -138,16 +134,17 @@ def _check_end(f: BinaryIO, tar: tarfile.TarFile, path: str) -> None:
         raise _damaged(path, "it has no end-of-archive marker")
 
 
-def _file_members(f: BinaryIO, path: str, size: int) -> Iterator[tarfile.TarInfo]:
+def _file_members(f: BinaryIO, path: str, end: int) -> Iterator[tarfile.TarInfo]:
     """The file members of the tar that starts at f's position, header by header, front to back.
 
     The caller may read a member's data between two members: each header is read at its own
-    offset, so every read moves forward through the file. size is the whole file's.
+    offset, so every read moves forward through the file. end: where this tar's bytes end (the
+    file's size, or the end of a tar inside a tar), which no member may pass.
     """
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves f open
             for member in tar:
-                if member.offset_data + member.size > size:
+                if member.offset_data + member.size > end:
                     raise _damaged(path, f"it ends inside {member.name}")
                 if member.isfile():
                     yield member
@@ -163,13 +160,12 @@ def _open_archive(path: str, buffering: int) -> BinaryIO:
         raise ArchiveError(f"archive '{path}' not found") from None
 
 
-def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str]]:
-    """(wnid, where) of each inner tar of the train tar, with f at the inner tar's first header."""
-    size = os.fstat(f.fileno()).st_size
-    for inner in _file_members(f, path, size):
+def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
+    """(wnid, where, end) of each inner tar of the train tar, with f at the inner tar's first header."""
+    for inner in _file_members(f, path, os.fstat(f.fileno()).st_size):
         wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
         f.seek(inner.offset_data)
-        yield wnid, f"{path}/{inner.name}"
+        yield wnid, f"{path}/{inner.name}", inner.offset_data + inner.size
 
 
 def train_classes(path: str) -> list[str]:
@@ -186,9 +182,8 @@ def list_train_tar(path: str) -> list[str]:
     """Sorted ``wnid/file`` lines of the train tar's images, from the headers alone."""
     lines = []
     with _open_archive(path, 0) as f:  # unbuffered: a header is one short read, the images are skipped
-        size = os.fstat(f.fileno()).st_size
-        for wnid, where in _inner_tars(f, path):
-            for member in _file_members(f, where, size):
+        for wnid, where, end in _inner_tars(f, path):
+            for member in _file_members(f, where, end):
                 name = _checked_name(member, where)
                 if is_image_file(name):
                     lines.append(f"{wnid}/{name}")
@@ -275,7 +270,7 @@ def archive_val_labels(archives: Archives, val_labels: str | None = None) -> dic
 
 def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str, list[str]]:
     """The train and val list lines of the official archives; every validation image labelled."""
-    classes = set(sorted_wnids(archives.devkit))
+    classes = set(devkit_classes(archives.devkit).values())
     train = list_train_tar(archives.train)
     for line in train:
         wnid = line.partition("/")[0]
@@ -286,9 +281,9 @@ def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str
     return {"train": train, "val": val_lines(list(wnid_by_name), wnid_by_name)}
 
 
-def _read_wanted(f: BinaryIO, path: str, size: int, line_of: Callable[[str], str],
+def _read_wanted(f: BinaryIO, path: str, end: int, line_of: Callable[[str], str],
                  wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    for member in _file_members(f, path, size):
+    for member in _file_members(f, path, end):
         name = _checked_name(member, path)
         if not is_image_file(name):
             continue
@@ -304,9 +299,8 @@ def _read_wanted(f: BinaryIO, path: str, size: int, line_of: Callable[[str], str
 def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
     """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once, front to back."""
     with _open_archive(path, _STREAM_BUFFER) as f:
-        size = os.fstat(f.fileno()).st_size
-        for wnid, where in _inner_tars(f, path):
-            yield from _read_wanted(f, where, size, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
+        for wnid, where, end in _inner_tars(f, path):
+            yield from _read_wanted(f, where, end, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
 
 
 def stream_val_tar(path: str, line_by_name: dict[str, str],
