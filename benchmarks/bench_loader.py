@@ -41,10 +41,11 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.demo_data import write_photo_tree  # noqa: E402
+from dataset.image_list import read_list  # noqa: E402
 from dataset.imagenet_data import ImageNet12, collate_uint8  # noqa: E402
 from dataset.img2lmdb import pack_split  # noqa: E402
 from dataset.lmdb_dataset import LMDBDataset  # noqa: E402
-from dataset.mk_img_list import make_lists, read_list  # noqa: E402
+from dataset.mk_img_list import make_lists  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 224

@@ -29,8 +29,8 @@ import lmdb  # noqa: E402
 
 from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.image_io import decode_rgb  # noqa: E402
+from dataset.image_list import read_list  # noqa: E402
 from dataset.lmdb_format import decode_record, encode_key, encode_record  # noqa: E402
-from dataset.mk_img_list import read_list  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 8

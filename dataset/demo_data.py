@@ -1,11 +1,14 @@
 """ImageNet-layout trees of real images that installed packages ship, for tests, benchmarks and the demo.
 
 scikit-learn bundles two colour photographs and 1,797 handwritten digits; nothing is downloaded.
+A tree can also be written as ImageNet's three official archives (``write_official_archives``).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -71,3 +74,93 @@ def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32, seed
             image.save(os.path.join(folder, f"{index:04d}.JPEG"), quality=95)
             counts[split] += 1
     return counts
+
+
+SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+                 "num_train_images")
+DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of files (name -> bytes), in the given order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_tar(path: str, files: dict[str, bytes], gzip: bool = False) -> None:
+    data = tar_bytes(files)
+    if gzip:
+        import gzip as gzip_module
+
+        data = gzip_module.compress(data)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def folder_files(folder: str) -> dict[str, bytes]:
+    """name -> bytes of the files in folder, sorted by name."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            files[name] = f.read()
+    return files
+
+
+def devkit_meta_mat(class_ids: dict[str, int], parents: dict[str, list[int]]) -> bytes:
+    """meta.mat as the devkit lays it out: a one-column struct array ``synsets``, the leaf classes
+    first in ID order, then non-leaf synsets (num_children > 0) numbered after them."""
+    rows = [(class_id, wnid, f"class {wnid}", f"gloss of {wnid}", 0, np.zeros((1, 0)), 0, 1300)
+            for wnid, class_id in sorted(class_ids.items(), key=lambda item: item[1])]
+    rows += [(len(class_ids) + k, wnid, "parent", "a parent synset", len(children), np.array(children), 2, 0)
+             for k, (wnid, children) in enumerate(parents.items(), start=1)]
+    synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
+    for i, row in enumerate(rows):
+        for name, value in zip(SYNSET_FIELDS, row):
+            synsets[i, 0][name] = value
+    import scipy.io
+
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, {"synsets": synsets})
+    return buffer.getvalue()
+
+
+def write_devkit(path: str, class_ids: dict[str, int], ground_truth: list[int] | None,
+                 with_meta: bool = True) -> None:
+    """ILSVRC2012_devkit_t12.tar.gz with data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt."""
+    files = {f"{DEVKIT_FOLDER}/COPYING": b"devkit"}
+    if with_meta:
+        parents = {"n09000001": [1, 2], "n09000002": [len(class_ids) + 1, 3]}
+        files[f"{DEVKIT_FOLDER}/data/meta.mat"] = devkit_meta_mat(class_ids, parents)
+    if ground_truth is not None:
+        text = "".join(f"{class_id}\n" for class_id in ground_truth)
+        files[f"{DEVKIT_FOLDER}/data/ILSVRC2012_validation_ground_truth.txt"] = text.encode("ascii")
+    write_tar(path, files, gzip=True)
+
+
+def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str, int]:
+    """Write tree's train/ and val/ class folders as ImageNet's three official files in out_dir.
+
+    The train tar holds one ``<wnid>.tar`` per class; the val tar holds the validation files
+    flat (they should have unique names, such as ILSVRC2012_val_<number>.JPEG); the devkit
+    numbers the classes in a shuffled order, unlike the sorted wnids. Returns wnid -> ID.
+    """
+    train, val = os.path.join(tree, "train"), os.path.join(tree, "val")
+    wnids = sorted(os.listdir(train))
+    ids = np.random.default_rng(seed).permutation(len(wnids)) + 1
+    class_ids = {wnid: int(class_id) for wnid, class_id in zip(wnids, ids)}
+    os.makedirs(out_dir, exist_ok=True)
+    write_tar(os.path.join(out_dir, "ILSVRC2012_img_train.tar"),
+              {f"{wnid}.tar": tar_bytes(folder_files(os.path.join(train, wnid))) for wnid in wnids})
+    val_files = {}
+    for wnid in sorted(os.listdir(val)):
+        val_files.update((name, (wnid, data)) for name, data in folder_files(os.path.join(val, wnid)).items())
+    names = sorted(val_files)
+    write_tar(os.path.join(out_dir, "ILSVRC2012_img_val.tar"), {name: val_files[name][1] for name in names})
+    write_devkit(os.path.join(out_dir, "ILSVRC2012_devkit_t12.tar.gz"), class_ids,
+                 [class_ids[val_files[name][0]] for name in names])
+    return class_ids

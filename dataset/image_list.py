@@ -20,6 +20,10 @@ class ImageListError(DataError):
     """A problem with the image tree or a list that the user can fix; the message is one line."""
 
 
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 def visible_subfolders(path: str) -> list[str]:
     """The sorted names of path's subfolders, hidden ones left out."""
     with os.scandir(path) as entries:

@@ -7,6 +7,11 @@ Reads ``<list_path>/<split>_list.txt`` (or the original's ``<split>_datalist``) 
 LMDB ``<output_path>/<split>`` (``<split>_<N>`` with ``--image_size N``). The output folder may
 be the split's image folder itself: the LMDB's two files sit beside the class folders.
 
+The image path may instead hold ImageNet's three official archives (and no train/ folder): the
+images are then read from the archives, each read once, front to back, and labels number the
+train tar's inner tars (one per class) in sorted-wnid order. ``--val_labels`` packs a flat val/ folder (Kaggle's
+layout). Either way the LMDB is the one the sorted class folders would give, byte for byte.
+
 - Lossless: RGB and greyscale JPEGs are stored byte for byte; PNGs, CMYK JPEGs and other
   readable files become RGB JPEGs. Every image is checked to decode.
 - Labels are the indices of the sorted class folders of ``<image_path>/train`` (of the split
@@ -29,7 +34,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -41,14 +46,24 @@ import lmdb  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset.image_io import DEFAULT_JPEG_QUALITY, ImageDecodeError, prepare_for_storage  # noqa: E402
-from dataset.lmdb_format import encode_key, encode_record  # noqa: E402
-from dataset.mk_img_list import (  # noqa: E402
+from dataset.image_list import (  # noqa: E402
     ImageListError,
     class_folders,
     list_file_path,
     read_list,
     write_list,
 )
+from dataset.imagenet_archives import (  # noqa: E402
+    ArchiveError,
+    Archives,
+    archive_val_labels,
+    find_archives,
+    stream_train_tar,
+    stream_val_tar,
+    train_classes,
+)
+from dataset.lmdb_format import encode_key, encode_record  # noqa: E402
+from dataset.mk_img_list import add_label_arguments, flat_val_labels  # noqa: E402
 from utils.errors import DataError  # noqa: E402
 
 ORIGINAL_LIST_SUFFIX = "_datalist"
@@ -147,10 +162,20 @@ def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept
     """
     try:
         data, fingerprint = _read_with_fingerprint(task.path)
-        image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
     except FileNotFoundError:
         return _Outcome(task, None, False, None, "file not found", missing=True)
-    except (OSError, ImageDecodeError) as exc:
+    except OSError as exc:
+        return _Outcome(task, None, False, None, str(exc))
+    return prepare_bytes((task, data), shorter_side, quality, send_kept, fingerprint)
+
+
+def prepare_bytes(item: tuple[_Task, bytes], shorter_side: int | None, quality: int, send_kept: bool = False,
+                  fingerprint: tuple[int, int] | None = None) -> _Outcome:
+    """Worker: check one image's bytes (read from an archive by the main process, which keeps them)."""
+    task, data = item
+    try:
+        image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
+    except ImageDecodeError as exc:
         return _Outcome(task, None, False, None, str(exc))
     if kept:
         return _Outcome(task, image_bytes if send_kept else None, True, fingerprint)
@@ -201,6 +226,32 @@ def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
+def _archive_items(archives: Archives, split: str, tasks: list[_Task]) -> Iterator[tuple[_Task, bytes]]:
+    """The tasks' images with their bytes, in the order of the archive, which is read once as a stream."""
+    pending = {task.line: task for task in tasks}
+    if split == "train":
+        archive, stream = archives.train, stream_train_tar(archives.train, pending.__contains__)
+    else:
+        line_by_name = {line.rpartition("/")[2]: line for line in pending}
+        archive, stream = archives.val, stream_val_tar(archives.val, line_by_name, pending.__contains__)
+    for line, where, data in stream:
+        task = pending.pop(line, None)
+        if task is not None:  # None: a second member of the same name
+            yield task._replace(path=where), data
+    if pending:
+        raise PackError(f"{len(pending)} list lines are not in '{archive}' (first: '{min(pending)}'); "
+                        f"download the archive again, or remake the list with dataset/mk_img_list.py")
+
+
+def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: str, labels_source: str) -> None:
+    """The list's validation classes must be those of the labels: a stale list would store wrong labels."""
+    for number, line in enumerate(lines, start=1):
+        wnid, _, name = line.partition("/")
+        if wnid_by_name.get(name) != wnid:
+            raise PackError(f"line {number} of '{list_file}' ('{line}') does not match the labels of "
+                            f"{labels_source}; remake the list with dataset/mk_img_list.py")
+
+
 def _stored_mask(env: lmdb.Environment, keys: Iterable[bytes]) -> list[bool]:
     with env.begin() as txn, txn.cursor() as cursor:
         return [cursor.set_key(key) for key in keys]
@@ -222,23 +273,41 @@ def default_workers() -> int:
 def pack_split(image_path: str, list_path: str, output_path: str, split: str, image_size: int | None = None,
                workers: int | None = None, skip_bad: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
                jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress: bool = True,
-               initial_map_size: int = INITIAL_MAP_SIZE, fork_workers: bool = False) -> PackSummary:
+               initial_map_size: int = INITIAL_MAP_SIZE, fork_workers: bool = False,
+               val_labels: str | None = None, devkit: str | None = None) -> PackSummary:
     """Pack the images that split's list names into ``<output_path>/<split>[_<image_size>]``.
 
-    Raises PackError for anything the user must fix; what was committed before stays committed,
-    so the same call resumes where it stopped. fork_workers: fork the worker processes, for
-    callers that have not used OpenCV (see ``_worker_context``).
+    The images come from the split's folder, or from the official archives when image_path
+    holds them (see ``find_archives``); val_labels (with devkit for the ground-truth file)
+    labels a flat val/ folder. Raises PackError for anything the user must fix; what was
+    committed before stays committed, so the same call resumes where it stopped. fork_workers:
+    fork the worker processes, for callers that have not used OpenCV (see ``_worker_context``).
     """
     split_dir = os.path.join(image_path, split)
-    if not os.path.isdir(split_dir):
-        raise PackError(f"image folder '{split_dir}' not found; --image_path must hold the {split}/ folder")
+    archives = find_archives(image_path)
+    if archives is not None and split not in ("train", "val"):
+        raise PackError(f"the official archives in '{image_path}' hold train and val, not '{split}'")
+    if archives is None and not os.path.isdir(split_dir):
+        raise PackError(f"image folder '{split_dir}' not found; --image_path must hold the {split}/ folder "
+                        f"or the official archives")
     if image_size is not None and image_size <= 0:
         raise PackError(f"--image_size must be positive, not {image_size}")
     list_file = find_list_file(list_path, split)
     lines = read_list(list_file)
     if not lines:
         raise PackError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
-    labels = label_map(image_path, split)
+    flat = archives is None and split == "val" and val_labels is not None
+    if archives is None and not flat and not class_folders(split_dir):
+        raise PackError(f"'{split_dir}' holds no class folders; for a flat validation folder pass --val_labels, "
+                        f"as to dataset/mk_img_list.py")
+    if archives is not None:
+        labels = {wnid: index for index, wnid in enumerate(train_classes(archives.train))}
+        if split == "val":
+            _check_val_lines(lines, archive_val_labels(archives, val_labels), list_file, f"'{archives.val}'")
+    else:
+        labels = label_map(image_path, split)
+        if flat:
+            _check_val_lines(lines, flat_val_labels(image_path, val_labels, devkit), list_file, f"'{val_labels}'")
     lmdb_path = os.path.join(output_path, split if image_size is None else f"{split}_{image_size}")
     summary = PackSummary(lmdb_path=lmdb_path, list_path=list_file, num_classes=len(labels))
     try:
@@ -249,7 +318,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
     try:
         line_labels = list_labels(lines, labels, list_file, env.max_key_size())
         stored = _stored_mask(env, (encode_key(line) for line in lines))
-        tasks = [_Task(line, os.path.join(split_dir, *line.split("/")), label)
+        tasks = [_Task(line, os.path.join(split_dir, *(line.split("/")[-1:] if flat else line.split("/"))), label)
                  for line, label, done in zip(lines, line_labels, stored) if not done]
         summary.already_stored = len(lines) - len(tasks)
         if summary.already_stored:
@@ -257,7 +326,8 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
                   f"packing the other {len(tasks)}", flush=True)
         _pack_tasks(env, tasks, summary, workers=workers or default_workers(), image_size=image_size,
                     jpeg_quality=jpeg_quality, skip_bad=skip_bad, commit_every=commit_every,
-                    progress=progress, split=split, fork=fork_workers)
+                    progress=progress, split=split, fork=fork_workers,
+                    archive_items=_archive_items(archives, split, tasks) if archives and tasks else None)
         if summary.skipped:
             _record_skipped(os.path.join(output_path, f"{split}_skipped.txt"), summary.skipped)
             skipped = set(summary.skipped)
@@ -274,17 +344,70 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
     return summary
 
 
+def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tuple[_Task, bytes]],
+                      work: functools.partial, window: int) -> Iterator[_Outcome]:
+    """The workers' outcomes for images read from an archive, in archive order, with the bytes kept as is.
+
+    The main process reads the next window of images while the workers check the last one, so
+    reading the stream and decoding overlap, and at most two windows are held in memory. When
+    the stream breaks off (a damaged archive), the images read before the damage are still
+    packed, then the error is raised.
+    """
+    def windows() -> Iterator[list[tuple[_Task, bytes]]]:
+        current: list[tuple[_Task, bytes]] = []
+        try:
+            for item in items:
+                current.append(item)
+                if len(current) == window:
+                    yield current
+                    current = []
+        except (ArchiveError, PackError):
+            if current:
+                yield current
+            raise
+        if current:
+            yield current
+
+    chunks = windows()
+    previous, error = None, None
+    while True:
+        try:
+            chunk = next(chunks, None)
+        except (ArchiveError, PackError) as exc:
+            chunk, error = None, exc
+        submitted = None
+        if chunk is not None:
+            submitted = pool.map_async(work, chunk, chunksize=8) if pool is not None else list(map(work, chunk))
+        if previous is not None:
+            done_chunk, result = previous
+            outcomes = result.get() if pool is not None else result
+            for (_, data), outcome in zip(done_chunk, outcomes):
+                yield outcome._replace(image_bytes=data) if outcome.kept_as_is else outcome
+        if chunk is None:
+            break
+        previous = (chunk, submitted)
+    if error is not None:
+        raise error
+
+
 def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary, *, workers: int,
                 image_size: int | None, jpeg_quality: int, skip_bad: bool, commit_every: int,
-                progress: bool, split: str, fork: bool) -> None:
-    """Prepare the tasks' records in worker processes and commit them, in list order, in batches."""
+                progress: bool, split: str, fork: bool,
+                archive_items: Iterable[tuple[_Task, bytes]] | None = None) -> None:
+    """Prepare the tasks' records in worker processes and commit them in batches: in list order
+    from image files, in archive order from archive_items (the tasks' images, read by this process)."""
     use_pool = workers > 1 and len(tasks) > 1
-    work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality, send_kept=not use_pool)
     pool = _worker_context(fork).Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
     batch: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
     try:
-        outcomes = pool.imap(work, tasks, chunksize=16) if pool is not None else map(work, tasks)
+        if archive_items is not None:
+            work = functools.partial(prepare_bytes, shorter_side=image_size, quality=jpeg_quality)
+            outcomes = _archive_outcomes(pool, archive_items, work, window=max(64, 32 * workers))
+        else:
+            work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality,
+                                     send_kept=not use_pool)
+            outcomes = pool.imap(work, tasks, chunksize=16) if pool is not None else map(work, tasks)
         for outcome in outcomes:
             bar.update()
             task = outcome.task
@@ -293,7 +416,8 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
                     raise PackError(f"'{task.path}' (list line '{task.line}') not found; "
                                     f"the list is out of date: remake it with dataset/mk_img_list.py")
                 if not skip_bad:
-                    raise PackError(f"cannot read '{task.path}': {outcome.error}; replace or delete it, "
+                    fix = "download the archive again" if archive_items is not None else "replace or delete it"
+                    raise PackError(f"cannot read '{task.path}': {outcome.error}; {fix}, "
                                     f"or pass --skip_bad to leave it out")
                 summary.skipped.append(task.line)
                 continue
@@ -315,7 +439,8 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image_path", required=True, help="folder holding the split folders (train/, val/)")
+    parser.add_argument("--image_path", required=True,
+                        help="folder holding the split folders (train/, val/), or the three official archives")
     parser.add_argument("--list_path", required=True, help="folder holding <split>_list.txt")
     parser.add_argument("--output_path", required=True, help="the LMDB goes to <output_path>/<split>")
     parser.add_argument("--split", required=True, help="split folder to pack, e.g. train or val")
@@ -331,6 +456,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per LMDB transaction: the most that killing the packer can lose")
     parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="quality of the JPEGs written for converted or resized images")
+    add_label_arguments(parser)
     args = parser.parse_args(argv)
     if args.workers < 1 or args.commit_every < 1 or not 1 <= args.jpeg_quality <= 100:
         parser.error("--workers and --commit_every must be positive and --jpeg_quality within 1..100")
@@ -344,7 +470,7 @@ def main(argv: list[str] | None = None, fork_workers: bool = False) -> int:
         summary = pack_split(args.image_path, args.list_path, args.output_path, args.split,
                              image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad,
                              commit_every=args.commit_every, jpeg_quality=args.jpeg_quality,
-                             fork_workers=fork_workers)
+                             fork_workers=fork_workers, val_labels=args.val_labels, devkit=args.devkit)
     except (PackError, ImageListError, OSError, lmdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

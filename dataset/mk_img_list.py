@@ -7,6 +7,12 @@ duplicated every line).
 
     python3 dataset/mk_img_list.py --image_path /path/to/imagenet --output_path /path/to/imagenet
 
+When the image path holds ImageNet's three official archives and no train/ folder, the lists
+come from the archives, which are read in place (see dataset/imagenet_archives.py). With
+``--val_labels`` (Kaggle's LOC_val_solution.csv, or the devkit's ground truth with ``--devkit``),
+a flat val/ folder is listed as if sorted into class folders. Either way the lines are those of
+the sorted class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
+
 The list format itself lives in dataset/image_list.py.
 """
 
@@ -20,17 +26,16 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.image_list import (  # noqa: E402
-    IMAGE_EXTENSIONS,
     ImageListError,
     class_folders,
+    is_image_file,
     list_file_path,
-    read_list,
     visible_subfolders,
     write_list,
 )
 
-__all__ = ["ImageListError", "class_folders", "list_file_path", "list_images", "main", "make_lists",
-           "read_list", "split_folders", "write_list"]
+__all__ = ["add_label_arguments", "flat_val_labels", "list_flat_images", "list_images", "main", "make_lists",
+           "split_folders"]
 
 
 def split_folders(image_path: str) -> list[str]:
@@ -38,10 +43,6 @@ def split_folders(image_path: str) -> list[str]:
     if not os.path.isdir(image_path):
         raise ImageListError(f"image folder '{image_path}' not found; pass the folder that holds train/ and val/")
     return [name for name in visible_subfolders(image_path) if visible_subfolders(os.path.join(image_path, name))]
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def list_images(split_dir: str) -> list[str]:
@@ -61,31 +62,75 @@ def list_images(split_dir: str) -> list[str]:
     return sorted(lines)
 
 
-def make_lists(image_path: str, output_path: str) -> dict[str, int]:
-    """Write one list per split folder; returns the number of images per split."""
-    splits = split_folders(image_path)
-    if not splits:
-        raise ImageListError(f"no split folders (folders of class folders such as train/n01440764/) under '{image_path}'")
+def list_flat_images(folder: str) -> list[str]:
+    """Sorted names of the image files directly in folder (a flat validation folder)."""
+    if not os.path.isdir(folder):
+        raise ImageListError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ folder "
+                             f"of images under --image_path")
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+    if not names:
+        raise ImageListError(f"no image files directly in '{folder}'; --val_labels is for a flat val/ folder")
+    return names
+
+
+def flat_val_labels(image_path: str, val_labels: str, devkit: str | None) -> dict[str, str]:
+    """Name -> wnid of every image in the flat ``<image_path>/val`` folder, from the labels file."""
+    from dataset.imagenet_archives import read_val_labels
+
+    val_dir = os.path.join(image_path, "val")
+    if os.path.isdir(val_dir) and visible_subfolders(val_dir):
+        raise ImageListError(f"'{val_dir}' is already in class folders; leave out --val_labels")
+    return read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
+
+
+def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
+               devkit: str | None = None) -> dict[str, int]:
+    """Write one list per split (folder, or official archive); returns the number of images per split.
+
+    Every list is worked out before any is written, so that an error leaves the old lists as they were.
+    """
+    from dataset.imagenet_archives import archive_lists, find_archives, val_lines
+
+    archives = find_archives(image_path)
+    if archives is not None:
+        lists = archive_lists(archives, val_labels)
+    else:
+        splits = split_folders(image_path)
+        lists = {split: list_images(os.path.join(image_path, split)) for split in splits}
+        if val_labels is not None:
+            wnid_by_name = flat_val_labels(image_path, val_labels, devkit)
+            lists["val"] = val_lines(list(wnid_by_name), wnid_by_name)
+        if not lists:
+            raise ImageListError(f"no split folders (folders of class folders such as train/n01440764/) "
+                                 f"under '{image_path}', nor the official archives")
     os.makedirs(output_path, exist_ok=True)
-    counts = {}
-    for split in splits:
-        lines = list_images(os.path.join(image_path, split))
+    for split, lines in lists.items():
         write_list(list_file_path(output_path, split), lines)
-        counts[split] = len(lines)
-    return counts
+    return {split: len(lines) for split, lines in lists.items()}
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """--val_labels and --devkit, shared with the packer."""
+    parser.add_argument("--val_labels", default=None,
+                        help="labels of a flat val/ folder: Kaggle's LOC_val_solution.csv, or the devkit's "
+                             "ILSVRC2012_validation_ground_truth.txt together with --devkit")
+    parser.add_argument("--devkit", default=None, help="ILSVRC2012_devkit_t12.tar.gz, for the ground-truth file's IDs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image_path", required=True, help="folder holding the split folders (train/, val/)")
+    parser.add_argument("--image_path", required=True,
+                        help="folder holding the split folders (train/, val/), or the three official archives")
     parser.add_argument("--output_path", required=True, help="folder for the <split>_list.txt files")
+    add_label_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        counts = make_lists(args.image_path, args.output_path)
+        counts = make_lists(args.image_path, args.output_path, args.val_labels, args.devkit)
     except (ImageListError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,9 +16,9 @@ from PIL import Image
 
 from dataset import img2lmdb
 from dataset.image_io import decode_rgb, parse_jpeg_header
+from dataset.image_list import read_list
 from dataset.lmdb_format import decode_record
 from dataset.mk_img_list import main as make_lists
-from dataset.mk_img_list import read_list
 from tests.conftest import NUM_CLASSES, ODD_FILES, truncate_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,10 +14,11 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from dataset import lmdb_dataset
 from dataset.image_io import ImageDecodeError, decode_rgb
+from dataset.image_list import read_list
 from dataset.img2lmdb import pack_split
 from dataset.lmdb_dataset import ImageFolder, MissingSampleError, open_lmdb_readonly
 from dataset.lmdb_format import encode_record
-from dataset.mk_img_list import make_lists, read_list
+from dataset.mk_img_list import make_lists
 from tests.conftest import ODD_FILES
 from utils.errors import DataError, UserError
 

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from dataset.mk_img_list import main, read_list, split_folders
+from dataset.image_list import read_list
+from dataset.mk_img_list import main, split_folders
 from tests.conftest import NUM_CLASSES, ODD_FILES, TRAIN_PER_CLASS, VAL_PER_CLASS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,311 @@
+"""ImageNet's official archives and validation label files, read in place.
+
+The ImageNet site hands out three files, which torchvision's ``ImageNet`` also expects side by side:
+
+- ``ILSVRC2012_img_train.tar``: 1,000 inner tars ``<wnid>.tar`` of ``<wnid>_<number>.JPEG`` files;
+- ``ILSVRC2012_img_val.tar``: 50,000 flat ``ILSVRC2012_val_<number>.JPEG`` files;
+- ``ILSVRC2012_devkit_t12.tar.gz``: ``data/meta.mat`` (ILSVRC2012_ID -> wnid, in an order that
+  is not the sorted-wnid order) and ``data/ILSVRC2012_validation_ground_truth.txt`` (one ID per
+  validation image, in file-number order).
+
+Kaggle's copy has extracted folders, a flat ``val/`` and ``LOC_val_solution.csv`` instead.
+
+Nothing is extracted to disk. Listing reads only the tar headers (seeking over the images).
+Packing reads each archive once, front to back, as one stream: every read lies after the last,
+and images already stored are skipped unread. Validation lines are those of images sorted into
+class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from dataset.image_list import ImageListError, is_image_file
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+META_MAT = "data/meta.mat"
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+KAGGLE_HEADER = "ImageId"
+
+_WNID = re.compile(r"n\d{8}")
+_STREAM_BUFFER = 1 << 20  # read-ahead buffer of an archive read as a stream
+
+
+class ArchiveError(ImageListError):
+    """A missing, damaged or inconsistent archive or label file; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Archives:
+    """The paths of the three official files."""
+
+    train: str
+    val: str
+    devkit: str
+
+
+def _has_subfolder(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return any(e.is_dir() for e in entries)
+
+
+def find_archives(image_path: str) -> Archives | None:
+    """The official files in image_path, when it holds any of them and no extracted train/ tree.
+
+    None means the folder route. A train/ folder without subfolders is the LMDB packed from the
+    archives into the same folder, not an extracted tree. One file present and another missing
+    is an error, so that a half-finished download is named rather than mistaken for an empty tree.
+    """
+    if not os.path.isdir(image_path) or _has_subfolder(os.path.join(image_path, "train")):
+        return None
+    names = (TRAIN_TAR, VAL_TAR, DEVKIT)
+    present = [os.path.isfile(os.path.join(image_path, name)) for name in names]
+    if not any(present):
+        return None
+    for name, here in zip(names, present):
+        if not here:
+            raise ArchiveError(f"archive '{os.path.join(image_path, name)}' not found; put the three official "
+                               f"ImageNet files ({', '.join(names)}) side by side in '{image_path}'")
+    return Archives(*(os.path.join(image_path, name) for name in names))
+
+
+def _damaged(path: str, reason: object) -> ArchiveError:
+    return ArchiveError(f"'{path}' is not a complete tar file ({reason}); download it again")
+
+
+def _read_devkit_member(devkit: str, suffix: str) -> bytes:
+    try:
+        with tarfile.open(devkit, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(suffix):
+                    return tar.extractfile(member).read()
+    except FileNotFoundError:
+        raise ArchiveError(f"devkit '{devkit}' not found; pass {DEVKIT} with --devkit") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise _damaged(devkit, exc) from None
+    raise ArchiveError(f"devkit '{devkit}' holds no {suffix}; download {DEVKIT} again")
+
+
+def devkit_classes(devkit: str) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid of the 1,000 leaf synsets of the devkit's meta.mat."""
+    import scipy.io
+
+    data = _read_devkit_member(devkit, META_MAT)
+    try:
+        synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
+        classes = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ArchiveError(f"{META_MAT} in '{devkit}' is not the devkit's synset table ({exc}); "
+                           f"download {DEVKIT} again") from None
+    if not classes:
+        raise ArchiveError(f"{META_MAT} in '{devkit}' names no leaf synsets; download {DEVKIT} again")
+    return classes
+
+
+def _check_wnid(name: str, where: str, suffix: str = "") -> str:
+    """name, which must be a wnid; suffix completes it to the name of the file it came from."""
+    if not _WNID.fullmatch(name):
+        raise ArchiveError(f"'{name}{suffix}' in '{where}' is not named after a wnid (n01440764 and so on); "
+                           f"remove it or download the archive again")
+    return name
+
+
+def _checked_name(member: tarfile.TarInfo, archive: str) -> str:
+    if "\n" in member.name or "\r" in member.name:
+        raise ArchiveError(f"member {member.name!r} of '{archive}' has a line break in its name")
+    return member.name.removeprefix("./")
+
+
+def _check_end(f: BinaryIO, tar: tarfile.TarFile, path: str) -> None:
+    """A tar cut short exactly between two members reads as a shorter, valid one: its end marker tells."""
+    f.seek(tar.offset)
+    if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise _damaged(path, "it has no end-of-archive marker")
+
+
+def _file_members(f: BinaryIO, path: str, end: int) -> Iterator[tarfile.TarInfo]:
+    """The file members of the tar that starts at f's position, header by header, front to back.
+
+    The caller may read a member's data between two members: each header is read at its own
+    offset, so every read moves forward through the file. end: where this tar's bytes end (the
+    file's size, or the end of a tar inside a tar), which no member may pass.
+    """
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves f open
+            for member in tar:
+                if member.offset_data + member.size > end:
+                    raise _damaged(path, f"it ends inside {member.name}")
+                if member.isfile():
+                    yield member
+            _check_end(f, tar, path)
+    except (tarfile.TarError, EOFError) as exc:
+        raise _damaged(path, exc) from None
+
+
+def _open_archive(path: str, buffering: int) -> BinaryIO:
+    try:
+        return open(path, "rb", buffering=buffering)
+    except FileNotFoundError:
+        raise ArchiveError(f"archive '{path}' not found") from None
+
+
+def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
+    """(wnid, where, end) of each inner tar of the train tar, with f at the inner tar's first header."""
+    for inner in _file_members(f, path, os.fstat(f.fileno()).st_size):
+        wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
+        f.seek(inner.offset_data)
+        yield wnid, f"{path}/{inner.name}", inner.offset_data + inner.size
+
+
+def train_classes(path: str) -> list[str]:
+    """The sorted wnids of the train tar's inner tars: the label order, as the sorted train/ folders give it.
+
+    Only the 1,000 outer headers are read, so this costs a thousand short reads, not a pass over the tar.
+    """
+    with _open_archive(path, 0) as f:
+        return sorted(_check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
+                      for inner in _file_members(f, path, os.fstat(f.fileno()).st_size))
+
+
+def list_train_tar(path: str) -> list[str]:
+    """Sorted ``wnid/file`` lines of the train tar's images, from the headers alone."""
+    lines = []
+    with _open_archive(path, 0) as f:  # unbuffered: a header is one short read, the images are skipped
+        for wnid, where, end in _inner_tars(f, path):
+            for member in _file_members(f, where, end):
+                name = _checked_name(member, where)
+                if is_image_file(name):
+                    lines.append(f"{wnid}/{name}")
+    return sorted(lines)
+
+
+def list_val_tar(path: str) -> list[str]:
+    """Sorted names of the validation tar's images, from the headers alone."""
+    with _open_archive(path, 0) as f:
+        members = _file_members(f, path, os.fstat(f.fileno()).st_size)
+        return sorted(name for name in (_checked_name(m, path) for m in members) if is_image_file(name))
+
+
+def read_val_labels(labels_file: str, image_names: list[str], source: str,
+                    devkit: str | None = None) -> dict[str, str]:
+    """Validation image name -> wnid, for every one of image_names (found in source).
+
+    labels_file is Kaggle's LOC_val_solution.csv (the wnid is the first word of each
+    PredictionString), or the devkit's ground-truth file (one ILSVRC2012_ID per image, in
+    file-number order), which needs the devkit's meta.mat to turn IDs into wnids.
+    """
+    try:
+        with open(labels_file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ArchiveError(f"validation labels '{labels_file}' not found") from None
+    except UnicodeDecodeError:
+        raise ArchiveError(f"validation labels '{labels_file}' are not text; pass LOC_val_solution.csv "
+                           f"or the devkit's ground-truth file") from None
+    if text.startswith(KAGGLE_HEADER):
+        by_name = _kaggle_labels(text, labels_file)
+    else:
+        if devkit is None:
+            raise ArchiveError(f"'{labels_file}' is not Kaggle's CSV, so it is read as the devkit's ground-truth "
+                               f"file, which needs the devkit: add --devkit {DEVKIT}")
+        by_name = _ground_truth_labels(text, labels_file, image_names, source, devkit_classes(devkit))
+    for name in image_names:
+        if name not in by_name:
+            raise ArchiveError(f"validation image '{name}' in '{source}' has no label in '{labels_file}'; "
+                               f"pass the labels of these images")
+    return {name: by_name[name] for name in image_names}
+
+
+def _kaggle_labels(text: str, labels_file: str) -> dict[str, str]:
+    by_name = {}
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if number == 1 or not row:
+            continue
+        words = row[1].split() if len(row) == 2 else []
+        if not words:
+            raise ArchiveError(f"line {number} of '{labels_file}' is not 'ImageId,wnid ...'")
+        by_name[row[0] + ".JPEG"] = _check_wnid(words[0], labels_file)
+    return by_name
+
+
+def _ground_truth_labels(text: str, labels_file: str, image_names: list[str], source: str,
+                         classes: dict[int, str]) -> dict[str, str]:
+    ids = text.split()
+    if len(ids) != len(image_names):
+        raise ArchiveError(f"'{labels_file}' has {len(ids)} labels but '{source}' holds {len(image_names)} "
+                           f"validation images; pass the ground truth that belongs to these images")
+    by_name = {}
+    for number, (name, class_id) in enumerate(zip(sorted(image_names), ids), start=1):
+        if not class_id.isdigit() or int(class_id) not in classes:
+            raise ArchiveError(f"line {number} of '{labels_file}' is '{class_id}', not an ILSVRC2012_ID of the devkit")
+        by_name[name] = classes[int(class_id)]
+    return by_name
+
+
+def val_lines(names: list[str], wnid_by_name: dict[str, str]) -> list[str]:
+    """Sorted list lines for flat validation images, as if they had been sorted into class folders."""
+    return sorted(f"{wnid_by_name[name]}/{name}" for name in names)
+
+
+def archive_val_labels(archives: Archives, val_labels: str | None = None) -> dict[str, str]:
+    """Name -> wnid of every image in the validation tar: from val_labels, else the devkit's ground truth."""
+    names = list_val_tar(archives.val)
+    if val_labels is not None:
+        return read_val_labels(val_labels, names, archives.val, archives.devkit)
+    ground_truth = _read_devkit_member(archives.devkit, GROUND_TRUTH).decode("ascii", "replace")
+    return _ground_truth_labels(ground_truth, f"{archives.devkit}/{GROUND_TRUTH}", names, archives.val,
+                                devkit_classes(archives.devkit))
+
+
+def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str, list[str]]:
+    """The train and val list lines of the official archives; every validation image labelled."""
+    classes = set(devkit_classes(archives.devkit).values())
+    train = list_train_tar(archives.train)
+    for line in train:
+        wnid = line.partition("/")[0]
+        if wnid not in classes:
+            raise ArchiveError(f"'{wnid}.tar' in '{archives.train}' is not one of the devkit's "
+                               f"{len(classes)} classes; remove it or download the archive again")
+    wnid_by_name = archive_val_labels(archives, val_labels)
+    return {"train": train, "val": val_lines(list(wnid_by_name), wnid_by_name)}
+
+
+def _read_wanted(f: BinaryIO, path: str, end: int, line_of: Callable[[str], str],
+                 wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
+    for member in _file_members(f, path, end):
+        name = _checked_name(member, path)
+        if not is_image_file(name):
+            continue
+        line = line_of(name)
+        if wanted(line):  # a stored image is skipped, never read nor decoded
+            f.seek(member.offset_data)
+            data = f.read(member.size)
+            if len(data) != member.size:
+                raise _damaged(path, f"it ends inside {name}")
+            yield line, f"{path}/{name}", data
+
+
+def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
+    """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once, front to back."""
+    with _open_archive(path, _STREAM_BUFFER) as f:
+        for wnid, where, end in _inner_tars(f, path):
+            yield from _read_wanted(f, where, end, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
+
+
+def stream_val_tar(path: str, line_by_name: dict[str, str],
+                   wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
+    """(list line, where, bytes) of each wanted validation image, reading the tar once, front to back."""
+    with _open_archive(path, _STREAM_BUFFER) as f:
+        yield from _read_wanted(f, path, os.fstat(f.fileno()).st_size, lambda name: line_by_name.get(name, ""),
+                                wanted)
