@@ -261,6 +261,7 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
     Per-step numbers stay on the device and are read every print_freq steps, so the GPU is not
     made to wait for the CPU each step. Every step's loss is checked for finiteness on the
     device, and the first bad step is reported at the next read, before any checkpoint is written.
+    The time spent waiting for batches is the host's (utils/data_wait.py), read at the same points.
     """
     model.train()
     device = next(model.parameters()).device

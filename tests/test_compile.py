@@ -21,6 +21,17 @@ from utils.compile import CompileError, backend_of, compile_failures_as_errors, 
 from utils.logger import METRICS_NAME, read_metrics
 
 NUM_CLASSES = 4
+FAILING_BACKEND = "wsld_failing_backend_for_tests"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def failing_backend():
+    """A torch.compile backend that always fails, as a broken compiler toolchain would."""
+    def fail(graph_module, example_inputs):
+        raise RuntimeError("no usable C++ compiler for this test")
+
+    if FAILING_BACKEND not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(name=FAILING_BACKEND)(fail)
 
 
 def test_backend_of_each_setting():
@@ -49,11 +60,12 @@ def test_compiled_network_computes_what_it_did_and_keeps_torchvision_keys():
 
 def test_failed_compilation_is_one_line():
     net = torchvision.models.resnet18(num_classes=NUM_CLASSES)
-    compile_in_place([net], backend="relu_compile_error_TESTING_ONLY")  # a backend that always fails
+    compile_in_place([net], backend=FAILING_BACKEND)
     with pytest.raises(CompileError) as caught, compile_failures_as_errors():
-        net(torch.randn(1, 3, 32, 32))
+        net(torch.randn(2, 3, 32, 32))
     message = str(caught.value)
-    assert "\n" not in message and message.startswith("torch.compile failed (")
+    assert "\n" not in message
+    assert message.startswith("torch.compile failed (RuntimeError: no usable C++ compiler for this test)")
     assert message.endswith("train without it with train_params.compile=False")
 
 
@@ -113,9 +125,9 @@ def test_run_resumes_across_compile_on_and_off(data, tmp_path, first, second):
 
 
 def test_compile_failure_in_training_is_one_line_and_exit_2(data, tmp_path, capsys):
-    assert run(data, str(tmp_path / "out"), "relu_compile_error_TESTING_ONLY", epochs=1) == 2
+    assert run(data, str(tmp_path / "out"), FAILING_BACKEND, epochs=1) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: torch.compile failed (") and "\n" not in err, err
+    assert err.startswith("error: torch.compile failed (RuntimeError: no usable C++ compiler") and "\n" not in err, err
     assert "train_params.compile=False" in err
 
 
