@@ -61,11 +61,11 @@ def settings(smoke: bool) -> dict[str, Any]:
     """Sizes for the real check, or tiny ones that run every stage on the CPU in seconds."""
     cores = os.cpu_count() or 1
     if smoke:
-        return {"train_images": 64, "val_images": 16, "batch": 8, "compute_batches": [8, 16], "size": 32,
-                "epochs": 2, "workers": min(2, cores), "amp": "auto", "compile": "eager", "compute_steps": 3,
-                "print_freq": 4}
+        return {"train_images": 40, "val_images": 10, "batch": 4, "compute_batches": [4, 8], "size": 32,
+                "epochs": 2, "max_steps": 2, "workers": min(2, cores), "amp": "auto", "compile": "eager",
+                "compute_steps": 2, "print_freq": 1}
     return {"train_images": 20480, "val_images": 512, "batch": 32, "compute_batches": [32, 256], "size": 224,
-            "epochs": 4, "workers": cores, "amp": "bf16", "compile": True, "compute_steps": 100,
+            "epochs": 4, "max_steps": 0, "workers": cores, "amp": "bf16", "compile": True, "compute_steps": 100,
             "print_freq": 100}
 
 
@@ -167,6 +167,7 @@ def loop_overrides(data_path: str, output_dir: str, config: dict[str, Any], comp
             f"data.num_workers={config['workers']}", f"data.input_size=(3, {size}, {size})",
             "model.teacher_weights=", "train_params.eval_teacher=False",  # random weights: same speed, offline
             f"train_params.amp={config['amp']}", f"train_params.epochs={config['epochs']}",
+            f"train_params.max_steps_per_epoch={config['max_steps']}",
             f"train_params.print_freq={config['print_freq']}", f"train_params.output_dir={output_dir}",
             f"train_params.compile={compile_setting!r}", "dist.nprocs=1"]
 

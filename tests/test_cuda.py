@@ -269,24 +269,38 @@ def test_evaluate_on_cuda_and_on_the_cpu_agree(cuda_run, demo, capsys, monkeypat
 
 def test_resumed_cuda_run_ends_where_the_uninterrupted_one_ends(cuda_run, demo, tmp_path):
     """Stopped after epoch 1 and resumed on the GPU, a seeded run ends with the uninterrupted
-    run's weights to within 1e-4 (relative 1e-3). Seeded CUDA runs use deterministic cuDNN
-    kernels, so the two agree to the bit wherever every kernel is deterministic; the tolerance
-    allows the few kernels torch runs nondeterministically under warn_only (atomic adds), and
-    is far below what losing the optimizer's momentum, the schedule or the RNG state would do."""
+    run's weights, to within 1% of how far epoch 2 moved them.
+
+    Why not to the bit: seeded runs pick deterministic cuDNN kernels, but a few kernels have no
+    deterministic CUDA version and run anyway under warn_only (max-pooling's backward adds with
+    atomics, in bf16 here), so two runs differ by roundings that training carries along. Losing
+    the optimizer's momentum, the schedule or the generators' state on resume would move the
+    weights by a sizeable part of a whole epoch's update instead.
+    """
     out = str(tmp_path / "resumed")
     assert script.main(demo_overrides(demo, out, train_params__epochs=1)) == 0
+    after_epoch_1 = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))["state_dict"]
     assert script.main(demo_overrides(demo, out, optim__resume_path="auto")) == 0
     resumed = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
     expected = load_checkpoint(os.path.join(cuda_run, CHECKPOINT_NAME))
     assert resumed["epoch"] == expected["epoch"] == 2
+
+    def flat(state: dict, keys: list[str]) -> torch.Tensor:
+        return torch.cat([state[key].double().flatten() for key in keys])
+
+    keys = [k for k, v in expected["state_dict"].items() if v.is_floating_point()]
+    end, start = flat(expected["state_dict"], keys), flat(after_epoch_1, keys)
+    difference = (flat(resumed["state_dict"], keys) - end).norm().item()
+    epoch_2_update = (end - start).norm().item()
+    assert epoch_2_update > 0
+    assert difference <= 0.01 * epoch_2_update, (difference, epoch_2_update)
     for key, value in expected["state_dict"].items():
-        if value.is_floating_point():
-            torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-3, atol=1e-4, msg=key)
-        else:
+        if not value.is_floating_point():  # BatchNorm's batch counts
             assert torch.equal(resumed["state_dict"][key], value), key
     records, reference = (read_metrics(os.path.join(d, METRICS_NAME)) for d in (out, cuda_run))
     assert [r["epoch"] for r in records] == [1, 2]
-    assert records[1]["val_top1_err"] == pytest.approx(reference[1]["val_top1_err"], abs=100 / 300)
+    assert [r["lr"] for r in records] == [r["lr"] for r in reference]
+    assert abs(records[1]["val_top1_err"] - reference[1]["val_top1_err"]) <= 1.0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA devices")
