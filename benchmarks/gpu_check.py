@@ -24,9 +24,11 @@ counts, and under "errors" the one-line error of each stage that failed (its fig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,11 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(smoke: bool) -> dict[str, Any]:
     """Sizes for the real check, or tiny ones that run every stage on the CPU in seconds."""
     cores = os.cpu_count() or 1
+    # Validation sets of whole batches: no odd-sized last batch for the compiled loop to recompile for.
     if smoke:
         return {"train_images": 40, "val_images": 10, "batch": 4, "compute_batches": [4, 8], "size": 32,
                 "epochs": 2, "max_steps": 2, "workers": min(2, cores), "amp": "auto", "compile": "eager",
                 "compute_steps": 2, "print_freq": 1}
-    return {"train_images": 20480, "val_images": 512, "batch": 32, "compute_batches": [32, 256], "size": 224,
+    return {"train_images": 20480, "val_images": 320, "batch": 32, "compute_batches": [32, 256], "size": 224,
             "epochs": 4, "max_steps": 0, "workers": cores, "amp": "bf16", "compile": True, "compute_steps": 100,
             "print_freq": 100}
 
@@ -79,16 +82,28 @@ class Deadline:
         return max(1.0, self.end - time.monotonic() - reserve_s)
 
 
-def run_command(command: list[str], timeout_s: float, log_path: str) -> None:
-    """Run a command with its output in log_path; RuntimeError with its last line if it fails."""
+def run_command(command: list[str], timeout_s: float, log_path: str) -> int:
+    """Run a command with its output in log_path, in a session of its own so that a command
+    that runs out of time is stopped with every process it started (loader workers, compiler
+    workers). Returns its exit status; RuntimeError if it ran out of time."""
     with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
-            result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            return process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"stopped after {timeout_s:.0f} s (log: {log_path})") from None
-    if result.returncode != 0:
-        raise RuntimeError(f"exit status {result.returncode}: {last_line(log_path)} (log: {log_path})")
+        finally:  # also whatever the command left running
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_checked(command: list[str], timeout_s: float, log_path: str) -> None:
+    """run_command; RuntimeError with the log's last line if the command fails."""
+    status = run_command(command, timeout_s, log_path)
+    if status != 0:
+        raise RuntimeError(f"exit status {status}: {last_line(log_path)} (log: {log_path})")
 
 
 def last_line(path: str) -> str:
@@ -108,11 +123,7 @@ def run_cuda_tests(work: str, timeout_s: float) -> dict[str, Any]:
     log_path = os.path.join(work, "cuda_tests.log")
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
                f"--junitxml={report}", os.path.join(REPO_ROOT, "tests")]
-    with open(log_path, "w", encoding="utf-8") as log:
-        try:
-            subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the CUDA tests ran past {timeout_s:.0f} s (log: {log_path})") from None
+    run_command(command, timeout_s, log_path)  # failures are counted from the report
     if not os.path.isfile(report):
         raise RuntimeError(f"pytest wrote no report: {last_line(log_path)} (log: {log_path})")
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
@@ -148,10 +159,10 @@ def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str,
     with ProcessPoolExecutor(max_workers=min(NUM_CLASSES, os.cpu_count() or 1)) as pool:
         list(pool.map(_write_class, [(images, i, *per_class, i) for i in range(NUM_CLASSES)]))
     deadline = Deadline(timeout_s - (time.perf_counter() - start))
-    run_command([sys.executable, os.path.join(REPO_ROOT, "dataset", "mk_img_list.py"), "--image_path", images,
+    run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "mk_img_list.py"), "--image_path", images,
                  "--output_path", data], deadline.left(), os.path.join(work, "mk_img_list.log"))
     for split in ("train", "val"):
-        run_command([sys.executable, os.path.join(REPO_ROOT, "dataset", "img2lmdb.py"), "--image_path", images,
+        run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "img2lmdb.py"), "--image_path", images,
                      "--list_path", data, "--output_path", data, "--split", split,
                      "--workers", str(os.cpu_count() or 1)], deadline.left(), os.path.join(work, f"pack_{split}.log"))
     return {"data_path": data, "train_images": per_class[0] * NUM_CLASSES,
@@ -178,7 +189,7 @@ def run_loop(name: str, work: str, data_path: str, config: dict[str, Any], compi
     from utils.logger import read_metrics
 
     output_dir = os.path.join(work, name)
-    run_command([sys.executable, TRAIN_SCRIPT, *loop_overrides(data_path, output_dir, config, compile_setting)],
+    run_checked([sys.executable, TRAIN_SCRIPT, *loop_overrides(data_path, output_dir, config, compile_setting)],
                 timeout_s, os.path.join(work, f"{name}.log"))
     records = read_metrics(os.path.join(output_dir, "metrics.jsonl"))[1:]
     if not records:
@@ -255,7 +266,7 @@ def run_compute(work: str, data_path: str, config: dict[str, Any], timeout_s: fl
     output_dir = os.path.join(work, "compute")
     result_path = os.path.join(work, "compute.json")
     overrides = loop_overrides(data_path, output_dir, config, False)
-    run_command([sys.executable, os.path.abspath(__file__), "--compute-stage", json.dumps(
+    run_checked([sys.executable, os.path.abspath(__file__), "--compute-stage", json.dumps(
         {"overrides": overrides, "batches": config["compute_batches"], "steps": config["compute_steps"],
          "output_dir": output_dir, "result": result_path})], timeout_s, os.path.join(work, "compute.log"))
     with open(result_path, encoding="utf-8") as f:
