@@ -66,7 +66,7 @@ def settings(smoke: bool) -> dict[str, Any]:
     if smoke:
         return {"train_images": 40, "val_images": 10, "batch": 4, "compute_batches": [4, 8], "size": 32,
                 "epochs": 2, "max_steps": 2, "workers": min(2, cores), "amp": "auto", "compile": "eager",
-                "compute_steps": 2, "print_freq": 1}
+                "compute_steps": 1, "print_freq": 1}
     return {"train_images": 20480, "val_images": 320, "batch": 32, "compute_batches": [32, 256], "size": 224,
             "epochs": 4, "max_steps": 0, "workers": cores, "amp": "bf16", "compile": True, "compute_steps": 100,
             "print_freq": 100}
