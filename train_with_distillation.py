@@ -46,7 +46,7 @@ from utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from utils.compile import CompileError, backend_of, compile_failures_as_errors, compile_in_place
+from utils.compile import backend_of, compile_failures_as_errors, compile_in_place
 from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file
 from utils.data_wait import DataWaitTimer, wait_share
 from utils.demo import DEMO_CONFIG, DemoError, run_demo
@@ -64,8 +64,7 @@ class TrainingError(RuntimeError):
 
 # Problems the user can fix: one line on stderr and a non-zero exit, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, CheckpointError, FileNotFoundError, WeightsError, TrainingError, ValueError, DemoError,
-    CompileError)
+    ConfigError, CheckpointError, FileNotFoundError, WeightsError, TrainingError, ValueError, DemoError)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -128,7 +127,7 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
     require(cfg.train_params.print_freq > 0, "train_params.print_freq must be positive")
     require(len(cfg.data.input_size) == 3, f"data.input_size must be (3, H, W), got {cfg.data.input_size!r}")
     require(cfg.dist.timeout_s > 0, "dist.timeout_s must be positive")
-    backend_of(cfg.train_params.compile)  # ValueError for an unknown backend
+    backend_of(cfg.train_params.compile)  # ConfigError for an unknown backend
     devices = torch.cuda.device_count()
     require(not (devices and cfg.dist.nprocs > devices),
             f"dist.nprocs={cfg.dist.nprocs} but this machine has {devices} CUDA devices; use at most {devices} "

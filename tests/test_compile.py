@@ -18,6 +18,7 @@ import train_with_distillation
 from dataset import mk_img_list
 from utils.checkpoint import CHECKPOINT_NAME
 from utils.compile import CompileError, backend_of, compile_failures_as_errors, compile_in_place
+from utils.config import ConfigError
 from utils.logger import METRICS_NAME, read_metrics
 
 NUM_CLASSES = 4
@@ -38,7 +39,7 @@ def test_backend_of_each_setting():
     assert backend_of(False) is None
     assert backend_of(True) == "inductor"
     assert backend_of("aot_eager") == "aot_eager"
-    with pytest.raises(ValueError, match="train_params.compile must be True, False or a torch.compile backend"):
+    with pytest.raises(ConfigError, match="train_params.compile must be True, False or a torch.compile backend"):
         backend_of("fastest")
 
 

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils.config import ConfigError
 
-class CompileError(RuntimeError):
-    """torch.compile could not compile a network; the message is one line."""
+
+class CompileError(ConfigError):
+    """torch.compile could not compile a network on this machine: a setting to change, in one line."""
 
 
 def backend_of(setting: bool | str) -> str | None:
@@ -36,7 +38,7 @@ def backend_of(setting: bool | str) -> str | None:
     if isinstance(setting, str) and setting in torch._dynamo.list_backends(exclude_tags=()):
         return setting
     names = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
-    raise ValueError(f"train_params.compile must be True, False or a torch.compile backend ({names}), "
+    raise ConfigError(f"train_params.compile must be True, False or a torch.compile backend ({names}), "
                      f"got {setting!r}")
 
 
