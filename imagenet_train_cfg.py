@@ -20,6 +20,7 @@ cfg = AttrDict(
         amp="auto",  # (new) 'auto' | 'bf16' | 'fp16' | 'off'
         eval_teacher=True,  # (new) report the teacher's validation error before training
         max_steps_per_epoch=0,  # (new) 0 = whole epoch; a positive number cuts epochs short
+        compile=False,  # (new) torch.compile the student and the teacher's forward
     ),
     optim=dict(
         init_lr=0.1,
@@ -80,6 +81,10 @@ cfg = AttrDict(
     dist=dict(  # (new)
         nprocs=0,  # 0: one process per visible GPU (one on the CPU); N: N processes
         backend="",  # '' picks nccl on CUDA, gloo on the CPU
-        timeout_s=60,  # a process that waits longer on its peers gives up instead of hanging
+        # A process that waits longer on its peers gives up instead of hanging. PyTorch's own NCCL
+        # default: a first-step compilation, cuDNN autotuning or a slow checkpoint write by rank 0
+        # all keep the others waiting in a collective, and the launcher already stops the job
+        # when a process dies.
+        timeout_s=600,
     ),
 )

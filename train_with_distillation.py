@@ -45,7 +45,9 @@ from utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from utils.compile import backend_of, compile_failures_as_errors, compile_in_place
 from utils.config import AttrDict, ConfigError, apply_overrides, load_config_file, require_choice
+from utils.data_wait import DataWaitTimer, wait_share
 from utils.demo import DEMO_CONFIG, run_demo
 from utils.device import build_sgd, choose_precision, configure_backends, load_optimizer_state
 from utils.errors import DataError, UserError, one_line
@@ -146,6 +148,7 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
             f"data.num_workers must be 'auto' or a non-negative integer, got {workers!r}")
     require(len(cfg.data.input_size) == 3, f"data.input_size must be (3, H, W), got {cfg.data.input_size!r}")
     require(cfg.dist.timeout_s > 0, "dist.timeout_s must be positive")
+    backend_of(cfg.train_params.compile)  # ConfigError for an unknown backend
     devices = torch.cuda.device_count()
     require(not (devices and cfg.dist.nprocs > devices),
             f"dist.nprocs={cfg.dist.nprocs} but this machine has {devices} CUDA devices; use at most {devices} "
@@ -199,6 +202,11 @@ def needs_teacher(cfg: AttrDict, loss: nn.Module | None = None) -> bool:
 def memory_format_for(device: torch.device) -> torch.memory_format:
     """Channels-last on CUDA, where convolutions run faster in it; the default elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory tensors have held on a CUDA device since the process started; None elsewhere."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def on_device(loader: Any, device: torch.device, cfg: AttrDict) -> DevicePrefetcher:
@@ -269,6 +277,7 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
     Per-step numbers stay on the device and are read every print_freq steps, so the GPU is not
     made to wait for the CPU each step. Every step's loss is checked for finiteness on the
     device, and the first bad step is reported at the next read, before any checkpoint is written.
+    The time spent waiting for batches is the host's (utils/data_wait.py), read at the same points.
     """
     model.train()
     device = next(model.parameters()).device
@@ -284,10 +293,11 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
     loss_sum, top1_sum, top5_sum = zero.clone(), zero.clone(), zero.clone()
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     images_seen = 0
-    last, last_images = [0.0, 0.0, 0.0], 0  # the sums at the previous log line
+    last, last_images, last_step, last_wait = [0.0, 0.0, 0.0], 0, 0, 0.0  # at the previous log line
+    batches = DataWaitTimer(itertools.islice(loader, steps))
     start = window_start = time.perf_counter()
 
-    for step, (images, target) in enumerate(itertools.islice(loader, steps)):
+    for step, (images, target) in enumerate(batches):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, loss = model(images, target)
         bad = ~torch.isfinite(loss.detach())
@@ -317,7 +327,10 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
             per_step = (now - start) / (step + 1)
             epoch_eta = per_step * (steps - step - 1)
             run_eta = epoch_eta + per_step * steps * (epochs - epoch - 1)
+            wait = batches.seconds - last_wait  # host time in next(): no device sync needed
             log.info(f"Epoch: [{epoch + 1}/{epochs}][{step + 1}/{steps}]  speed {speed:.1f} img/s  "
+                     f"data wait {1000 * wait / (step + 1 - last_step):.1f} ms/step "
+                     f"({100 * wait_share(wait, now - window_start):.0f}%)  "
                      f"loss {(totals[0] - last[0]) / n:.4f} ({totals[0] / images_seen:.4f})  "
                      f"top-1 err {error_percent(totals[1] - last[1], n):.2f} "
                      f"({error_percent(totals[1], images_seen):.2f})  "
@@ -325,16 +338,18 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
                      f"({error_percent(totals[2], images_seen):.2f})  "
                      f"lr {optimizer.param_groups[0]['lr']:.6g}  "
                      f"ETA {format_duration(epoch_eta)} (run {format_duration(run_eta)})")
-            last, last_images, window_start = totals, images_seen, now
+            last, last_images, last_step, last_wait = totals, images_seen, step + 1, batches.seconds
+            window_start = now
 
     raise_if_non_finite(int(first_bad_step.item()), epoch)
     seconds = time.perf_counter() - start
     sums = all_reduce_sums({"loss": loss_sum, "top1": top1_sum, "top5": top5_sum,
-                            "images": images_seen, "seconds": seconds}, device)
+                            "images": images_seen, "seconds": seconds, "wait": batches.seconds}, device)
     return {"loss": sums["loss"] / max(sums["images"], 1),
             "top1_err": error_percent(sums["top1"], sums["images"]),
             "top5_err": error_percent(sums["top5"], sums["images"]),
             "images": sums["images"], "seconds": seconds,
+            "data_wait_share": wait_share(sums["wait"], sums["seconds"]),
             "images_per_second": sums["images"] / max(sums["seconds"] / world_size, 1e-9)}
 
 
@@ -413,7 +428,8 @@ def training_process(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
         distributed.barrier()
     log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
     try:
-        train(proc, cfg, device, log)
+        with compile_failures_as_errors():
+            train(proc, cfg, device, log)
     except UserError as exc:
         log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
         raise
@@ -501,6 +517,10 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     student, student_name = distiller.student, cfg.model.student
     log.info(f"Teacher {cfg.model.teacher if distiller.teacher is not None else '(none)'}, student {student_name}, "
              f"loss {distiller.loss}")
+    backend = backend_of(tp.compile)
+    if backend is not None:  # in place: checkpoints keep torchvision's keys
+        compile_in_place([student, distiller.teacher], backend)
+        log.info(f"torch.compile ({backend}): the student and the teacher's forward, at their first steps")
     optimizer, kernels = build_sgd(student.parameters(), cfg.optim, device)
     log.info(f"Precision {precision.describe()}; optimizer {kernels}")
     scheduler = make_scheduler(optimizer, cfg.optim, tp.epochs)
@@ -550,6 +570,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
             "val_loss": val_stats["loss"], "val_top1_err": val_stats["top1_err"],
             "val_top5_err": val_stats["top5_err"], "val_images": val_stats["images"],
             "epoch_seconds": train_stats["seconds"], "images_per_second": train_stats["images_per_second"],
+            "data_wait_share": train_stats["data_wait_share"], "peak_memory_gib": peak_memory_gib(device),
         })
     distributed.barrier()  # nobody leaves while the main process is still writing
     log.info(f"Best accuracy (top-1 and 5 error): {progress.best_top1_err:.3f} {progress.best_top5_err:.3f}")

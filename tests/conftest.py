@@ -10,7 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from dataset import jpeg_region
 from dataset.demo_data import sample_photos, write_photo_tree
+
+# Set (to 1) where the region decoder must be tested, as CI does: its absence then fails the
+# tests that need it instead of skipping them.
+REQUIRE_REGION_DECODER = "WSLD_REQUIRE_REGION_DECODER"
 
 TRAIN_PER_CLASS = 6
 VAL_PER_CLASS = 3
@@ -75,3 +80,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def require_region_decoder() -> jpeg_region.RegionDecoder:
+    """This process's region decoder. Where it cannot be had (no C compiler or libjpeg-turbo
+    headers), the test is skipped with the reason describe() logs; training falls back to
+    OpenCV there, which the other tests exercise. Under WSLD_REQUIRE_REGION_DECODER=1 it fails."""
+    decoder = jpeg_region.region_decoder()
+    if decoder is None:
+        reason = jpeg_region.describe()
+        if os.environ.get(REQUIRE_REGION_DECODER) == "1":
+            pytest.fail(f"{REQUIRE_REGION_DECODER}=1, but: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return decoder
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "region_decoder: needs the libjpeg-turbo region decoder "
+                                       "(skipped where it cannot be built, unless WSLD_REQUIRE_REGION_DECODER=1)")
+
+
+def pytest_runtest_setup(item) -> None:
+    if item.get_closest_marker("region_decoder") is not None:
+        require_region_decoder()

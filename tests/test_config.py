@@ -90,6 +90,13 @@ def test_every_key_is_overridable(cfg):
     assert cfg.to_dict() == default_cfg.to_dict()
 
 
+def test_peers_wait_at_least_as_long_as_torch_does_for_nccl():
+    """A first-step compilation, cuDNN autotuning or rank 0's checkpoint write keep the others
+    waiting in a collective: the default timeout is PyTorch's own NCCL default, 10 minutes."""
+    assert default_cfg.dist.timeout_s >= 600
+    assert default_cfg.train_params.compile is False
+
+
 def _get(cfg, dotted):
     node = cfg
     for part in dotted.split("."):

@@ -222,7 +222,8 @@ def test_region_decoder_asked_for_but_unavailable_says_how_to_get_it(tmp_path, m
                    data_config("img", decoder="region"))
 
 
-@pytest.mark.parametrize("decoder", ["auto", "region", "opencv"])
+@pytest.mark.parametrize("decoder", [pytest.param("auto", marks=pytest.mark.region_decoder),
+                                     pytest.param("region", marks=pytest.mark.region_decoder), "opencv"])
 def test_decoder_setting_reaches_the_training_crops(data_roots, decoder):
     """'opencv' decodes whole images; 'auto' and 'region' decode the crops alone, here where
     libjpeg-turbo can be built; the batches agree either way."""

@@ -20,6 +20,7 @@ from PIL import Image
 from dataset import jpeg_region
 from dataset.demo_data import sample_photos
 from dataset.jpeg_region import SOURCE, RegionDecodeError, RegionDecoder
+from tests.conftest import REQUIRE_REGION_DECODER, require_region_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 CV_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -83,9 +84,7 @@ def check_regions(decoder: RegionDecoder, data: bytes, scale: int) -> None:
 @pytest.fixture()
 def decoder() -> RegionDecoder:
     """This process's decoder now (tests below clear the per-process cache, which replaces it)."""
-    found = jpeg_region.region_decoder()
-    assert found is not None, jpeg_region.describe()
-    return found
+    return require_region_decoder()
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +236,7 @@ def test_invalid_arguments_raise_value_error(decoder, china, x, y, width, height
 # Building and loading.
 
 
+@pytest.mark.region_decoder
 def test_build_compiles_once_per_source_text(tmp_path):
     """A second call reuses the library; a changed source gets its own; no temporary is left."""
     directory = tmp_path / "cache"
@@ -256,6 +256,7 @@ def test_build_compiles_once_per_source_text(tmp_path):
     assert sorted(os.listdir(directory)) == sorted([path.name, other.name])
 
 
+@pytest.mark.region_decoder
 def test_build_failure_names_file_and_compiler_line(tmp_path):
     """A source that does not compile: the message names it and quotes the compiler's error
     line (not the 'In function' line before it), and no partial library is left."""
@@ -274,6 +275,7 @@ def test_build_failure_names_file_and_compiler_line(tmp_path):
     assert list(directory.iterdir()) == []
 
 
+@pytest.mark.region_decoder
 def test_build_without_compiler(tmp_path, monkeypatch):
     """No compiler on PATH: a RuntimeError that says so, unless the library is already built."""
     built = tmp_path / "built"
@@ -293,6 +295,7 @@ def test_linker_errors_are_quoted_by_the_line_that_names_the_problem():
     assert jpeg_region._error_line("") == "no output"
 
 
+@pytest.mark.region_decoder
 def test_rebuild_replaces_the_library(tmp_path):
     path = jpeg_region.build(SOURCE, tmp_path)
     inode = path.stat().st_ino
@@ -301,6 +304,7 @@ def test_rebuild_replaces_the_library(tmp_path):
     jpeg_region.self_check(RegionDecoder(str(path)))
 
 
+@pytest.mark.region_decoder
 def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path, monkeypatch):
     """A home directory shared by machines with different libjpegs: the library another machine
     built does not load here, so it is built again rather than given up on."""
@@ -317,6 +321,7 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path, monkeypatch):
         jpeg_region._load.cache_clear()
 
 
+@pytest.mark.region_decoder
 def test_cache_dir_honours_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert jpeg_region.cache_dir() == tmp_path / "xdg" / "wsld"
@@ -357,12 +362,14 @@ def broken_load(request, monkeypatch):
 
 
 @pytest.mark.parametrize("broken_load,reason", [
-    (("build", RuntimeError("no C compiler (cc or gcc) on PATH")), "no C compiler (cc or gcc) on PATH"),
-    (("self_check", RuntimeError("region decoding disagrees with OpenCV at scale 1/2")),
-     "region decoding disagrees with OpenCV at scale 1/2"),
-    (("build", OSError("libjpeg.so.8: cannot open shared object file\nmore detail")),
-     "libjpeg.so.8: cannot open shared object file"),
-], indirect=["broken_load"], ids=["no-compiler", "self-check", "multi-line"])
+    pytest.param(("build", RuntimeError("no C compiler (cc or gcc) on PATH")),
+                 "no C compiler (cc or gcc) on PATH", id="no-compiler"),
+    pytest.param(("self_check", RuntimeError("region decoding disagrees with OpenCV at scale 1/2")),
+                 "region decoding disagrees with OpenCV at scale 1/2", id="self-check",
+                 marks=pytest.mark.region_decoder),  # the build must succeed for the check to run
+    pytest.param(("build", OSError("libjpeg.so.8: cannot open shared object file\nmore detail")),
+                 "libjpeg.so.8: cannot open shared object file", id="multi-line"),
+], indirect=["broken_load"])
 def test_describe_gives_reason_without_decoder(broken_load, reason):
     """Without a decoder the transforms decode whole images with OpenCV; the log line says why
     (its first line only), and the failure is not retried on every call."""
@@ -403,6 +410,7 @@ print(path, flush=True)
 """
 
 
+@pytest.mark.region_decoder
 def test_concurrent_builds_share_one_library(tmp_path, china):
     """Two processes building into the same fresh directory at once (DataLoader workers or
     ranks of one job) both get a whole, working library, and one file remains."""
@@ -464,3 +472,28 @@ def test_decoder_works_in_forked_dataloader_workers(decoder, photos):
         assert np.array_equal(image.numpy(), expected)
         assert pid != os.getpid() and decoder_id == id(decoder)
     assert len({pid for _, _, pid, _ in results}) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests on a machine without the decoder.
+
+
+def test_tests_needing_the_decoder_skip_without_it_and_fail_where_it_is_required(tmp_path):
+    """A machine with no C compiler on PATH (and nothing built yet): a test that needs the region
+    decoder is skipped with describe()'s reason, its whole-image twin runs, and under
+    WSLD_REQUIRE_REGION_DECODER=1, as CI sets it, the skip becomes a failure."""
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "bin"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop(REQUIRE_REGION_DECODER, None)
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+               "tests/test_transforms.py::test_unscaled_crops_are_torchvision_to_within_rounding"]
+    root = Path(__file__).resolve().parent.parent
+    skipped = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    assert "1 passed, 1 skipped" in skipped.stdout, skipped.stdout
+    assert "region decoding unavailable: no C compiler (cc or gcc) on PATH" in skipped.stdout
+
+    required = subprocess.run(command, cwd=root, env={**env, REQUIRE_REGION_DECODER: "1"},
+                              capture_output=True, text=True)
+    assert required.returncode != 0
+    assert "1 passed, 1 error" in required.stdout, required.stdout  # failed in setup
+    assert f"{REQUIRE_REGION_DECODER}=1, but: OpenCV, whole images" in required.stdout

@@ -85,7 +85,8 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
     log = read_log(full_run)
     assert '"batch_size": 8' in log  # the effective configuration
     assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
-    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +loss [\d.]+ \([\d.]+\) +top-1 err [\d.]+ "
+    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +data wait [\d.]+ ms/step \(\d+%\) +"
+                     r"loss [\d.]+ \([\d.]+\) +top-1 err [\d.]+ "
                      r"\([\d.]+\) +top-5 err [\d.]+ \([\d.]+\) .*ETA \d+:\d\d:\d\d", log)
     assert "Precision float32 (train_params.amp='auto' on cpu); optimizer SGD" in log
     assert "; 0 loader workers per process" in log
@@ -95,8 +96,9 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert {"lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err",
-                "epoch_seconds", "images_per_second"} <= record.keys()
+                "epoch_seconds", "images_per_second", "data_wait_share"} <= record.keys()
         assert record["val_images"] == 13  # every validation image once, none padded in
+        assert 0.0 <= record["data_wait_share"] <= 1.0  # summed over both processes, then divided
         assert all(math.isfinite(record[k]) for k in ("train_loss", "val_loss", "images_per_second"))
     best = min(records, key=lambda r: r["val_top1_err"])
     best_line = re.search(r"Best accuracy \(top-1 and 5 error\): ([\d.]+) ([\d.]+)", log)

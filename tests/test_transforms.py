@@ -31,6 +31,9 @@ from dataset.transforms import (
 )
 from utils.errors import ConfigError
 
+# Crops decoded alone (needs the region decoder) and whole images (OpenCV, always there).
+REGION_OR_WHOLE = [pytest.param(True, id="region", marks=pytest.mark.region_decoder),
+                   pytest.param(False, id="whole")]
 TOLERANCE = 3.0  # mean absolute difference on 0..255 allowed against torchvision
 
 
@@ -141,7 +144,7 @@ def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224)
     return chw(TF.hflip(out) if flip else out)
 
 
-@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+@pytest.mark.parametrize("region", REGION_OR_WHOLE)
 @pytest.mark.parametrize("name,box,flip,factor", [
     ("china", Box(50, 80, 300, 400), False, 1),  # downscale
     ("flower", Box(40, 300, 150, 120), True, 1),  # upscale
@@ -159,6 +162,7 @@ def test_random_resized_crop_matches_torchvision(photos, decodes, name, box, fli
 
 
 @pytest.mark.parametrize("name", ["flower_1400", "china_2100"])
+@pytest.mark.region_decoder
 def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decodes, name):
     """Every drawn box that takes the reduced decode, down to the margin's edge, stays within
     the tolerance; boxes too small for it are skipped (the unscaled path is tested above)."""
@@ -179,7 +183,7 @@ def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decodes,
     assert checked >= 8
 
 
-@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+@pytest.mark.parametrize("region", REGION_OR_WHOLE)
 def test_unscaled_crops_are_torchvision_to_within_rounding(photos, region):
     out = RandomResizedCropFlip(224, region=region).apply(photos["china"], Box(50, 80, 300, 400), True)
     reference = torchvision_resized_crop(photos["china"], Box(50, 80, 300, 400), True)
@@ -188,6 +192,7 @@ def test_unscaled_crops_are_torchvision_to_within_rounding(photos, region):
 
 
 @pytest.mark.parametrize("name", ["china", "flower", "flower_1400", "china_2100"])
+@pytest.mark.region_decoder
 def test_region_decoding_gives_the_whole_image_decode(photos, name):
     """Crops decoded alone are exactly the whole-image path's output, for boxes at every edge
     and block alignment, at full and reduced scale."""
@@ -334,7 +339,7 @@ def test_colour_jitter_changes_the_image(small_photo):
 # Awkward files.
 
 
-@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+@pytest.mark.parametrize("region", REGION_OR_WHOLE)
 @pytest.mark.parametrize("kind,decodable", [("png", False), ("cmyk", False), ("grey", True),
                                             ("progressive", True)])
 def test_awkward_files_match_torchvision(photo_tree, decodes, kind, decodable, region):
@@ -349,6 +354,7 @@ def test_awkward_files_match_torchvision(photo_tree, decodes, kind, decodable, r
     assert bool(decodes["window"]) == (region and decodable)
 
 
+@pytest.mark.region_decoder
 def test_damaged_jpeg_data_falls_back_to_the_whole_image_decoders(photos, decodes):
     """A Huffman table that cannot be built, behind a header that parses: libjpeg-turbo's
     region decode fails, and the whole-image decoders say why, as without region decoding."""
@@ -364,7 +370,7 @@ def test_damaged_jpeg_data_falls_back_to_the_whole_image_decoders(photos, decode
     assert errors[0] == errors[1] and "cannot decode" in errors[0]
 
 
-@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+@pytest.mark.parametrize("region", REGION_OR_WHOLE)
 def test_truncated_jpeg_is_refused(photos, decodes, region):
     """A file cut short is an error, never a crop of libjpeg's grey filler rows: without the
     end marker the region decoder is not asked, and the whole-image path refuses the file."""
@@ -382,7 +388,7 @@ def test_header_reads_size_and_kind(photos):
     assert image_header(b"not an image") is None
 
 
-@pytest.mark.parametrize("region", [True, False], ids=["region", "whole"])
+@pytest.mark.parametrize("region", REGION_OR_WHOLE)
 def test_undecodable_bytes_raise_an_image_decode_error(region):
     with pytest.raises(ImageDecodeError, match="cannot decode"):
         RandomResizedCropFlip(224, region=region)(b"\x00" * 100)

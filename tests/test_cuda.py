@@ -1,0 +1,317 @@
+"""The CUDA path, each case checked against the CPU's result: run by ``pytest -m cuda`` (and by
+benchmarks/gpu_check.py); skipped, with the reason, where CUDA is not available.
+
+TF32 is switched off for these tests (an autouse fixture), so that float32 on the GPU can be
+compared with float32 on the CPU at float32's own tolerances.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torchvision
+
+import train_with_distillation as script
+from dataset.prefetch_data import DevicePrefetcher
+from imagenet_train_cfg import cfg as default_cfg
+from knowledge_distiller import WSLDistiller, build_loss
+from utils import distributed
+from utils.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from utils.demo import prepare_data
+from utils.logger import METRICS_NAME, RunLogger, read_metrics
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)"),
+]
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+NUM_CLASSES = 10
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 matmuls and convolutions in float32 on the GPU, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def uint8_batches(count: int, batch: int = 8, size: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches as the loaders deliver them: uint8 images in pinned memory, int64 labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator).pin_memory(),
+             torch.randint(0, NUM_CLASSES, (batch,), generator=generator).pin_memory()) for _ in range(count)]
+
+
+def distiller_pair(device: torch.device, seed: int = 0) -> WSLDistiller:
+    """ResNet-18 teacher and student (10 classes), WSLD loss, as the script lays them out on device."""
+    torch.manual_seed(seed)
+    teacher = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    distiller = WSLDistiller(teacher, student, build_loss("wsld", 2.0, 2.5, NUM_CLASSES))
+    return distiller.to(device, memory_format=script.memory_format_for(device))
+
+
+def step_config() -> object:
+    cfg = copy.deepcopy(default_cfg)
+    cfg.train_params.print_freq = 1000  # one read of the device, at the end of the pass
+    return cfg
+
+
+def sgd(module: torch.nn.Module) -> torch.optim.SGD:
+    return torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def cpu_loss(batch: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> float:
+    """The float32 CPU loss of the first batch, with the weights distiller_pair(seed) starts from."""
+    cpu = torch.device("cpu")
+    images, labels = next(iter(script_prefetcher([batch], cpu)))
+    with torch.no_grad():
+        return distiller_pair(cpu, seed)(images, labels)[1].item()
+
+
+def script_prefetcher(batches: list, device: torch.device) -> DevicePrefetcher:
+    return DevicePrefetcher(batches, device, MEAN, STD, script.memory_format_for(device) == torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- the prefetcher
+
+def test_prefetcher_gives_the_cpu_tensors_while_the_gpu_is_busy():
+    """Over three passes, with a large matmul queued on the compute stream before each batch is
+    used and the batch dropped right after its use is queued: the values, channels-last strides
+    and int64 labels are the CPU path's. A missing stream wait reads a batch before its copy
+    lands; a missing record_stream lets the next copy overwrite it before the queued use."""
+    batches = uint8_batches(6)
+    expected = [(images.clone(), labels.clone()) for images, labels in
+                DevicePrefetcher(batches, "cpu", MEAN, STD, channels_last=True)]
+    busy = torch.randn(4096, 4096, device=CUDA)
+    prefetcher = DevicePrefetcher(batches, CUDA, MEAN, STD, channels_last=True)
+    for _ in range(3):
+        used = []
+        for images, labels in prefetcher:
+            assert images.device == CUDA and labels.dtype == torch.int64
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            for _ in range(4):
+                busy = busy @ busy / 4096  # keeps the compute stream busy for a while
+            used.append((images * 1, labels.clone(), images.stride()))  # queued behind the matmuls
+            del images, labels
+        torch.cuda.synchronize(CUDA)
+        assert len(used) == len(expected)
+        for (images, labels, stride), (cpu_images, cpu_labels) in zip(used, expected):
+            assert stride == cpu_images.stride()
+            torch.testing.assert_close(images.cpu(), cpu_images, rtol=1.2e-7, atol=1e-6)  # about 1 ulp
+            assert torch.equal(labels.cpu(), cpu_labels)
+
+
+# ----------------------------------------------------------------------------- precision
+
+def test_bf16_channels_last_steps_keep_the_teacher_and_move_the_student(tmp_path):
+    batches = uint8_batches(5)
+    distiller = distiller_pair(CUDA)
+    data = script_prefetcher(batches, CUDA)
+    images, labels = next(iter(data))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = distiller(images, labels)[1].item()
+    reference = cpu_loss(batches[0])
+    assert abs(loss - reference) <= 0.02 * abs(reference), (loss, reference)
+
+    teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
+    optimizer = sgd(distiller)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    with RunLogger(str(tmp_path)) as log:
+        stats = script.train_one_epoch(distiller, data, optimizer, scaler, torch.bfloat16, 0, 1, step_config(), log)
+    assert stats["images"] == 40 and torch.isfinite(torch.tensor(stats["loss"]))
+    for key, value in distiller.teacher.state_dict().items():  # weights and BatchNorm buffers
+        assert torch.equal(value, teacher_before[key]), key
+    student_after = distiller.student.state_dict()
+    assert not torch.equal(student_after["conv1.weight"], student_before["conv1.weight"])
+    assert not torch.equal(student_after["bn1.running_mean"], student_before["bn1.running_mean"])
+
+
+def test_fp16_with_grad_scaler_and_its_state_through_a_checkpoint(tmp_path):
+    batches = uint8_batches(5)
+    distiller = distiller_pair(CUDA)
+    data = script_prefetcher(batches, CUDA)
+    images, labels = next(iter(data))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        loss = distiller(images, labels)[1].item()
+    reference = cpu_loss(batches[0])
+    assert abs(loss - reference) <= 0.02 * abs(reference), (loss, reference)
+
+    cfg = step_config()
+    optimizer = sgd(distiller)
+    scheduler = script.make_scheduler(optimizer, cfg.optim, 1)
+    scaler = torch.amp.GradScaler("cuda")
+    with RunLogger(str(tmp_path / "log")) as log:
+        stats = script.train_one_epoch(distiller, data, optimizer, scaler, torch.float16, 0, 1, cfg, log)
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    assert all(torch.isfinite(p).all() for p in distiller.student.parameters())
+
+    state = script.checkpoint_state(distiller.student, "resnet18", optimizer, scheduler, scaler,
+                                    script.Progress(epochs_done=1), cfg)
+    path = save_checkpoint(state, str(tmp_path / "out"), is_best=False)
+    fresh = distiller_pair(CUDA, seed=1)
+    fresh_optimizer = sgd(fresh)
+    fresh_scaler = torch.amp.GradScaler("cuda")
+    script.resume(path, fresh.student, "resnet18", fresh_optimizer, script.make_scheduler(fresh_optimizer, cfg.optim, 1),
+                  fresh_scaler, restore_rng=False)
+    assert fresh_scaler.state_dict() == scaler.state_dict()
+    assert fresh_scaler.get_scale() == scaler.get_scale()
+
+
+# ----------------------------------------------------------------------------- NCCL
+
+def test_single_process_nccl_group_gives_the_single_process_numbers():
+    """utils/distributed.py's process group on NCCL, world size 1: an all-reduce through NCCL,
+    all_reduce_sums and validate give what one process without a group gives."""
+    model = distiller_pair(CUDA).student
+    batches = uint8_batches(4)
+    alone = script.validate(model, script_prefetcher(batches, CUDA), None)
+    on_cpu = script.validate(distiller_pair(torch.device("cpu")).student,
+                             script_prefetcher(batches, torch.device("cpu")), None)
+    proc = distributed.ProcessInfo(init_method=f"tcp://127.0.0.1:{distributed.find_free_port()}")
+    distributed.init_process_group(proc, "nccl", timeout_s=60)
+    try:
+        assert dist.get_backend() == "nccl"
+        summed = torch.tensor([1.5, 2.0], device=CUDA)
+        dist.all_reduce(summed)
+        assert summed.tolist() == [1.5, 2.0]
+        assert script.all_reduce_sums({"a": 3, "b": torch.tensor(0.25, device=CUDA)}, CUDA) == {"a": 3.0, "b": 0.25}
+        grouped = script.validate(model, script_prefetcher(batches, CUDA), None)
+    finally:
+        distributed.cleanup()
+    assert grouped == alone
+    assert grouped["images"] == on_cpu["images"] == 32
+    assert abs(grouped["top1_err"] - on_cpu["top1_err"]) <= 100 / 32  # one image, at most, flips
+    assert grouped["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_written_from_cuda_loads_on_the_cpu_into_torchvision(tmp_path):
+    cfg = step_config()
+    distiller = distiller_pair(CUDA)
+    optimizer = sgd(distiller)
+    state = script.checkpoint_state(distiller.student, "resnet18", optimizer, script.make_scheduler(optimizer, cfg.optim, 1),
+                                    torch.amp.GradScaler("cuda", enabled=False), script.Progress(), cfg)
+    path = save_checkpoint(state, str(tmp_path), is_best=False)
+    loaded = load_checkpoint(path)  # weights_only=True, onto the CPU
+    assert all(t.device.type == "cpu" for t in loaded["state_dict"].values())
+    student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    student.load_state_dict(loaded["state_dict"], strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = distiller.student.eval()(x.to(CUDA, memory_format=torch.channels_last)).cpu()
+        torch.testing.assert_close(student.eval()(x), expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- runs of the script
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, str]:
+    """The demo's digits, packed, and a teacher weights file for them."""
+    root = tmp_path_factory.mktemp("cuda_demo")
+    data = str(root / "demo_data")
+    prepare_data(data)
+    torch.manual_seed(0)
+    teacher = str(root / "teacher.pth")
+    torch.save(torchvision.models.resnet18(num_classes=NUM_CLASSES).state_dict(), teacher)
+    return {"data": data, "teacher": teacher, "root": str(root)}
+
+
+def demo_overrides(demo: dict[str, str], output_dir: str, **changes: object) -> list[str]:
+    values: dict[str, object] = {
+        "data.data_path": demo["data"], "data.input_size": (3, 32, 32), "data.batch_size": 64,
+        "data.num_workers": 2, "model.num_classes": NUM_CLASSES, "model.teacher": "resnet18",
+        "model.teacher_weights": demo["teacher"], "train_params.epochs": 2, "train_params.print_freq": 10,
+        "train_params.use_seed": True, "train_params.eval_teacher": False, "train_params.output_dir": output_dir,
+        "optim.init_lr": 0.05, "dist.nprocs": 1,
+    }
+    values.update({key.replace("__", "."): value for key, value in changes.items()})
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module")
+def cuda_run(demo) -> str:
+    """A seeded 2-epoch run on one GPU (bf16, channels-last: the defaults there)."""
+    out = os.path.join(demo["root"], "run")
+    assert script.main(demo_overrides(demo, out)) == 0
+    return out
+
+
+def evaluate_json(argv: list[str], capsys) -> dict:
+    assert script.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_evaluate_on_cuda_and_on_the_cpu_agree(cuda_run, demo, capsys, monkeypatch):
+    """One checkpoint, --evaluate on the GPU (bf16) and on the CPU (float32): top-1 errors
+    within 0.5 points on the demo's validation set."""
+    argv = ["--evaluate", os.path.join(cuda_run, CHECKPOINT_NAME), *demo_overrides(demo, cuda_run)]
+    on_gpu = evaluate_json(argv, capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = evaluate_json(argv, capsys)
+    assert on_gpu["images"] == on_cpu["images"] > 300
+    assert abs(on_gpu["top1_err"] - on_cpu["top1_err"]) <= 0.5, (on_gpu, on_cpu)
+    logged = read_metrics(os.path.join(cuda_run, METRICS_NAME))[-1]["val_top1_err"]
+    assert abs(on_gpu["top1_err"] - logged) <= 100 / on_gpu["images"]  # the run's own validation
+
+
+def test_resumed_cuda_run_ends_where_the_uninterrupted_one_ends(cuda_run, demo, tmp_path):
+    """Stopped after epoch 1 and resumed on the GPU, a seeded run ends with the uninterrupted
+    run's weights, to within 1% of how far epoch 2 moved them.
+
+    Why not to the bit: seeded runs pick deterministic cuDNN kernels, but a few kernels have no
+    deterministic CUDA version and run anyway under warn_only (max-pooling's backward adds with
+    atomics, in bf16 here), so two runs differ by roundings that training carries along. Losing
+    the optimizer's momentum, the schedule or the generators' state on resume would move the
+    weights by a sizeable part of a whole epoch's update instead.
+    """
+    out = str(tmp_path / "resumed")
+    assert script.main(demo_overrides(demo, out, train_params__epochs=1)) == 0
+    after_epoch_1 = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))["state_dict"]
+    assert script.main(demo_overrides(demo, out, optim__resume_path="auto")) == 0
+    resumed = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    expected = load_checkpoint(os.path.join(cuda_run, CHECKPOINT_NAME))
+    assert resumed["epoch"] == expected["epoch"] == 2
+
+    def flat(state: dict, keys: list[str]) -> torch.Tensor:
+        return torch.cat([state[key].double().flatten() for key in keys])
+
+    keys = [k for k, v in expected["state_dict"].items() if v.is_floating_point()]
+    end, start = flat(expected["state_dict"], keys), flat(after_epoch_1, keys)
+    difference = (flat(resumed["state_dict"], keys) - end).norm().item()
+    epoch_2_update = (end - start).norm().item()
+    assert epoch_2_update > 0
+    assert difference <= 0.01 * epoch_2_update, (difference, epoch_2_update)
+    for key, value in expected["state_dict"].items():
+        if not value.is_floating_point():  # BatchNorm's batch counts
+            assert torch.equal(resumed["state_dict"][key], value), key
+    records, reference = (read_metrics(os.path.join(d, METRICS_NAME)) for d in (out, cuda_run))
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == [r["lr"] for r in reference]
+    assert abs(records[1]["val_top1_err"] - reference[1]["val_top1_err"]) <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA devices")
+def test_two_nccl_processes_validate_as_evaluate_does(demo, tmp_path, capsys):
+    """The spawn launcher, 2 NCCL processes, end to end; their validation is --evaluate's."""
+    out = str(tmp_path / "two")
+    argv = demo_overrides(demo, out, dist__nprocs=2, train_params__epochs=1)
+    assert script.main(argv) == 0
+    last = read_metrics(os.path.join(out, METRICS_NAME))[-1]
+    evaluated = evaluate_json(["--evaluate", os.path.join(out, CHECKPOINT_NAME), *argv], capsys)
+    assert evaluated["images"] == last["val_images"]
+    # bf16 logits from other batch compositions can flip an image whose top two are a tie.
+    assert abs(evaluated["top1_err"] - last["val_top1_err"]) <= 100 / evaluated["images"]
+    assert evaluated["loss"] == pytest.approx(last["val_loss"], rel=1e-2)

@@ -1,0 +1,64 @@
+"""``train_params.compile``: torch.compile for the student and the teacher's forward.
+
+The networks are compiled in place (``nn.Module.compile``), not wrapped: their parameters,
+state-dict keys (torchvision's, no ``_orig_mod.`` prefix) and optimizer state stay what they are
+without compilation, so checkpoints load into torchvision models and a run resumes with
+compilation switched on or off. Compilation happens at the first forward of each new input
+shape or mode (training, evaluation), so its failures surface there, deep in training; they are
+turned into one line that says how to train without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.errors import ConfigError, first_line
+
+
+class CompileError(ConfigError):
+    """torch.compile could not compile a network on this machine: a setting to change, in one line."""
+
+
+def backend_of(setting: bool | str) -> str | None:
+    """The torch.compile backend a ``train_params.compile`` value asks for; None for no compilation.
+
+    True means torch's default (inductor, which generates code and needs a C++ compiler on the
+    CPU); a backend's name picks it, e.g. 'aot_eager' traces and runs the same graphs without
+    generating code, a quick check of the path on any machine.
+    """
+    if setting is False:
+        return None
+    if setting is True:
+        return "inductor"
+    if isinstance(setting, str) and setting in torch._dynamo.list_backends(exclude_tags=()):
+        return setting
+    names = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
+    raise ConfigError(f"train_params.compile must be True, False or a torch.compile backend ({names}), "
+                     f"got {setting!r}")
+
+
+def compile_in_place(networks: list[nn.Module | None], backend: Any = "inductor") -> None:
+    """Compile each network's forward (None entries are skipped), keeping the module itself."""
+    for network in networks:
+        if network is not None:
+            network.compile(backend=backend)
+
+
+@contextmanager
+def compile_failures_as_errors() -> Iterator[None]:
+    """Raise CompileError, one line, for a failed compilation inside the block.
+
+    Only torch.compile raises TorchDynamoException (a backend's failure among them), so no
+    other error is relabelled. The backend's own exception, when there is one, names the cause.
+    """
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        cause = getattr(exc, "inner_exception", None) or exc
+        raise CompileError(f"torch.compile failed ({first_line(cause)}); "
+                           "train without it with train_params.compile=False") from None
