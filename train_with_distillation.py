@@ -396,7 +396,7 @@ def run(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
     """The whole training job as seen by one process."""
     device = select_device(proc)
     configure_process(proc, cfg, device)
-    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
+    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main, quiet=cfg.train_params.quiet)
     try:
         train(proc, cfg, device, log)
     except USER_ERRORS as exc:
@@ -519,7 +519,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
         if not math.isfinite(val_stats["loss"]):
             raise non_finite(f"validation loss after epoch {epoch + 1}")
         scheduler.step()
-        log.info(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
+        log.summary(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
 
         is_best = val_stats["top1_err"] < progress.best_top1_err
         progress.epochs_done = epoch + 1
