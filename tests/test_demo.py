@@ -157,7 +157,7 @@ def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, cap
     tiny_epochs = [cfg.train_params.epochs for _, cfg in run_configs(DEMO_CONFIG, tiny)]
     assert len(epoch_lines) == sum(tiny_epochs) == 5
     assert sum(line.startswith("==> ") for line in lines) == 3  # a header per row
-    assert sum(line.startswith("Outputs in ") for line in lines) == 3
+    assert sum(line.startswith("Outputs: ") for line in lines) == 3
     assert "| ResNet 18 | Proposed |" in lines[-2]
     assert not any("Effective configuration" in line or "Epoch: [" in line for line in lines)
 

@@ -32,7 +32,7 @@ from utils.config import (
     load_config_file,
     load_config_module,
 )
-from utils.logger import CURVES_NAME, METRICS_NAME, read_metrics
+from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
@@ -171,8 +171,8 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
         else:
             train(cfg)
         top1, top5 = best_result(output_dir)
-        print(f"Outputs in {output_dir}: log.txt (the full configuration and every step), config.json, "
-              f"{METRICS_NAME}, {CURVES_NAME}, {BEST_NAME}", flush=True)
+        print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, {BEST_NAME})",
+              flush=True)
         rows.append(DemoRow(run["network"], run["method"], top1, top5, None if reused else time.time() - run_start))
     print(format_table(rows, time.time() - start), flush=True)
     return rows
