@@ -21,6 +21,7 @@ cfg = AttrDict(
         eval_teacher=True,  # (new) report the teacher's validation error before training
         max_steps_per_epoch=0,  # (new) 0 = whole epoch; a positive number cuts epochs short
         compile=False,  # (new) torch.compile the student and the teacher's forward
+        quiet=False,  # (new) print one line per epoch; the rest goes to log.txt only
     ),
     optim=dict(
         init_lr=0.1,

@@ -96,12 +96,14 @@ def load_config(args: argparse.Namespace) -> AttrDict:
 
 
 def resolve_config(cfg: AttrDict) -> AttrDict:
-    """Fill in the values the config derives from others, once, in place; returns cfg.
+    """A copy of cfg with the values it derives from others filled in, once.
 
     The teacher and student names follow net_type unless set, and the output folder defaults
-    to ./output/<net_type>; everything downstream reads the resolved values.
+    to ./output/<net_type>; everything downstream reads the resolved values. The caller's cfg
+    is left as it was given.
     """
     require_choice("net_type", cfg.net_type, NET_TYPES)
+    cfg = copy.deepcopy(cfg)
     cfg.model.teacher, cfg.model.student = teacher_student_names(cfg.net_type, cfg.model.teacher,
                                                                  cfg.model.student)
     if not cfg.train_params.output_dir:
@@ -426,7 +428,7 @@ def training_process(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
     configure_process(proc, cfg, device)
     if started_by_torchrun:
         distributed.barrier()
-    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
+    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main, quiet=cfg.train_params.quiet)
     try:
         with compile_failures_as_errors():
             train(proc, cfg, device, log)
@@ -508,7 +510,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     train_data, val_data = on_device(train_loader, device, cfg), on_device(data.getTestLoader(batch_size), device, cfg)
     precision = choose_precision(tp.amp, device)
     if precision.warning:
-        log.info(f"warning: {precision.warning}")
+        log.summary(f"warning: {precision.warning}")
     amp_dtype = precision.dtype
 
     if tp.use_seed:
@@ -554,7 +556,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
         if not math.isfinite(val_stats["loss"]):
             raise non_finite(f"validation loss after epoch {epoch + 1}")
         scheduler.step()
-        log.info(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
+        log.summary(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
 
         is_best = val_stats["top1_err"] < progress.best_top1_err
         progress.epochs_done = epoch + 1
@@ -604,7 +606,7 @@ def launch_training(cfg: AttrDict) -> None:
     The inputs are checked here, before any process starts, unless torchrun started this
     process: then the first process of each machine checks them (see training_process).
     """
-    resolve_config(cfg)
+    cfg = resolve_config(cfg)
     check_config(cfg, distributed.planned_world_size(cfg.dist.nprocs))
     if distributed.torchrun_process() is None:
         check_inputs(cfg)
@@ -619,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cfg = load_config(args)
         if args.evaluate:
-            check_config(resolve_config(cfg), world_size=1)
+            cfg = resolve_config(cfg)
+            check_config(cfg, world_size=1)
             stats = evaluate(cfg, None if args.evaluate == "teacher" else args.evaluate)
             print(f"Evaluation of {args.evaluate}: {describe(stats)}")
             print(json.dumps({"checkpoint": args.evaluate, **stats}))

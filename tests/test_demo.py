@@ -1,15 +1,21 @@
-"""The demo driver: its runs, its data preparation and its table (the full demo runs in .ci/run)."""
+"""The demo driver: its runs, its data preparation, its cached teacher, its table and its console."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
+import train_with_distillation
 from dataset.lmdb_dataset import ImageFolder
+from utils import demo
+from utils.checkpoint import BEST_NAME
 from utils.config import ConfigError
 from utils.demo import DEMO_CONFIG, DemoRow, best_result, format_table, prepare_data, run_configs
-from utils.logger import METRICS_NAME
+from utils.logger import LOG_NAME, METRICS_NAME
+
+CONSOLE_BUDGET = 80  # lines a whole first demo may print, data preparation included
 
 
 def test_runs_train_teacher_then_students_that_distil_from_it():
@@ -19,14 +25,28 @@ def test_runs_train_teacher_then_students_that_distil_from_it():
                        ("Proposed", "resnet18", "wsld")]
     teacher_cfg = configs[0][1]
     assert teacher_cfg.train_params.eval_teacher is False
+    assert [cfg.train_params.epochs for _, cfg in configs] == [3, 1, 1]  # the user's count is the students'
     for run, cfg in configs:
         assert cfg.train_params.output_dir == os.path.join("out", run["name"])
-        assert cfg.train_params.epochs == 1  # the user's overrides reach every run
         assert cfg.model.num_classes == 10
         assert cfg.dist.nprocs >= 1
+        assert cfg.train_params.quiet is True
     for _, cfg in configs[1:]:
         assert cfg.model.teacher == "resnet34"
         assert cfg.model.teacher_weights == os.path.join("out", "teacher", "model_best.pth.tar")
+
+
+def test_teacher_trains_longer_and_student_rows_differ_only_in_the_method():
+    (_, teacher), (_, original), (_, proposed) = run_configs(DEMO_CONFIG, [])
+    assert teacher.train_params.epochs >= 2 * original.train_params.epochs
+
+    def without_method_and_folder(cfg):
+        plain = cfg.to_dict()
+        del plain["distill"]["method"], plain["train_params"]["output_dir"]
+        return plain
+
+    assert (original.distill.method, proposed.distill.method) == ("none", "wsld")
+    assert without_method_and_folder(original) == without_method_and_folder(proposed)
 
 
 def test_unknown_override_is_refused():
@@ -57,6 +77,96 @@ def test_best_result_and_table(tmp_path):
         f.write('{"epoch": 2, "val_top1_err": 12.5, "val_top5_err": 1.5}\n')
         f.write('{"epoch": 3, "val_top1_err": 20.0, "val_top5_err": 0.5}\n')
     assert best_result(str(tmp_path)) == (87.5, 98.5)
-    table = format_table([DemoRow("ResNet 34", "Teacher", 87.5, 98.5, 12.0, "x/curves.png")], 30.0)
-    assert "| ResNet 34 | Teacher | 87.50 | 98.50 | 12 s |" in table
-    assert "Teacher curves: x/curves.png" in table
+    table = format_table([DemoRow("ResNet 34", "Teacher", 87.5, 98.5, None),
+                          DemoRow("ResNet 18", "Original", 80.0, 97.0, 12.0)], 30.0)
+    assert "| ResNet 34 | Teacher | 87.50 | 98.50 | reused |" in table
+    assert "| ResNet 18 | Original | 80.00 | 97.00 | 12 s |" in table
+
+
+class FakeTrain:
+    """Stands in for training: writes what a finished run leaves and remembers which rows ran."""
+
+    def __init__(self, fail_on: str = "") -> None:
+        self.trained: list[str] = []
+        self.fail_on = fail_on
+
+    def __call__(self, cfg) -> None:
+        output_dir = cfg.train_params.output_dir
+        name = os.path.basename(output_dir)
+        self.trained.append(name)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, BEST_NAME), "wb") as f:
+            f.write(b"weights")
+        if name == self.fail_on:
+            raise KeyboardInterrupt  # stopped halfway, after a first checkpoint
+        with open(os.path.join(output_dir, METRICS_NAME), "w") as f:
+            f.write(json.dumps({"epoch": 1, "val_top1_err": 10.0, "val_top5_err": 1.0}) + "\n")
+
+
+def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "prepare_data", lambda root: None)  # the training is faked; no data is read
+    same = [f"train_params.output_dir={tmp_path}"]
+    changed = [*same, "optim.init_lr=0.01"]
+
+    def run(overrides, train=None):
+        train = train or FakeTrain()
+        rows = demo.run_demo(train, overrides)
+        return train.trained, rows, capsys.readouterr().out
+
+    trained, rows, _ = run(same)
+    assert trained == ["teacher", "original", "proposed"]
+    assert rows[0].seconds is not None
+
+    trained, rows, out = run(same)
+    assert trained == ["original", "proposed"]
+    assert rows[0].seconds is None and rows[0].top1_acc == 90.0  # the teacher's row is read back
+    assert sum("Reusing the teacher" in line for line in out.splitlines()) == 1
+    assert "| ResNet 34 | Teacher | 90.00 | 99.00 | reused |" in out
+
+    trained, _, out = run(changed)  # another teacher configuration: trained again
+    assert trained == ["teacher", "original", "proposed"]
+    assert "Reusing" not in out
+    with open(tmp_path / "teacher" / demo.TEACHER_RECORD) as f:
+        assert json.load(f)["optim"]["init_lr"] == 0.01
+
+    with pytest.raises(KeyboardInterrupt):
+        run(same, FakeTrain(fail_on="teacher"))
+    assert not os.path.exists(tmp_path / "teacher" / demo.TEACHER_RECORD)
+    trained, _, _ = run(changed)  # the checkpoint left by the stopped run is not the finished one
+    assert trained == ["teacher", "original", "proposed"]
+
+    os.remove(tmp_path / "teacher" / BEST_NAME)
+    trained, _, _ = run(changed)
+    assert trained == ["teacher", "original", "proposed"]
+
+
+def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, capfd):
+    """A tiny first demo (fresh data, one step per epoch, one process) prints the budgeted lines.
+
+    Only the epoch lines grow with the schedule, so the same count at the demo's own epochs must
+    stay within the budget.
+    """
+    out = tmp_path / "out"
+    tiny = [f"data.data_path={tmp_path / 'data'}", f"train_params.output_dir={out}", "train_params.epochs=1",
+            "train_params.max_steps_per_epoch=1", "dist.nprocs=1", "data.input_size=(3,16,16)"]
+    assert train_with_distillation.main(["--demo", *tiny]) == 0
+    captured = capfd.readouterr()
+    lines = captured.out.splitlines()
+    printed = captured.out.count("\n") + captured.err.count("\n")  # a progress bar redrawn with \r is one line
+    epoch_lines = [line for line in lines if line.startswith("Validation epoch")]
+    tiny_epochs = [cfg.train_params.epochs for _, cfg in run_configs(DEMO_CONFIG, tiny)]
+    assert len(epoch_lines) == sum(tiny_epochs) == 5
+    assert sum(line.startswith("==> ") for line in lines) == 3  # a header per row
+    assert sum(line.startswith("Outputs: ") for line in lines) == 3
+    assert "| ResNet 18 | Proposed |" in lines[-2]
+    assert not any("Effective configuration" in line or "Epoch: [" in line for line in lines)
+
+    for row in ("teacher", "original", "proposed"):
+        with open(out / row / LOG_NAME) as f:
+            log = f.read()
+        assert "Effective configuration" in log and "Epoch: [" in log
+        with open(out / row / train_with_distillation.CONFIG_NAME) as f:
+            assert json.load(f)["train_params"]["output_dir"] == str(out / row)
+
+    demo_epochs = [cfg.train_params.epochs for _, cfg in run_configs(DEMO_CONFIG, [])]
+    assert printed - sum(tiny_epochs) + sum(demo_epochs) <= CONSOLE_BUDGET

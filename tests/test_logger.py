@@ -26,10 +26,23 @@ def test_info_prints_and_appends_to_log(tmp_path, capsys):
         assert f.read() == "first line\nfile only\nsecond line\n"
 
 
+def test_quiet_logger_prints_summaries_only_and_logs_everything(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with RunLogger(out, quiet=True) as log:
+        log.info("a step")
+        log.summary("an epoch")
+    with RunLogger(out) as log:
+        log.summary("printed as info is")
+    assert capsys.readouterr().out == "an epoch\nprinted as info is\n"
+    with open(os.path.join(out, LOG_NAME), encoding="utf-8") as f:
+        assert f.read() == "a step\nan epoch\nprinted as info is\n"
+
+
 def test_disabled_logger_writes_nothing(tmp_path, capsys):
     out = str(tmp_path / "run")
     log = RunLogger(out, enabled=False)
     log.info("hidden")
+    log.summary("hidden")
     log.start_metrics(0)
     log.log_epoch(_record(1))
     log.close()

@@ -461,3 +461,19 @@ def test_bad_input_is_one_line_and_exit_2(case, expected, data, tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert re.search(expected, lines[0]), lines[0]
     assert not os.path.exists(os.path.join(out, CHECKPOINT_NAME))
+
+
+def test_launching_leaves_the_callers_config_as_given(monkeypatch, tmp_path):
+    """The demo records the teacher's configuration as it asked for it, to reuse the teacher
+    later; the derived values (model names, output folder) are filled in on a copy."""
+    monkeypatch.setattr(train_with_distillation, "check_inputs", lambda cfg: None)
+    launched = []
+    monkeypatch.setattr(train_with_distillation.distributed, "launch",
+                        lambda fn, args, nprocs: launched.append(args[0]))
+    cfg = copy.deepcopy(default_cfg)
+    cfg.dist.nprocs = 1
+    given = copy.deepcopy(cfg)
+    train_with_distillation.launch_training(cfg)
+    assert cfg == given
+    assert (launched[0].model.teacher, launched[0].model.student) == ("resnet34", "resnet18")
+    assert launched[0].train_params.output_dir == os.path.join("output", "resnet")

@@ -3,11 +3,15 @@
 It runs the pipeline a user runs on ImageNet (folders -> list -> LMDB -> DDP training), on
 real digit scans that scikit-learn ships, so a fresh machine shows the method working in
 minutes. What to train lives in the demo's config module (configs/demo_cfg.py), not here.
+
+The teacher row takes longest, and the students only read its best checkpoint, so a finished
+teacher is kept and reused by the next demo whose teacher configuration is the same.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -29,10 +33,14 @@ from utils.config import (
     load_config_module,
 )
 from utils.errors import UserError
-from utils.logger import CURVES_NAME, METRICS_NAME, read_metrics
+from utils.files import atomic_write_text
+from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
+# Written beside the teacher's checkpoint once its training has finished: the configuration it
+# was trained with. Absent or different, the teacher is trained again.
+TEACHER_RECORD = "trained_with.json"
 
 
 class DemoError(UserError):
@@ -45,8 +53,7 @@ class DemoRow:
     method: str
     top1_acc: float
     top5_acc: float
-    seconds: float
-    curves: str
+    seconds: float | None  # None: a teacher reused from an earlier demo
 
 
 def prepare_data(root: str) -> None:
@@ -83,6 +90,8 @@ def run_configs(cfg_path: str, overrides: Sequence[str]) -> list[tuple[dict, Att
     for run in runs:
         cfg = apply_mapping(copy.deepcopy(defaults), run["overrides"])
         apply_overrides(cfg, overrides)  # the user's word comes last
+        if isinstance(cfg.train_params.epochs, int):  # else check_config names the bad value
+            cfg.train_params.epochs *= run.get("epochs_factor", 1)
         if cfg.dist.nprocs == 0 and not torch.cuda.is_available():
             cfg.dist.nprocs = CPU_PROCESSES
         root = cfg.train_params.output_dir
@@ -106,25 +115,66 @@ def best_result(output_dir: str) -> tuple[float, float]:
 def format_table(rows: Sequence[DemoRow], total_seconds: float) -> str:
     lines = ["| Network | Method | top-1 acc | top-5 acc | time |",
              "|:---:|:---:|:---:|:---:|:---:|"]
-    lines += [f"| {r.network} | {r.method} | {r.top1_acc:.2f} | {r.top5_acc:.2f} | {r.seconds:.0f} s |" for r in rows]
+    for r in rows:
+        seconds = "reused" if r.seconds is None else f"{r.seconds:.0f} s"
+        lines.append(f"| {r.network} | {r.method} | {r.top1_acc:.2f} | {r.top5_acc:.2f} | {seconds} |")
     lines.append(f"Total: {total_seconds:.0f} s")
-    lines += [f"{r.method} curves: {r.curves}" for r in rows]
     return "\n".join(lines)
+
+
+def _as_json(cfg: AttrDict) -> dict:
+    """cfg as it reads back from a JSON file (tuples become lists)."""
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def cached_teacher(cfg: AttrDict) -> bool:
+    """Whether cfg's output folder holds a teacher whose training finished under this same cfg."""
+    output_dir = cfg.train_params.output_dir
+    if not os.path.isfile(os.path.join(output_dir, BEST_NAME)):
+        return False
+    try:
+        with open(os.path.join(output_dir, TEACHER_RECORD), encoding="utf-8") as f:
+            return json.load(f) == _as_json(cfg)
+    except (OSError, ValueError):  # none yet, or unreadable: train again
+        return False
+
+
+def train_teacher(train: Callable[[AttrDict], None], cfg: AttrDict) -> None:
+    """Train the teacher row, recording its configuration only once it has finished.
+
+    The record goes first, so a run stopped halfway through is never taken for a finished one.
+    """
+    record = os.path.join(cfg.train_params.output_dir, TEACHER_RECORD)
+    trained_with = json.dumps(_as_json(cfg), indent=2) + "\n"  # as asked for, before train() sees it
+    if os.path.exists(record):
+        os.remove(record)
+    train(cfg)
+    atomic_write_text(record, trained_with)
 
 
 def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
              cfg_path: str = DEMO_CONFIG) -> list[DemoRow]:
-    """Prepare the data, train every row with ``train(cfg)`` and print the table."""
+    """Prepare the data, train every row with ``train(cfg)`` (the teacher only when no finished
+    one with the same configuration is there) and print the table."""
     start = time.time()
     configs = run_configs(cfg_path, overrides)
     prepare_data(configs[0][1].data.data_path)
     rows = []
-    for run, cfg in configs:
-        print(f"==> Demo: {run['network']} {run['method']} ({cfg.train_params.output_dir})", flush=True)
+    for index, (run, cfg) in enumerate(configs):
+        output_dir = cfg.train_params.output_dir
+        print(f"==> {run['network']} {run['method']}: {cfg.train_params.epochs} epochs", flush=True)
         run_start = time.time()
-        train(cfg)
-        top1, top5 = best_result(cfg.train_params.output_dir)
-        rows.append(DemoRow(run["network"], run["method"], top1, top5, time.time() - run_start,
-                            os.path.join(cfg.train_params.output_dir, CURVES_NAME)))
+        reused = index == 0 and cached_teacher(cfg)
+        if reused:
+            print(f"Reusing the teacher in {output_dir}, trained with this same configuration "
+                  f"(delete {TEACHER_RECORD} there to train it again)", flush=True)
+        elif index == 0:
+            train_teacher(train, cfg)
+        else:
+            train(cfg)
+        top1, top5 = best_result(output_dir)
+        print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, {BEST_NAME})",
+              flush=True)
+        rows.append(DemoRow(run["network"], run["method"], top1, top5, None if reused else time.time() - run_start))
     print(format_table(rows, time.time() - start), flush=True)
     return rows

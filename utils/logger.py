@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from utils.checkpoint import atomic_write
+from utils.files import atomic_write
 
 LOG_NAME = "log.txt"
 METRICS_NAME = "metrics.jsonl"
@@ -71,11 +71,15 @@ def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
 
 
 class RunLogger:
-    """Prints on the main process, appending every line to ``<output_dir>/log.txt``."""
+    """Prints on the main process, appending every line to ``<output_dir>/log.txt``.
 
-    def __init__(self, output_dir: str, enabled: bool = True) -> None:
+    A quiet logger prints only ``summary`` lines (one per epoch); the rest goes to log.txt alone.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, quiet: bool = False) -> None:
         self.output_dir = output_dir
         self.enabled = enabled
+        self.quiet = quiet
         self._log_file = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
@@ -86,9 +90,14 @@ class RunLogger:
         return os.path.join(self.output_dir, METRICS_NAME)
 
     def info(self, message: str) -> None:
-        if not self.enabled:
-            return
-        print(message, flush=True)
+        if self.enabled and not self.quiet:
+            print(message, flush=True)
+        self.to_file(message)
+
+    def summary(self, message: str) -> None:
+        """A line printed even by a quiet logger."""
+        if self.enabled:
+            print(message, flush=True)
         self.to_file(message)
 
     def to_file(self, message: str) -> None:
