@@ -162,7 +162,8 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
     rows = []
     for index, (run, cfg) in enumerate(configs):
         output_dir = cfg.train_params.output_dir
-        print(f"==> {run['network']} {run['method']}: {cfg.train_params.epochs} epochs", flush=True)
+        epochs = cfg.train_params.epochs
+        print(f"==> {run['network']} {run['method']}: {epochs} epoch{'' if epochs == 1 else 's'}", flush=True)
         run_start = time.time()
         reused = index == 0 and cached_teacher(cfg)
         if reused:
