@@ -20,6 +20,7 @@ cfg = AttrDict(
         amp="auto",  # (new) 'auto' | 'bf16' | 'fp16' | 'off'
         eval_teacher=True,  # (new) report the teacher's validation error before training
         max_steps_per_epoch=0,  # (new) 0 = whole epoch; a positive number cuts epochs short
+        checkpoint_every_min=15,  # (new) mid-epoch checkpoint at most this often; 0 = at epoch ends only
     ),
     optim=dict(
         init_lr=0.1,
