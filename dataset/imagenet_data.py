@@ -40,7 +40,7 @@ from dataset.transforms import (
 )
 from utils import distributed
 from utils.config import ConfigError
-from utils.preemption import ignore_stop_signals
+from utils.preemption import loader_worker_signals
 
 DATA_TYPES = ("lmdb", "img")
 AUGMENTATIONS = ("random_sized", "rand_scale")
@@ -204,7 +204,7 @@ class ImageNet12:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=persistent_workers and workers > 0,
-                          worker_init_fn=ignore_stop_signals)
+                          worker_init_fn=loader_worker_signals)
 
 
 def _beside(folder: str, name: str) -> str:

@@ -38,11 +38,14 @@ PREEMPTED_EXIT_CODE = 75
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """For loader workers (a DataLoader worker_init_fn): a cluster that signals every process of
-    the job must not kill them under the training process, which stops them itself."""
-    for signum in HANDLED_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+def loader_worker_signals(worker_id: int = 0) -> None:
+    """For loader workers (a DataLoader worker_init_fn). They ignore SIGUSR1, which a cluster may
+    send to every process of a job, so that they keep serving batches until the training process
+    has stopped; SIGTERM keeps its default action (a forked worker would otherwise inherit the
+    training process's handler), since the DataLoader and multiprocessing end workers with it.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Preempted(SystemExit):
