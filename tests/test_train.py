@@ -308,6 +308,15 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
     assert restored.last_epoch == 31 and restored.get_last_lr() == pytest.approx([0.01])
 
 
+def test_an_unseeded_run_draws_its_own_seed():
+    cfg = copy.deepcopy(default_cfg)
+    cfg.train_params.use_seed, cfg.train_params.seed = False, 3
+    drawn = {train_with_distillation.run_seed(cfg, torch.device("cpu")) for _ in range(3)}
+    assert len(drawn) == 3
+    cfg.train_params.use_seed = True
+    assert train_with_distillation.run_seed(cfg, torch.device("cpu")) == 3
+
+
 @pytest.mark.parametrize("saved_fp16, resumed_fp16", [(False, True), (True, False), (True, True)])
 def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path):
     """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the reverse."""
@@ -320,7 +329,8 @@ def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path)
     student, optimizer, scheduler, scaler = training_state(saved_fp16)
     optimizer.step()
     scheduler.step()
-    progress = train_with_distillation.Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0)
+    progress = train_with_distillation.Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0, step=2,
+                                                seed=2 ** 61 + 5, epoch_sums=((1.5, 2, 3, 8, 0.25), (4, 5, 6, 8, 0.5)))
     path = str(tmp_path / CHECKPOINT_NAME)
     atomic_save(train_with_distillation.checkpoint_state(student, "resnet18", optimizer, scheduler, scaler,
                                                          progress, default_cfg), path)
