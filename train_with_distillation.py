@@ -432,26 +432,27 @@ def configure_process(proc: distributed.ProcessInfo, cfg: AttrDict, device: torc
 
 def run(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
     """The whole training job as seen by one process."""
-    device = select_device(proc)
-    configure_process(proc, cfg, device)
-    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
-    stopped = None
-    try:
-        with StepAgreement(cfg.train_params.checkpoint_every_min) as agreement:
+    # The signal handlers first: a signal during start-up stops the run after its first step.
+    with StepAgreement(cfg.train_params.checkpoint_every_min) as agreement:
+        device = select_device(proc)
+        configure_process(proc, cfg, device)
+        log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main)
+        stopped = None
+        try:
             train(proc, cfg, device, log, agreement)
-    except USER_ERRORS as exc:
-        log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
-        raise
-    except Preempted as exc:
-        stopped = Preempted(exc.message)  # without the traceback, which holds the loaders
-    finally:
-        log.close()
-        distributed.cleanup()
-    if stopped is not None:
-        # The loaders, freed with train()'s frames, end their workers now: left to the exit
-        # handlers, workers killed while the process ends would fail it.
-        gc.collect()
-        raise stopped
+        except USER_ERRORS as exc:
+            log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
+            raise
+        except Preempted as exc:
+            stopped = Preempted(exc.message)  # without the traceback, which holds the loaders
+        finally:
+            log.close()
+            distributed.cleanup()
+        if stopped is not None:
+            # The loaders, freed with train()'s frames, end their workers now: left to the exit
+            # handlers, workers killed while the process ends would fail it.
+            gc.collect()
+            raise stopped
 
 
 @dataclass

@@ -185,6 +185,8 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
 
 # (plan of the signal, config changes of that run, (epoch, step) of the checkpoint it leaves).
 # data.num_workers is shared by the 2 processes: 2 and 8 give each 1 and 4 loader workers.
+# dist.timeout_s=600 in these runs: a loaded test machine can take more than the default minute
+# to write a checkpoint while the other process waits for it.
 SIGNAL_POINTS = [
     (("step", 1, 1), {}, (0, 1)),  # the first step
     (("step", 1, 3), {"data__num_workers": 2}, (0, 3)),  # the last step of an epoch
@@ -202,7 +204,7 @@ def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full
 
     def argv(**changes: object) -> list[str]:
         return overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False,
-                         optim__resume_path="auto", **changes)
+                         optim__resume_path="auto", dist__timeout_s=600, **changes)
 
     for plan, changes, position in SIGNAL_POINTS:
         monkeypatch.setattr(train_with_distillation, "run", functools.partial(preemption_hooks.run, plan))
@@ -222,7 +224,7 @@ def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_
     """The user's view: SIGTERM to the launcher stops the job with status 75 and says so on the
     last line; a SIGKILL after a time-based checkpoint loses only the steps after it."""
     out = str(tmp_path / "out")
-    argv = overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False,
+    argv = overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False, dist__timeout_s=600,
                      optim__resume_path="auto", train_params__checkpoint_every_min=1e-9)  # every step
 
     def run_until(pattern: str, action: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:

@@ -72,7 +72,9 @@ class Decision:
 
 
 class StepAgreement:
-    """Signal handlers and the per-step agreement; a context manager that installs the handlers.
+    """Signal handlers and the per-step agreement; a context manager that installs the handlers,
+    as early as possible (before the process group exists): a signal that comes during start-up
+    then stops the run after its first step.
 
     checkpoint_every_min > 0 asks for a checkpoint when that many minutes have passed, by rank
     0's clock, since the last one (or since the start); 0 leaves checkpoints to epoch ends.
@@ -84,14 +86,8 @@ class StepAgreement:
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
         self._group: Any = None
-        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self._distributed:
-            # Every process creates the group, in the same order relative to other groups.
-            default_is_gloo = dist.get_backend() == "gloo"
-            self._group = None if default_is_gloo else dist.new_group(backend="gloo")
-            self._is_main = dist.get_rank() == 0
-        else:
-            self._is_main = True
+        self._distributed: bool | None = None  # known at the first poll, once the process group exists
+        self._is_main = True
         self._last_checkpoint = time.monotonic()
 
     def __enter__(self) -> StepAgreement:
@@ -114,6 +110,8 @@ class StepAgreement:
 
         checkpoints=False (during validation) asks about stopping only.
         """
+        if self._distributed is None:
+            self._join_group()
         due = checkpoints and self._is_main and self.checkpoint_every_s > 0 and \
             time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
         flags = torch.tensor([int(self.requested.is_set()), int(due)], dtype=torch.int32)
@@ -123,6 +121,14 @@ class StepAgreement:
         if stop and not self.signal_name:
             self.signal_name = "a signal to another process"
         return Decision(stop=stop, checkpoint=checkpoint and checkpoints)
+
+    def _join_group(self) -> None:
+        """The CPU group the polls reduce over (the first poll is collective, so every process
+        creates it at the same point); none in a single process."""
+        self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self._distributed:
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._is_main = dist.get_rank() == 0
 
     def checkpoint_written(self) -> None:
         """Restart the clock for the next time-based checkpoint."""
