@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
+import gc
 import itertools
 import json
 import math
@@ -24,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset.imagenet_data import AUGMENTATIONS, DATA_TYPES, DECODERS, ImageNet12
+from dataset.imagenet_data import AUGMENTATIONS, DATA_TYPES, DECODERS, ImageNet12, ShardSampler
 from dataset.prefetch_data import DevicePrefetcher
 from knowledge_distiller import LOSS_METHODS, WSLDistiller, build_loss, freeze
 from models import MODEL_NAMES, NET_TYPES, build_model, load_weights, teacher_student_names
 from utils import distributed
 from utils.checkpoint import (
+    CHECKPOINT_NAME,
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -54,6 +57,7 @@ from utils.errors import DataError, UserError, one_line
 from utils.files import atomic_write_text
 from utils.logger import RunLogger, print_error
 from utils.metrics import all_reduce_sums, error_percent, topk_correct
+from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, StepAgreement
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LR_SCHEDULES = ("step", "cosine")
@@ -148,6 +152,8 @@ def check_config(cfg: AttrDict, world_size: int) -> None:
     workers = cfg.data.num_workers
     require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
             f"data.num_workers must be 'auto' or a non-negative integer, got {workers!r}")
+    require(cfg.train_params.checkpoint_every_min >= 0,
+            "train_params.checkpoint_every_min must be 0 (checkpoints at epoch ends only) or positive")
     require(len(cfg.data.input_size) == 3, f"data.input_size must be (3, H, W), got {cfg.data.input_size!r}")
     require(cfg.dist.timeout_s > 0, "dist.timeout_s must be positive")
     backend_of(cfg.train_params.compile)  # ConfigError for an unknown backend
@@ -260,6 +266,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_seed(cfg: AttrDict, device: torch.device) -> int:
+    """train_params.seed in a seeded run; otherwise a fresh one drawn by rank 0 for every process,
+    so that unseeded runs differ from one another yet all processes shuffle alike."""
+    if cfg.train_params.use_seed:
+        return int(cfg.train_params.seed)
+    drawn = random.SystemRandom().randrange(2 ** 62) if distributed.get_rank() == 0 else 0
+    return int(distributed.all_reduce_sum(torch.tensor(drawn, dtype=torch.int64, device=device)).item())
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Distinct for every (epoch, rank) pair of jobs with fewer than 10,000 processes."""
     return seed + 10_000 * (epoch + 1) + rank
@@ -271,35 +286,51 @@ def format_duration(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- training and validation
 
+# Called after each training step with (steps done, steps in the epoch, a function returning this
+# process's running sums): where a signal stops the run and a time-based checkpoint is written.
+StepHook = Callable[[int, int, Callable[[], list[float]]], None]
+NO_SUMS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # loss, top-1 and top-5 correct, images, seconds, data wait
+
+
 def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, epoch: int, epochs: int,
-                    cfg: AttrDict, log: RunLogger) -> dict[str, float]:
+                    cfg: AttrDict, log: RunLogger, start_step: int = 0, start_sums: Sequence[float] = NO_SUMS,
+                    at_step_end: StepHook | None = None) -> dict[str, Any]:
     """One pass over the training data; returns the epoch's loss and errors summed over all processes.
 
     Per-step numbers stay on the device and are read every print_freq steps, so the GPU is not
     made to wait for the CPU each step. Every step's loss is checked for finiteness on the
     device, and the first bad step is reported at the next read, before any checkpoint is written.
     The time spent waiting for batches is the host's (utils/data_wait.py), read at the same points.
+    A resumed epoch starts at start_step (the loader yields only the steps left) with this
+    process's running sums as they were saved.
     """
     model.train()
     device = next(model.parameters()).device
     parameters = [p for p in model.parameters() if p.requires_grad]
-    steps = len(loader)
+    steps = len(loader) + start_step
     if cfg.train_params.max_steps_per_epoch > 0:
         steps = min(steps, cfg.train_params.max_steps_per_epoch)
     world_size = distributed.get_world_size()
     print_freq = cfg.train_params.print_freq
     clip = cfg.optim.grad_clip if cfg.optim.use_grad_clip else None
 
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    loss_sum, top1_sum, top5_sum = zero.clone(), zero.clone(), zero.clone()
+    loss_sum, top1_sum, top5_sum = (torch.tensor(v, dtype=torch.float64, device=device) for v in start_sums[:3])
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    images_seen = 0
-    last, last_images, last_step, last_wait = [0.0, 0.0, 0.0], 0, 0, 0.0  # at the previous log line
-    batches = DataWaitTimer(itertools.islice(loader, steps))
-    start = window_start = time.perf_counter()
+    images_seen = int(start_sums[3])
+    last, last_images, last_step = list(start_sums[:3]), images_seen, start_step  # at the previous log line
+    batches = DataWaitTimer(itertools.islice(loader, steps - start_step))
+    batches.seconds = last_wait = start_sums[5]
+    window_start = time.perf_counter()
+    start = window_start - start_sums[4]
 
-    for step, (images, target) in enumerate(batches):
+    def running_sums() -> list[float]:
+        """This process's sums so far (one read of the device), after the loss check."""
+        *totals, bad_step = torch.stack([loss_sum, top1_sum, top5_sum, first_bad_step.double()]).tolist()
+        raise_if_non_finite(int(bad_step), epoch)
+        return [*totals, float(images_seen), time.perf_counter() - start, batches.seconds]
+
+    for step, (images, target) in enumerate(batches, start=start_step):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, loss = model(images, target)
         bad = ~torch.isfinite(loss.detach())
@@ -342,9 +373,11 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
                      f"ETA {format_duration(epoch_eta)} (run {format_duration(run_eta)})")
             last, last_images, last_step, last_wait = totals, images_seen, step + 1, batches.seconds
             window_start = now
+        if at_step_end is not None:
+            at_step_end(step + 1, steps, running_sums)
 
-    raise_if_non_finite(int(first_bad_step.item()), epoch)
-    seconds = time.perf_counter() - start
+    local_sums = running_sums()
+    seconds = local_sums[4]
     sums = all_reduce_sums({"loss": loss_sum, "top1": top1_sum, "top5": top5_sum,
                             "images": images_seen, "seconds": seconds, "wait": batches.seconds}, device)
     return {"loss": sums["loss"] / max(sums["images"], 1),
@@ -352,7 +385,8 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
             "top5_err": error_percent(sums["top5"], sums["images"]),
             "images": sums["images"], "seconds": seconds,
             "data_wait_share": wait_share(sums["wait"], sums["seconds"]),
-            "images_per_second": sums["images"] / max(sums["seconds"] / world_size, 1e-9)}
+            "images_per_second": sums["images"] / max(sums["seconds"] / world_size, 1e-9),
+            "steps": steps, "local_sums": local_sums}
 
 
 def raise_if_non_finite(first_bad_step: int, epoch: int) -> None:
@@ -367,11 +401,13 @@ def non_finite(what: str) -> TrainingError:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype | None) -> dict[str, float]:
+def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype | None,
+             stop_requested: Callable[[int], bool] | None = None) -> dict[str, float] | None:
     """Loss and top-1/top-5 error over the whole validation set, exactly, under any number of processes.
 
     Each process sees a disjoint shard with no padding; summed losses, correct counts and image
-    counts are all-reduced, so the result is the one a single process gets.
+    counts are all-reduced, so the result is the one a single process gets. stop_requested(i)
+    is asked after batch i; True abandons validation and returns None.
     """
     was_training = model.training
     model.eval()
@@ -380,7 +416,7 @@ def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype 
     top1 = torch.zeros((), dtype=torch.int64, device=device)
     top5 = torch.zeros((), dtype=torch.int64, device=device)
     images = 0
-    for batch_images, target in loader:
+    for i, (batch_images, target) in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(batch_images)
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").double()
@@ -388,6 +424,9 @@ def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype 
         top1 += correct1
         top5 += correct5
         images += target.shape[0]
+        if stop_requested is not None and stop_requested(i):
+            model.train(was_training)
+            return None
     model.train(was_training)
     sums = all_reduce_sums({"loss": loss_sum, "top1": top1, "top5": top5, "images": images}, device)
     count = sums["images"]
@@ -422,22 +461,32 @@ def configure_process(proc: distributed.ProcessInfo, cfg: AttrDict, device: torc
 def training_process(proc: distributed.ProcessInfo, cfg: AttrDict) -> None:
     """The whole training job as seen by one process."""
     started_by_torchrun = distributed.torchrun_process() is not None
-    if started_by_torchrun and proc.local_rank == 0:
-        check_inputs(cfg)  # once per machine; the machine's other processes wait at the barrier
-    device = select_device(proc)
-    configure_process(proc, cfg, device)
-    if started_by_torchrun:
-        distributed.barrier()
-    log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main, quiet=cfg.train_params.quiet)
-    try:
-        with compile_failures_as_errors():
-            train(proc, cfg, device, log)
-    except UserError as exc:
-        log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
-        raise
-    finally:
-        log.close()
-        distributed.cleanup()
+    # The signal handlers first: a signal during start-up stops the run after its first step.
+    with StepAgreement(cfg.train_params.checkpoint_every_min) as agreement:
+        if started_by_torchrun and proc.local_rank == 0:
+            check_inputs(cfg)  # once per machine; the machine's other processes wait at the barrier
+        device = select_device(proc)
+        configure_process(proc, cfg, device)
+        if started_by_torchrun:
+            distributed.barrier()
+        log = RunLogger(cfg.train_params.output_dir, enabled=proc.is_main, quiet=cfg.train_params.quiet)
+        stopped = None
+        try:
+            with compile_failures_as_errors():
+                train(proc, cfg, device, log, agreement)
+        except UserError as exc:
+            log.to_file(f"error: {one_line(exc)}")  # printed once, by whoever launched the job
+            raise
+        except Preempted as exc:
+            stopped = Preempted(exc.message)  # without the traceback, which holds the loaders
+        finally:
+            log.close()
+            distributed.cleanup()
+        if stopped is not None:
+            # The loaders, freed with train()'s frames, end their workers now: left to the exit
+            # handlers, workers killed while the process ends would fail it.
+            gc.collect()
+            raise stopped
 
 
 @dataclass
@@ -447,6 +496,9 @@ class Progress:
     epochs_done: int = 0
     best_top1_err: float = math.inf
     best_top5_err: float = math.inf  # at the epoch of the best top-1, as the original reports it
+    step: int = 0  # steps done in the next epoch (0 at an epoch's end)
+    seed: int = 0  # the run's seed: the data order and every augmentation come from it
+    epoch_sums: tuple[tuple[float, ...], ...] = ()  # each process's running sums at that step
 
 
 def build_networks(cfg: AttrDict, device: torch.device) -> tuple[nn.Module | None, WSLDistiller]:
@@ -476,8 +528,10 @@ def resume(path: str, student: nn.Module, arch: str, optimizer: torch.optim.Opti
     # starts afresh.
     if restore_rng:
         restore_rng_state(checkpoint["rng"])
+    sums = checkpoint.get("epoch_sums")
     return Progress(int(checkpoint["epoch"]), float(checkpoint["best_top1_err"]),
-                    float(checkpoint["best_top5_err"]))
+                    float(checkpoint["best_top5_err"]), int(checkpoint.get("step", 0)),
+                    int(checkpoint.get("seed", 0)), tuple(map(tuple, sums.tolist())) if sums is not None else ())
 
 
 def checkpoint_state(student: nn.Module, arch: str, optimizer: torch.optim.Optimizer,
@@ -487,14 +541,25 @@ def checkpoint_state(student: nn.Module, arch: str, optimizer: torch.optim.Optim
     return {"state_dict": student.state_dict(), "arch": arch, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": progress.epochs_done,
             "best_top1_err": progress.best_top1_err, "best_top5_err": progress.best_top5_err,
+            "step": progress.step, "seed": progress.seed,
+            "epoch_sums": torch.tensor(progress.epoch_sums, dtype=torch.float64).reshape(-1, len(NO_SUMS)),
             "config": cfg.to_dict(), "rng": capture_rng_state()}
+
+
+def sums_of_rank(epoch_sums: Sequence[Sequence[float]], rank: int, world_size: int) -> Sequence[float]:
+    """A process's saved running sums; under another process count, rank 0 takes the totals
+    (the epoch's metrics stay right; its batches are then not exactly the interrupted run's)."""
+    if len(epoch_sums) == world_size:
+        return epoch_sums[rank]
+    return [sum(column) for column in zip(*epoch_sums)] if rank == 0 and epoch_sums else NO_SUMS
 
 
 def write_config(cfg: AttrDict, output_dir: str) -> None:
     atomic_write_text(os.path.join(output_dir, CONFIG_NAME), json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, log: RunLogger) -> None:
+def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, log: RunLogger,
+          agreement: StepAgreement) -> None:
     tp, world_size = cfg.train_params, max(1, proc.world_size)
     log.info("Effective configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
     if proc.is_main:
@@ -503,9 +568,8 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     log.info(f"{world_size} process(es) on {device.type}, {batch_size} images each per step")
 
     data = open_data(cfg, distributed.loader_workers_per_process(cfg.data.num_workers, proc.local_world_size))
-    # Seeded runs start fresh workers each epoch, seeded from that epoch's seed, as a resumed
-    # run does; persistent workers would carry their generators over from the last epoch.
-    train_loader = data.getTrainLoader(batch_size, persistent_workers=not tp.use_seed)
+    # Augmentations draw from per-sample generators (dataset.sampling), not the workers' own.
+    train_loader = data.getTrainLoader(batch_size)
     log.info(f"JPEG decoding: {data.describe_decoder()}; {data.num_workers} loader workers per process")
     train_data, val_data = on_device(train_loader, device, cfg), on_device(data.getTestLoader(batch_size), device, cfg)
     precision = choose_precision(tp.amp, device)
@@ -527,12 +591,13 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
     log.info(f"Precision {precision.describe()}; optimizer {kernels}")
     scheduler = make_scheduler(optimizer, cfg.optim, tp.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    progress = Progress()
+    progress = Progress(seed=run_seed(cfg, device))
     resume_path = resolve_resume_path(cfg.optim.if_resume, cfg.optim.resume_path, tp.output_dir)
     if resume_path is not None:
         # Only the main process's generators were saved; seeded runs reseed every epoch anyway.
         progress = resume(resume_path, student, student_name, optimizer, scheduler, scaler, restore_rng=proc.is_main)
-        log.info(f"Resumed from '{resume_path}' after epoch {progress.epochs_done}")
+        log.info(f"Resumed from '{resume_path}' at epoch {progress.epochs_done + 1}, step {progress.step}")
+    train_loader.sampler.seed = progress.seed
     log.start_metrics(progress.epochs_done)
 
     model: nn.Module = distiller
@@ -543,28 +608,65 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
         log.info(f"Teacher network performance: {describe(validate(teacher, val_data, amp_dtype))}")
     teacher = None  # the distiller keeps it when the loss needs it
 
+    def save_position(epoch: int, step: int, sums: list[float]) -> str:
+        """A checkpoint inside epoch after step steps, with every process's running sums."""
+        rows = torch.zeros((world_size, len(NO_SUMS)), dtype=torch.float64, device=device)
+        rows[proc.rank] = torch.tensor(sums, dtype=torch.float64)
+        progress.epochs_done, progress.step = epoch, step
+        progress.epoch_sums = tuple(map(tuple, distributed.all_reduce_sum(rows).tolist()))
+        path = os.path.join(tp.output_dir, CHECKPOINT_NAME)
+        if proc.is_main:
+            save_checkpoint(checkpoint_state(student, student_name, optimizer, scheduler, scaler, progress, cfg),
+                            tp.output_dir, is_best=False)
+        distributed.barrier()  # nobody stops before the file is complete
+        agreement.checkpoint_written()
+        return path
+
+    def stop(epoch: int, step: int, steps: int) -> None:
+        where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch + 1}, step {step}/{steps}"
+        message = (f"Stopped by {agreement.signal_name} {where}; checkpoint saved in "
+                   f"'{os.path.join(tp.output_dir, CHECKPOINT_NAME)}'. To resume, run the same command with "
+                   f"optim.resume_path=auto (exit status {PREEMPTED_EXIT_CODE})")
+        log.summary(message)
+        raise Preempted(message)
+
+    def at_step_end(epoch: int, step: int, steps: int, sums: Callable[[], list[float]]) -> None:
+        decision = agreement.poll(checkpoints=step < steps)  # an epoch's end has its own checkpoint
+        if decision.stop or decision.checkpoint:
+            path = save_position(epoch, step, sums())
+            if not decision.stop:
+                log.info(f"Checkpoint at epoch {epoch + 1}, step {step}/{steps}: '{path}'")
+        if decision.stop:
+            stop(epoch, step, steps)
+
+    # The smallest validation shard's batch count: every process polls after as many batches.
+    val_polls = math.ceil(len(ShardSampler(data.test_num_examples or 0, world_size, world_size - 1)) / batch_size)
     first_epoch = progress.epochs_done
     for epoch in range(first_epoch, tp.epochs):
+        resumed = epoch == first_epoch and progress.step > 0
+        start_step = progress.step if resumed else 0
+        start_sums = sums_of_rank(progress.epoch_sums, proc.rank, world_size) if resumed else NO_SUMS
         if tp.use_seed:
             seed_everything(epoch_seed(tp.seed, epoch, proc.rank))
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch, skip=start_step * batch_size)
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(model, train_data, optimizer, scaler, amp_dtype, epoch, tp.epochs, cfg, log)
+        train_stats = train_one_epoch(model, train_data, optimizer, scaler, amp_dtype, epoch, tp.epochs, cfg, log,
+                                      start_step, start_sums, functools.partial(at_step_end, epoch))
         distributed.broadcast_buffers(student)  # validate, everywhere, the weights rank 0 saves
-        val_stats = validate(student, val_data, amp_dtype)
+        val_stats = validate(student, val_data, amp_dtype, lambda i: i < val_polls and agreement.poll(False).stop)
+        if val_stats is None:  # stopped during validation: the epoch's training is kept
+            save_position(epoch, train_stats["steps"], train_stats["local_sums"])
+            stop(epoch, train_stats["steps"], train_stats["steps"])
         if not math.isfinite(val_stats["loss"]):
             raise non_finite(f"validation loss after epoch {epoch + 1}")
         scheduler.step()
         log.summary(f"Validation epoch [{epoch + 1}/{tp.epochs}]  {describe(val_stats)}")
 
         is_best = val_stats["top1_err"] < progress.best_top1_err
-        progress.epochs_done = epoch + 1
+        progress.epochs_done, progress.step, progress.epoch_sums = epoch + 1, 0, ()
         if is_best:
             progress.best_top1_err, progress.best_top5_err = val_stats["top1_err"], val_stats["top5_err"]
-        if proc.is_main:
-            state = checkpoint_state(student, student_name, optimizer, scheduler, scaler, progress, cfg)
-            save_checkpoint(state, tp.output_dir, is_best)
+        # The record first: a kill between the two leaves a record that a resume drops and rewrites.
         log.log_epoch({
             "epoch": epoch + 1, "lr": lr,
             "train_loss": train_stats["loss"], "train_top1_err": train_stats["top1_err"],
@@ -574,6 +676,12 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
             "epoch_seconds": train_stats["seconds"], "images_per_second": train_stats["images_per_second"],
             "data_wait_share": train_stats["data_wait_share"], "peak_memory_gib": peak_memory_gib(device),
         })
+        if proc.is_main:
+            state = checkpoint_state(student, student_name, optimizer, scheduler, scaler, progress, cfg)
+            save_checkpoint(state, tp.output_dir, is_best)
+        agreement.checkpoint_written()
+        if agreement.poll(checkpoints=False).stop:  # also waits for the main process's write
+            stop(epoch + 1, 0, 0)
     distributed.barrier()  # nobody leaves while the main process is still writing
     log.info(f"Best accuracy (top-1 and 5 error): {progress.best_top1_err:.3f} {progress.best_top5_err:.3f}")
 
@@ -634,6 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print_error(one_line(exc))
         return 2
+    except Preempted:  # the log's last line says where it stopped
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130

@@ -11,8 +11,10 @@ uint8 until ``dataset.prefetch_data.DevicePrefetcher`` normalises them on the tr
 the workers never build (or the pin-memory thread copy) a float batch four times the size.
 
 Under an initialised process group, each process reads its own shard: the training shard is
-reshuffled per epoch (call ``loader.sampler.set_epoch(epoch)``, in a single process too) and
-every rank takes the same number of steps; the validation shards are disjoint and cover the set
+reshuffled per epoch (call ``loader.sampler.set_epoch(epoch)``, in a single process too; see
+``dataset.sampling.EpochSampler`` for starting part way into one, and for the per-sample
+augmentation generators that make batches independent of the loader workers) and every rank
+takes the same number of steps; the validation shards are disjoint and cover the set
 exactly once, so summing counts over ranks gives exactly the single-process result.
 """
 
@@ -24,20 +26,22 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.transforms import Compose
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset import jpeg_region, lmdb_dataset
 from dataset.folder_dataset import FolderDataset, require_folder
 from dataset.image_list import class_folders
+from dataset.sampling import EpochSampler
 from dataset.transforms import (
     ColorJitter,
+    RandomChain,
     RandomResizedCropFlip,
     RandomScaleCropFlip,
     ResizeCenterCrop,
 )
 from utils import distributed
 from utils.config import ConfigError, require_choice
+from utils.preemption import loader_worker_signals
 
 DATA_TYPES = ("lmdb", "img")
 AUGMENTATIONS = ("random_sized", "rand_scale")
@@ -148,7 +152,7 @@ class ImageNet12:
             crop = RandomScaleCropFlip(self.size, *RAND_SCALE_SIDES)
         if not self.color:
             return crop
-        return Compose([crop, ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER)])
+        return RandomChain([crop, ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER)])
 
     def val_transform(self) -> Callable:
         return ResizeCenterCrop(self.size)
@@ -174,12 +178,11 @@ class ImageNet12:
 
     def getTrainLoader(self, batch_size: int, persistent_workers: bool = True) -> DataLoader:
         """Shuffled, reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size per process.
-        persistent_workers=False starts fresh workers, seeded anew, for every pass."""
+        persistent_workers=False starts fresh workers for every pass."""
         dataset = self.train_set()
         self.train_num_examples = len(dataset)
         world_size, rank = process_group_shape()
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=self.seed, drop_last=True)
+        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
         return self._loader(dataset, batch_size, sampler, drop_last=len(sampler) > batch_size,
                             persistent_workers=persistent_workers)
 
@@ -200,7 +203,8 @@ class ImageNet12:
         workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
-                          persistent_workers=persistent_workers and workers > 0)
+                          persistent_workers=persistent_workers and workers > 0,
+                          worker_init_fn=loader_worker_signals)
 
 
 def _beside(folder: str, name: str) -> str:

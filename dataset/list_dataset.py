@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from dataset.image_io import decode_rgb
 from dataset.image_list import read_list as read_list_lines
+from dataset.sampling import SampleKey, sample_generator
 from utils.errors import DataError
 
 
@@ -43,6 +44,8 @@ class ListDataset(Dataset):
     ``sample`` is the decoded RGB image (H x W x 3 uint8) passed through ``transform``; with
     ``decode=False`` the transform receives the file's bytes instead, so that it can decode at
     a reduced size. ``target`` is the class index (an int) passed through ``target_transform``.
+    ``ds[SampleKey(seed, epoch, i)]`` is the same sample, its transform drawing from the
+    generator of that key (``dataset.sampling``) rather than from the process's own.
     """
 
     def __init__(self, list_path: str, transform: Callable | None = None,
@@ -66,7 +69,10 @@ class ListDataset(Dataset):
         """Sample index, named for an error message."""
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, index: int | SampleKey) -> tuple[Any, Any]:
+        rng = None
+        if isinstance(index, SampleKey):
+            index, rng = index.index, sample_generator(index)
         # A damaged record fails in read_raw, a damaged image in the decode or in a transform
         # that decodes the bytes itself; each error names the sample, so the user knows which
         # one to replace.
@@ -74,7 +80,7 @@ class ListDataset(Dataset):
             data, target = self.read_raw(index)
             sample: Any = decode_rgb(data) if self.decode else data
             if self.transform is not None:
-                sample = self.transform(sample)
+                sample = self.transform(sample) if rng is None else self.transform(sample, rng)
         except DataError as exc:
             raise with_context(exc, self.where(index)) from exc
         if self.target_transform is not None:

@@ -17,8 +17,9 @@ distributions, and the same antialiased bilinear filter. What they save is work:
   that a scaled decode leaves); the mirror and the BGR -> RGB swap happen on the small output.
 
 Every transform returns a 3 x H x W RGB uint8 array, C-contiguous: what the collate function
-copies into the batch as it is. Randomness comes from Python's ``random`` module, which the
-DataLoader seeds in each worker and the training script may seed in the main process.
+copies into the batch as it is. Random draws come from the ``rng`` a call is given (the
+training data hands each sample its own, see ``dataset.sampling``), else from Python's
+``random`` module.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import io
 import math
 import random
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from types import ModuleType
+from typing import Callable, NamedTuple, Union
 
 import cv2
 import numpy as np
@@ -41,6 +43,7 @@ from utils.errors import ConfigError
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
 SizeHW = tuple[int, int]
+Rng = Union[random.Random, ModuleType]  # a random.Random, or the random module itself
 
 # torchvision's validation convention: resize to size / 0.875 (256 for 224), centre-crop size.
 VAL_RESIZE_RATIO = 0.875
@@ -76,18 +79,18 @@ def as_size(size: int | Sequence[int]) -> SizeHW:
 
 
 def sample_resized_crop_box(width: int, height: int, scale: Sequence[float],
-                            ratio: Sequence[float]) -> Box:
+                            ratio: Sequence[float], rng: Rng = random) -> Box:
     """torchvision RandomResizedCrop's box: ten tries of area and log-ratio sampling, then a
     central crop clamped to the ratio range."""
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        target_area = area * random.uniform(scale[0], scale[1])
-        aspect = math.exp(random.uniform(log_lo, log_hi))
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return Box(random.randint(0, height - h), random.randint(0, width - w), h, w)
+            return Box(rng.randint(0, height - h), rng.randint(0, width - w), h, w)
     in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
@@ -278,10 +281,10 @@ class RandomResizedCropFlip:
         self.flip_p = flip_p
         self.region = region
 
-    def __call__(self, sample: Sample) -> np.ndarray:
+    def __call__(self, sample: Sample, rng: Rng = random) -> np.ndarray:
         source = _inspect(sample)
-        box = sample_resized_crop_box(source.width, source.height, self.scale, self.ratio)
-        return self._render(source, box, random.random() < self.flip_p)
+        box = sample_resized_crop_box(source.width, source.height, self.scale, self.ratio, rng)
+        return self._render(source, box, rng.random() < self.flip_p)
 
     def apply(self, sample: Sample, box: Box, flip: bool) -> np.ndarray:
         """The output for a given box and flip: the deterministic half, for tests."""
@@ -317,12 +320,12 @@ class RandomScaleCropFlip:
             raise ConfigError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= max_side {max_side}")
         self.min_side, self.max_side, self.flip_p = min_side, max_side, flip_p
 
-    def __call__(self, sample: Sample) -> np.ndarray:
+    def __call__(self, sample: Sample, rng: Rng = random) -> np.ndarray:
         source = _inspect(sample)
-        shorter = random.randint(self.min_side, self.max_side)
+        shorter = rng.randint(self.min_side, self.max_side)
         new_w, new_h = shorter_side_size(source.width, source.height, shorter)
-        top, left = random.randint(0, new_h - self.size[0]), random.randint(0, new_w - self.size[1])
-        return _resize_shorter_and_crop(source, shorter, top, left, self.size, random.random() < self.flip_p)
+        top, left = rng.randint(0, new_h - self.size[0]), rng.randint(0, new_w - self.size[1])
+        return _resize_shorter_and_crop(source, shorter, top, left, self.size, rng.random() < self.flip_p)
 
     def apply(self, sample: Sample, shorter: int, top: int, left: int, flip: bool) -> np.ndarray:
         """The output for given parameters: the deterministic half, for tests."""
@@ -388,7 +391,20 @@ class ColorJitter:
                             for fn, v in ((adjust_brightness, brightness), (adjust_contrast, contrast),
                                           (adjust_saturation, saturation)) if v > 0]
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        for fn, (lo, hi) in random.sample(self.adjustments, len(self.adjustments)):
-            image = fn(image, random.uniform(lo, hi))
+    def __call__(self, image: np.ndarray, rng: Rng = random) -> np.ndarray:
+        for fn, (lo, hi) in rng.sample(self.adjustments, len(self.adjustments)):
+            image = fn(image, rng.uniform(lo, hi))
         return image
+
+
+class RandomChain:
+    """Random transforms applied in turn, all drawing from the one generator the call is given
+    (torchvision's Compose, which cannot pass one on)."""
+
+    def __init__(self, steps: Sequence[Callable[..., np.ndarray]]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, sample: Sample, rng: Rng = random) -> np.ndarray:
+        for step in self.steps:
+            sample = step(sample, rng)
+        return sample

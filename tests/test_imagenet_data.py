@@ -106,7 +106,36 @@ def test_set_epoch_reshuffles_reproducibly(data_roots):
     second = list(loader.sampler)
     loader.sampler.set_epoch(0)
     assert list(loader.sampler) == first and second != first
-    assert sorted(first) == list(range(NUM_TRAIN))
+    assert sorted(key.index for key in first) == list(range(NUM_TRAIN))
+    assert {(key.seed, key.epoch) for key in first + second} == {(0, 0), (0, 1)}
+
+
+def test_an_epoch_started_part_way_yields_the_rest_of_its_batches(data_roots):
+    loader = make_data(data_roots, "img").getTrainLoader(BATCH)
+    loader.sampler.set_epoch(2)
+    whole = list(loader.sampler)
+    steps = len(loader)
+    loader.sampler.set_epoch(2, skip=BATCH)
+    assert list(loader.sampler) == whole[BATCH:] and len(loader) == steps - 1
+    loader.sampler.set_epoch(2, skip=steps * BATCH)
+    assert len(loader) == 0 and list(loader) == []
+
+
+def test_training_batches_do_not_depend_on_the_loader_workers(data_roots):
+    """Each sample's crop, flip and colour jitter come from its (seed, epoch, index), not from
+    the worker that makes it: 0, 1 or 4 workers give the same batches, and so does a pass that
+    starts part way into the epoch."""
+    def batches(num_workers: int, epoch: int, skip: int = 0) -> torch.Tensor:
+        loader = make_data(data_roots, "lmdb", num_workers, color=True).getTrainLoader(BATCH)
+        loader.sampler.seed = 7
+        loader.sampler.set_epoch(epoch, skip=skip)
+        return torch.cat([images for images, _ in loader])
+
+    reference = batches(0, epoch=1)
+    assert torch.equal(batches(1, epoch=1), reference)
+    assert torch.equal(batches(4, epoch=1), reference)
+    assert torch.equal(batches(4, epoch=1, skip=BATCH), reference[BATCH:])
+    assert not torch.equal(batches(0, epoch=2), reference)
 
 
 def test_worker_processes_give_what_the_main_process_gives(data_roots):
@@ -307,7 +336,7 @@ def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str
             train_loader, val_loader = data.getTrainTestLoader(BATCH // 2)
             train_loader.sampler.set_epoch(3)
             result[data_type] = {
-                "train_indices": list(train_loader.sampler),
+                "train_indices": [key.index for key in train_loader.sampler],
                 "train_steps": sum(1 for _ in train_loader),
                 "val_indices": list(val_loader.sampler),
                 "val": collect(val_loader),

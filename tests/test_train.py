@@ -7,6 +7,7 @@ processes itself); the run that checks what a user sees at the command line is a
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Callable
 
 import pytest
 import torch
@@ -24,10 +26,12 @@ import torchvision
 import train_with_distillation
 from dataset import img2lmdb, mk_img_list
 from imagenet_train_cfg import cfg as default_cfg
+from tests import preemption_hooks
 from utils import distributed
 from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save
 from utils.config import ConfigError
 from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
+from utils.preemption import PREEMPTED_EXIT_CODE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 4
@@ -137,6 +141,30 @@ def test_distributed_validation_equals_single_process_evaluation(full_run, data,
         [teacher["top1_err"], teacher["top5_err"], teacher["loss"]], abs=1e-3)
 
 
+def assert_same_weights(out: str, reference: str) -> None:
+    """The final checkpoints of two runs hold the same weights, to within 1e-5."""
+    resumed = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
+    expected = torch.load(os.path.join(reference, CHECKPOINT_NAME), weights_only=True)
+    assert (resumed["epoch"], resumed["step"]) == (expected["epoch"], 0)
+    for key, value in expected["state_dict"].items():
+        diff = (resumed["state_dict"][key].double() - value.double()).abs().max().item()
+        assert diff <= 1e-5, f"{key} differs by {diff}"
+
+
+def assert_same_records(out: str, reference: str) -> None:
+    """One metrics record, one validation line and the same best checkpoint per epoch as the reference."""
+    records, expected = (read_metrics(os.path.join(d, METRICS_NAME)) for d in (out, reference))
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in expected]
+    for record, want in zip(records, expected):
+        for key in ("lr", "train_loss", "train_top1_err", "train_top5_err", "val_loss", "val_top1_err"):
+            assert record[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    log = read_log(out)
+    for epoch in range(1, len(expected) + 1):
+        assert len(re.findall(rf"Validation epoch \[{epoch}/", log)) == 1
+    best, best_expected = (torch.load(os.path.join(d, BEST_NAME), weights_only=True)["epoch"] for d in (out, reference))
+    assert best == best_expected
+
+
 def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
     """Stopped after epoch 1 and resumed, a seeded run ends where the uninterrupted one does.
 
@@ -152,16 +180,84 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
     run(out, train_params__epochs=1)
     run(out, optim__resume_path="auto")
 
-    resumed = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
-    expected = torch.load(os.path.join(reference, CHECKPOINT_NAME), weights_only=True)
-    assert resumed["epoch"] == 2
-    for key, value in expected["state_dict"].items():
-        diff = (resumed["state_dict"][key].double() - value.double()).abs().max().item()
-        assert diff <= 1e-5, f"{key} differs by {diff}"
+    assert_same_weights(out, reference)
     assert "Resumed from" in read_log(out)
     records = read_metrics(os.path.join(out, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]  # epoch 2 is not recorded twice
     assert records[1]["val_loss"] == pytest.approx(read_metrics(os.path.join(reference, METRICS_NAME))[1]["val_loss"])
+
+
+# (plan of the signal, config changes of that run, (epoch, step) of the checkpoint it leaves).
+# data.num_workers is shared by the 2 processes: 2 and 8 give each 1 and 4 loader workers.
+# dist.timeout_s=600 in these runs: a loaded test machine can take more than the default minute
+# to write a checkpoint while the other process waits for it.
+SIGNAL_POINTS = [
+    (("step", 1, 1), {}, (0, 1)),  # the first step
+    (("step", 1, 3), {"data__num_workers": 2}, (0, 3)),  # the last step of an epoch
+    (("validation",), {}, (0, 3)),  # during validation, in a run resumed at the epoch's last step
+    (("checkpoint_write",), {"data__num_workers": 8}, (1, 0)),  # twice, while the epoch's checkpoint is written
+    (("step", 2, 2), {}, (1, 2)),  # mid-epoch
+]
+
+
+def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full_run, data, tmp_path, monkeypatch):
+    """SIGUSR1 sent to the launcher at each point of SIGNAL_POINTS in turn, each run resumed by
+    the next: the weights, the metrics, the validation lines and the best checkpoint are those
+    of the uninterrupted run (full_run, no loader workers)."""
+    out = str(tmp_path / "out")
+
+    def argv(**changes: object) -> list[str]:
+        return overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False,
+                         optim__resume_path="auto", dist__timeout_s=600, **changes)
+
+    for plan, changes, position in SIGNAL_POINTS:
+        monkeypatch.setattr(train_with_distillation, "run", functools.partial(preemption_hooks.run, plan))
+        assert train_with_distillation.main(argv(**changes)) == PREEMPTED_EXIT_CODE, plan
+        checkpoint = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
+        assert (checkpoint["epoch"], checkpoint["step"]) == position, plan
+        last_line = read_log(out).strip().splitlines()[-1]
+        assert last_line.startswith("Stopped by SIGUSR1") and "optim.resume_path=auto" in last_line
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]  # no half-written file left
+    monkeypatch.undo()
+    assert train_with_distillation.main(argv()) == 0
+    assert_same_weights(out, full_run)
+    assert_same_records(out, full_run)
+
+
+def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_run, data, tmp_path):
+    """The user's view: SIGTERM to the launcher stops the job with status 75 and says so on the
+    last line; a SIGKILL after a time-based checkpoint loses only the steps after it."""
+    out = str(tmp_path / "out")
+    argv = overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False, dist__timeout_s=600,
+                     optim__resume_path="auto", train_params__checkpoint_every_min=1e-9)  # every step
+
+    def run_until(pattern: str, action: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:
+        """Start the job; act once when a line of its output starts with pattern; wait for its end."""
+        proc = subprocess.Popen([sys.executable, "train_with_distillation.py", *argv], cwd=REPO_ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        lines = []
+        for line in proc.stdout:
+            if line.startswith(pattern) and not any(seen.startswith(pattern) for seen in lines):
+                action(proc)
+            lines.append(line.rstrip("\n"))
+        return proc.wait(timeout=300), lines
+
+    status, lines = run_until("Epoch: [1/2][1/", lambda proc: proc.send_signal(signal.SIGTERM))
+    assert status == PREEMPTED_EXIT_CODE, "\n".join(lines[-20:])
+    assert lines[-1].startswith("Stopped by SIGTERM ") and "optim.resume_path=auto" in lines[-1]
+    assert read_log(out).strip().splitlines()[-1] == lines[-1]
+    assert "Traceback" not in "\n".join(lines)
+    stopped = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
+    assert stopped["epoch"] == 0 and stopped["step"] >= 1
+
+    status, lines = run_until("Checkpoint at epoch 2, step 1/", lambda proc: os.killpg(proc.pid, signal.SIGKILL))
+    assert status == -signal.SIGKILL
+    killed = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
+    assert (killed["epoch"], killed["step"]) >= (1, 1)
+
+    assert train_with_distillation.main(argv) == 0
+    assert_same_weights(out, full_run)
+    assert_same_records(out, full_run)
 
 
 def test_kd_on_image_folders_with_a_loader_worker_clipping_and_smoothing(data, tmp_path):
@@ -218,6 +314,15 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
     assert restored.last_epoch == 31 and restored.get_last_lr() == pytest.approx([0.01])
 
 
+def test_an_unseeded_run_draws_its_own_seed():
+    cfg = copy.deepcopy(default_cfg)
+    cfg.train_params.use_seed, cfg.train_params.seed = False, 3
+    drawn = {train_with_distillation.run_seed(cfg, torch.device("cpu")) for _ in range(3)}
+    assert len(drawn) == 3
+    cfg.train_params.use_seed = True
+    assert train_with_distillation.run_seed(cfg, torch.device("cpu")) == 3
+
+
 @pytest.mark.parametrize("saved_fp16, resumed_fp16", [(False, True), (True, False), (True, True)])
 def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path):
     """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the reverse."""
@@ -230,7 +335,8 @@ def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path)
     student, optimizer, scheduler, scaler = training_state(saved_fp16)
     optimizer.step()
     scheduler.step()
-    progress = train_with_distillation.Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0)
+    progress = train_with_distillation.Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0, step=2,
+                                                seed=2 ** 61 + 5, epoch_sums=((1.5, 2, 3, 8, 0.25, 0.125), (4, 5, 6, 8, 0.5, 0.0625)))
     path = str(tmp_path / CHECKPOINT_NAME)
     atomic_save(train_with_distillation.checkpoint_state(student, "resnet18", optimizer, scheduler, scaler,
                                                          progress, default_cfg), path)

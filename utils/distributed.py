@@ -11,10 +11,14 @@ MASTER_PORT are all set. The number of processes on this machine, which shares o
 and loader workers, comes from LOCAL_WORLD_SIZE; without it, from SLURM_NTASKS_PER_NODE or
 SLURM_TASKS_PER_NODE (with SLURM_NODEID) when SLURM_LOCALID equals LOCAL_RANK, else from the
 number of visible CUDA devices (see ``local_world_size``).
+
+SIGTERM and SIGUSR1 sent to the launching process are passed on to the spawned ones (see
+``utils.preemption``); when they all stop with ``PREEMPTED_EXIT_CODE``, so does ``launch``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import multiprocessing.connection
@@ -29,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import UserError, one_line
+from utils.preemption import HANDLED_SIGNALS, PREEMPTED_EXIT_CODE, Preempted
 
 # The environment torchrun (and torch.distributed.launch) sets for every process it starts.
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -150,11 +155,26 @@ def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) 
                               name=f"rank{rank}")
         process.start()
         processes.append(process)
+
+    def forward(signum: int, frame: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in HANDLED_SIGNALS}
     try:
         failed = _wait_for_first_failure(processes)
+        if failed is not None and failed.exitcode == PREEMPTED_EXIT_CODE:
+            failed = _wait_for_first_failure(processes, also_ok=PREEMPTED_EXIT_CODE)
+            if failed is None:
+                raise Preempted("every process stopped after saving a checkpoint")
     except KeyboardInterrupt:
         _stop(processes)
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if failed is None:
         return
     _stop(processes)
@@ -175,14 +195,17 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, error
         sys.exit(130)
 
 
-def _wait_for_first_failure(processes: list) -> Any:
-    """Block until every process has ended well (None) or one has failed (that process)."""
-    pending = {p.sentinel: p for p in processes}
+def _wait_for_first_failure(processes: list, also_ok: int = 0) -> Any:
+    """Block until every process has ended well (None) or one has failed (that process).
+
+    Ending well is exit status 0, or also_ok (the preempted processes that stopped together).
+    """
+    pending = {p.sentinel: p for p in processes if p.exitcode is None}
     while pending:
         for sentinel in multiprocessing.connection.wait(list(pending)):
             process = pending.pop(sentinel)
             process.join()
-            if process.exitcode != 0:
+            if process.exitcode not in (0, also_ok):
                 return process
     return None
 

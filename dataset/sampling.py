@@ -1,0 +1,59 @@
+"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index) alone.
+
+The sampler hands the dataset a ``SampleKey`` instead of a bare index; the dataset seeds the
+sample's own generator from it and the transforms draw from that generator. Nothing depends on
+which loader worker runs a sample, or on what that worker ran before, so:
+
+* a seeded run gives the same batches for any ``data.num_workers``;
+* a run resumed in the middle of an epoch skips the steps already done (the epoch's
+  permutation is recomputed from the seed) and needs no worker state.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class SampleKey(NamedTuple):
+    """What a sample's randomness depends on."""
+
+    seed: int
+    epoch: int
+    index: int
+
+
+def sample_generator(key: SampleKey) -> random.Random:
+    """The sample's own generator. A string seed goes through SHA-512: the same in every process
+    and every Python session (a hash of a tuple would vary with PYTHONHASHSEED)."""
+    return random.Random(f"{key.seed}/{key.epoch}/{key.index}")
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler's shuffled shard (the same permutation for a seed and an epoch), yielding
+    ``SampleKey``s and able to start part way into the epoch.
+
+    ``set_epoch(epoch, skip)`` leaves out the first skip samples of this process's shard (the
+    steps done before an interruption times the per-process batch size); ``len()`` counts what is
+    left, so the loader's ``len()`` is the number of steps still to run. ``seed`` may be changed
+    before an epoch starts (a resumed run takes the one its checkpoint holds).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = min(max(0, skip), self.num_samples)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        indices = list(super().__iter__())[self.skip:]
+        return iter([SampleKey(self.seed, self.epoch, index) for index in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip

@@ -1,0 +1,76 @@
+"""The signal handlers and the stop agreement in one process (the training tests run them in two)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from utils import distributed
+from utils.preemption import (
+    PREEMPTED_EXIT_CODE,
+    Decision,
+    Preempted,
+    StepAgreement,
+    loader_worker_signals,
+)
+
+
+def test_a_signal_stops_at_the_next_poll_and_a_second_changes_nothing():
+    before = signal.getsignal(signal.SIGTERM)
+    with StepAgreement() as agreement:
+        assert agreement.poll() == Decision()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert agreement.requested.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal: the process goes on
+        assert agreement.poll() == Decision(stop=True)
+        assert agreement.signal_name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers put back
+
+
+def test_time_based_checkpoints_follow_the_clock():
+    with StepAgreement(checkpoint_every_min=1e-9) as agreement:
+        assert agreement.poll() == Decision(checkpoint=True)
+        assert agreement.poll(checkpoints=False) == Decision()  # validation asks about stopping only
+    with StepAgreement(checkpoint_every_min=0) as never, StepAgreement(checkpoint_every_min=60) as hourly:
+        assert never.poll() == Decision() and hourly.poll() == Decision()
+
+
+def test_preempted_exits_with_the_documented_status():
+    with pytest.raises(SystemExit) as info:
+        raise Preempted("stopped at epoch 1, step 2")
+    assert info.value.code == PREEMPTED_EXIT_CODE == 75
+    assert str(info.value) == "stopped at epoch 1, step 2"
+
+
+def _stop_on_signal(proc: distributed.ProcessInfo) -> None:
+    """Rank 0 signals the launcher, which passes the signal on; both stop as preempted."""
+    distributed.init_process_group(proc, "gloo", timeout_s=30)
+    try:
+        with StepAgreement() as agreement:
+            distributed.barrier()  # every handler is in place
+            if proc.rank == 0:
+                os.kill(os.getppid(), signal.SIGTERM)
+            assert agreement.requested.wait(30)
+            assert agreement.poll() == Decision(stop=True)
+            raise Preempted("stopped")
+    finally:
+        distributed.cleanup()
+
+
+def test_the_launcher_passes_signals_on_and_exits_as_preempted():
+    with pytest.raises(Preempted):
+        distributed.launch(_stop_on_signal, nprocs=2)
+
+
+def test_loader_workers_ignore_sigusr1_and_die_on_sigterm():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with StepAgreement():
+            loader_worker_signals(0)
+            assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
