@@ -51,16 +51,21 @@ COLOR_JITTER = 0.4
 RAND_SCALE_SIDES = (256, 480)
 
 
-def collate_uint8(batch: Sequence[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 3 x H x W (or H x W x 3) uint8 images into one N x 3 x H x W uint8 tensor, each
-    written once into place: no float copy, no intermediate tensors."""
-    first = batch[0][0]
-    planar = first.shape[0] == 3
-    height, width = first.shape[1:] if planar else first.shape[:2]
-    images = torch.empty((len(batch), 3, height, width), dtype=torch.uint8)
-    out = images.numpy()
+def collate_uint8(batch: Sequence[tuple[torch.Tensor | np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 images, 3 x H x W tensors as the transforms return them (or H x W x 3
+    arrays, as a dataset without a transform gives them), into one N x 3 x H x W uint8 tensor,
+    each written once into place: no float copy, no intermediate tensors."""
+    images = None
     for i, (image, _) in enumerate(batch):
-        np.copyto(out[i], image if planar else np.moveaxis(image, -1, 0), casting="no")
+        chw = torch.as_tensor(image)
+        if chw.dtype != torch.uint8:
+            raise TypeError(f"collate_uint8 takes uint8 images, got {chw.dtype}; convert to float on the "
+                            "device (DevicePrefetcher), not in the loader")
+        if chw.shape[0] != 3:
+            chw = chw.permute(2, 0, 1)
+        if images is None:
+            images = torch.empty((len(batch), *chw.shape), dtype=torch.uint8)
+        images[i].copy_(chw)
     labels = torch.tensor([int(label) for _, label in batch], dtype=torch.int64)
     return images, labels
 
@@ -145,14 +150,18 @@ class ImageNet12:
         return jpeg_region.describe()
 
     def train_transform(self) -> Callable:
+        """The training pipeline: the decode-aware crop first, then steps on its uint8
+        3 x H x W tensor. Any torchvision.transforms.v2 transform on uint8 tensors may be
+        appended to ``steps`` (see the README); RandomChain seeds it per sample too."""
         if self.augmentation == "random_sized":
             crop: Callable = RandomResizedCropFlip(self.size, scale=(self.min_scale, 1.0),
                                                    region=self.decoder != "opencv")
         else:
             crop = RandomScaleCropFlip(self.size, *RAND_SCALE_SIDES)
-        if not self.color:
-            return crop
-        return RandomChain([crop, ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER)])
+        steps = [crop]
+        if self.color:
+            steps.append(ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER))
+        return RandomChain(steps)
 
     def val_transform(self) -> Callable:
         return ResizeCenterCrop(self.size)

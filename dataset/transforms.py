@@ -16,9 +16,10 @@ distributions, and the same antialiased bilinear filter. What they save is work:
   uint8 kernel, which implements PIL's filter (PIL itself resamples the rare sub-pixel boxes
   that a scaled decode leaves); the mirror and the BGR -> RGB swap happen on the small output.
 
-Every transform returns a 3 x H x W RGB uint8 array, C-contiguous: what the collate function
-copies into the batch as it is. Random draws come from the ``rng`` a call is given (the
-training data hands each sample its own, see ``dataset.sampling``), else from Python's
+Every transform returns a 3 x H x W RGB uint8 tensor, contiguous: what the collate function
+copies into the batch as it is, and what ``torchvision.transforms.v2`` transforms take, so any of
+them can follow the crop (``RandomChain``). Random draws come from the ``rng`` a call is given
+(the training data hands each sample its own, see ``dataset.sampling``), else from Python's
 ``random`` module.
 """
 
@@ -29,7 +30,7 @@ import math
 import random
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import cv2
 import numpy as np
@@ -180,11 +181,11 @@ def resize_region(image: np.ndarray, region: tuple[float, float, float, float], 
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 
-def _finish(image: torch.Tensor, flip: bool, bgr: bool) -> np.ndarray:
-    """3 x H x W -> RGB, mirrored if asked, C-contiguous (one copy at most)."""
+def _finish(image: torch.Tensor, flip: bool, bgr: bool) -> torch.Tensor:
+    """3 x H x W -> RGB, mirrored if asked, contiguous (one copy at most)."""
     dims = ([0] if bgr else []) + ([2] if flip else [])
     out = image.flip(dims) if dims else image
-    return out.contiguous().numpy()
+    return out.contiguous()
 
 
 class _Source(NamedTuple):
@@ -267,7 +268,15 @@ def _decode(source: _Source, factor: int, box: Box | None = None, region: bool =
 # The augmentations.
 
 
-class RandomResizedCropFlip:
+class RandomTransform:
+    """A transform that draws its random parameters from the generator it is called with,
+    ``transform(sample, rng)``, so that RandomChain can hand every step a sample's own."""
+
+    def __call__(self, sample: Any, rng: Rng = random) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandomResizedCropFlip(RandomTransform):
     """torchvision's RandomResizedCrop(size, scale, ratio) (bilinear, antialiased) followed by
     RandomHorizontalFlip(flip_p), from file bytes or a decoded RGB array. region: decode only
     the crop where libjpeg-turbo's region decoder is available (see ``dataset.jpeg_region``)."""
@@ -281,16 +290,12 @@ class RandomResizedCropFlip:
         self.flip_p = flip_p
         self.region = region
 
-    def __call__(self, sample: Sample, rng: Rng = random) -> np.ndarray:
+    def __call__(self, sample: Sample, rng: Rng = random) -> torch.Tensor:
         source = _inspect(sample)
         box = sample_resized_crop_box(source.width, source.height, self.scale, self.ratio, rng)
         return self._render(source, box, rng.random() < self.flip_p)
 
-    def apply(self, sample: Sample, box: Box, flip: bool) -> np.ndarray:
-        """The output for a given box and flip: the deterministic half, for tests."""
-        return self._render(_inspect(sample), box, flip)
-
-    def _render(self, source: _Source, box: Box, flip: bool) -> np.ndarray:
+    def _render(self, source: _Source, box: Box, flip: bool) -> torch.Tensor:
         out_h, out_w = self.size
         factor = jpeg_reduction(box.width, box.height, out_w, out_h, RANDOM_CROP_MARGIN) if source.is_jpeg else 1
         decoded = _decode(source, factor, box, self.region)
@@ -298,7 +303,7 @@ class RandomResizedCropFlip:
 
 
 def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int, size: SizeHW,
-                             flip: bool) -> np.ndarray:
+                             flip: bool) -> torch.Tensor:
     """torchvision's Resize(shorter), then the size crop at (top, left) of the resized image.
     The resize covers the whole (reduced) image, so the crop's border pixels see the same
     filter support as in a resize-then-crop."""
@@ -309,7 +314,7 @@ def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int,
     return _finish(resized[:, top:top + size[0], left:left + size[1]], flip, decoded.bgr)
 
 
-class RandomScaleCropFlip:
+class RandomScaleCropFlip(RandomTransform):
     """The original's 'rand_scale': shorter side uniform in [min_side, max_side], a uniformly
     placed crop of size (torchvision's RandomCrop), horizontal flip with probability flip_p."""
 
@@ -320,16 +325,12 @@ class RandomScaleCropFlip:
             raise ConfigError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= max_side {max_side}")
         self.min_side, self.max_side, self.flip_p = min_side, max_side, flip_p
 
-    def __call__(self, sample: Sample, rng: Rng = random) -> np.ndarray:
+    def __call__(self, sample: Sample, rng: Rng = random) -> torch.Tensor:
         source = _inspect(sample)
         shorter = rng.randint(self.min_side, self.max_side)
         new_w, new_h = shorter_side_size(source.width, source.height, shorter)
         top, left = rng.randint(0, new_h - self.size[0]), rng.randint(0, new_w - self.size[1])
         return _resize_shorter_and_crop(source, shorter, top, left, self.size, rng.random() < self.flip_p)
-
-    def apply(self, sample: Sample, shorter: int, top: int, left: int, flip: bool) -> np.ndarray:
-        """The output for given parameters: the deterministic half, for tests."""
-        return _resize_shorter_and_crop(_inspect(sample), shorter, top, left, self.size, flip)
 
 
 class ResizeCenterCrop:
@@ -339,7 +340,7 @@ class ResizeCenterCrop:
         self.size = as_size(size)
         self.shorter = int(round(max(self.size) / resize_ratio))
 
-    def __call__(self, sample: Sample) -> np.ndarray:
+    def __call__(self, sample: Sample) -> torch.Tensor:
         source = _inspect(sample)
         new_w, new_h = shorter_side_size(source.width, source.height, self.shorter)
         top = int(round((new_h - self.size[0]) / 2.0))
@@ -382,29 +383,41 @@ def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
                      for plane in image])
 
 
-class ColorJitter:
+class ColorJitter(RandomTransform):
     """torchvision's ColorJitter(brightness, contrast, saturation) on a 3 x H x W RGB uint8
-    array: each factor uniform in [max(0, 1 - v), 1 + v], applied in a random order."""
+    tensor (or array): each factor uniform in [max(0, 1 - v), 1 + v], applied in a random order."""
 
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4) -> None:
         self.adjustments = [(fn, (max(0.0, 1.0 - v), 1.0 + v))
                             for fn, v in ((adjust_brightness, brightness), (adjust_contrast, contrast),
                                           (adjust_saturation, saturation)) if v > 0]
 
-    def __call__(self, image: np.ndarray, rng: Rng = random) -> np.ndarray:
+    def __call__(self, image: torch.Tensor | np.ndarray, rng: Rng = random) -> torch.Tensor:
+        array = image.numpy() if isinstance(image, torch.Tensor) else image
         for fn, (lo, hi) in rng.sample(self.adjustments, len(self.adjustments)):
-            image = fn(image, rng.uniform(lo, hi))
-        return image
+            array = fn(array, rng.uniform(lo, hi))
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
-class RandomChain:
-    """Random transforms applied in turn, all drawing from the one generator the call is given
-    (torchvision's Compose, which cannot pass one on)."""
+class RandomChain(RandomTransform):
+    """Transforms applied in turn, all drawing from the one generator the call is given
+    (torchvision's Compose cannot pass one on).
 
-    def __init__(self, steps: Sequence[Callable[..., np.ndarray]]) -> None:
+    Our RandomTransforms take the generator itself. Any other step, such as a
+    ``torchvision.transforms.v2`` transform, draws from torch's global generator: it runs with
+    that generator seeded from the sample's, and restored afterwards, so its draws too depend on
+    the sample alone, not on the loader worker that runs it.
+    """
+
+    def __init__(self, steps: Sequence[Callable[..., Any]]) -> None:
         self.steps = list(steps)
 
-    def __call__(self, sample: Sample, rng: Rng = random) -> np.ndarray:
+    def __call__(self, sample: Any, rng: Rng = random) -> Any:
         for step in self.steps:
-            sample = step(sample, rng)
+            if isinstance(step, RandomTransform):
+                sample = step(sample, rng)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(rng.getrandbits(63))
+                    sample = step(sample)
         return sample

@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torchvision.transforms import v2
 
 from dataset import img2lmdb, jpeg_region, mk_img_list
 from dataset.folder_dataset import FolderDataset
 from dataset.imagenet_data import ImageNet12, ShardSampler, collate_uint8
+from dataset.transforms import RandomChain
 from tests.conftest import NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_file
 from utils.config import ConfigError
 from utils.errors import DataError
@@ -138,6 +140,37 @@ def test_training_batches_do_not_depend_on_the_loader_workers(data_roots):
     assert not torch.equal(batches(0, epoch=2), reference)
 
 
+class WithTorchvisionAugmentations(ImageNet12):
+    """The README's recipe: torchvision v2 transforms composed after our crop."""
+
+    def train_transform(self) -> RandomChain:
+        return RandomChain([super().train_transform(), v2.RandAugment(), v2.RandomErasing(p=1.0)])
+
+
+def test_torchvision_v2_transforms_compose_after_the_crop_through_the_loader(data_roots):
+    """Our crop hands v2 transforms the uint8 3 x H x W tensor they take; the batches stay uint8
+    and, seeded per sample, still do not depend on the number of loader workers."""
+    config = data_config("lmdb")
+
+    def batches(num_workers: int, extra: bool = True) -> torch.Tensor:
+        kind = WithTorchvisionAugmentations if extra else ImageNet12
+        root = data_roots["lmdb"]
+        data = kind(os.path.join(root, "train"), os.path.join(root, "val"), num_workers, "random_sized", config,
+                    pin_memory=False)
+        loader = data.getTrainLoader(BATCH)
+        loader.sampler.seed = 5
+        loader.sampler.set_epoch(0)
+        return torch.cat([images for images, _ in loader])
+
+    augmented = batches(0)
+    assert augmented.dtype == torch.uint8 and augmented.shape[1:] == (3, SIZE, SIZE)
+    plain = batches(0, extra=False)
+    assert plain.shape == augmented.shape and not torch.equal(plain, augmented)
+    # RandomErasing (p=1) fills a box of every image with zeros, which plain crops of photos lack.
+    assert all((image == 0).all(dim=0).any() for image in augmented)
+    assert torch.equal(batches(2), augmented)
+
+
 def test_worker_processes_give_what_the_main_process_gives(data_roots):
     # OpenCV's thread pool, started here, must not trouble the forked workers (a worker that
     # reconfigured it, e.g. with cv2.setNumThreads, would wait forever on its idle threads).
@@ -257,7 +290,7 @@ def test_decoder_setting_reaches_the_training_crops(data_roots, decoder):
     """'opencv' decodes whole images; 'auto' and 'region' decode the crops alone, here where
     libjpeg-turbo can be built; the batches agree either way."""
     data = make_data(data_roots, "lmdb", decoder=decoder)
-    assert data.train_transform().region == (decoder != "opencv")
+    assert data.train_transform().steps[0].region == (decoder != "opencv")
     expected = "OpenCV, whole images" if decoder == "opencv" else "libjpeg-turbo"
     assert data.describe_decoder().startswith(expected)
     loader = data.getTrainLoader(BATCH)
