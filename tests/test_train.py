@@ -211,7 +211,7 @@ def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full
                          optim__resume_path="auto", dist__timeout_s=600, **changes)
 
     for plan, changes, position in SIGNAL_POINTS:
-        monkeypatch.setattr(train_with_distillation, "run", functools.partial(preemption_hooks.run, plan))
+        monkeypatch.setattr(train_with_distillation, "training_process", functools.partial(preemption_hooks.run, plan))
         assert train_with_distillation.main(argv(**changes)) == PREEMPTED_EXIT_CODE, plan
         checkpoint = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
         assert (checkpoint["epoch"], checkpoint["step"]) == position, plan
@@ -483,7 +483,7 @@ def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(loca
     monkeypatch.setattr(module, "check_inputs", lambda cfg: calls.append("check_inputs"))
     monkeypatch.setattr(module, "configure_process", lambda proc, cfg, device: calls.append("process group"))
     monkeypatch.setattr(module.distributed, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(module, "train", lambda proc, cfg, device, log: calls.append("train"))
+    monkeypatch.setattr(module, "train", lambda *args: calls.append("train"))
     monkeypatch.setattr(module.distributed, "launch", lambda fn, args, nprocs: fn(distributed.torchrun_process(), *args))
     cfg = copy.deepcopy(default_cfg)
     cfg.train_params.output_dir = str(tmp_path)
