@@ -212,8 +212,14 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak_memory_gib's count afresh (each epoch), so that warm-up does not hide in it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_gib(device: torch.device) -> float | None:
-    """The most memory tensors have held on a CUDA device since the process started; None elsewhere."""
+    """The most memory tensors have held on a CUDA device since reset_peak_memory; None elsewhere."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
@@ -650,6 +656,7 @@ def train(proc: distributed.ProcessInfo, cfg: AttrDict, device: torch.device, lo
             seed_everything(epoch_seed(tp.seed, epoch, proc.rank))
         train_loader.sampler.set_epoch(epoch, skip=start_step * batch_size)
         lr = optimizer.param_groups[0]["lr"]
+        reset_peak_memory(device)
         train_stats = train_one_epoch(model, train_data, optimizer, scaler, amp_dtype, epoch, tp.epochs, cfg, log,
                                       start_step, start_sums, functools.partial(at_step_end, epoch))
         distributed.broadcast_buffers(student)  # validate, everywhere, the weights rank 0 saves

@@ -9,7 +9,7 @@ Stages, each in its own process so that a crash or a hang is recorded and the ne
 2. An LMDB of ImageNet-like JPEGs (about 500 x 375, quality 75 to 95) cut from the bundled
    photos, packed by dataset/img2lmdb.py.
 3. train_with_distillation.py itself: ResNet-34 to ResNet-18, 224 px, bf16, channels-last,
-   ``data.num_workers`` = every core, the per-GPU batch of the default 8-GPU run (256 / 8 = 32).
+   ``data.num_workers='auto'`` (every core but the loop's), the per-GPU batch of the default 8-GPU run (256 / 8 = 32).
    The first epoch is warm-up (loader start, cuDNN autotuning); the later epochs are measured
    from metrics.jsonl: images/s, the share of time spent waiting for data, peak GPU memory.
    There is no synchronisation per step, as in training.
@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="",
                         help="keep the data, logs and outputs here (default: a temporary folder, removed)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget for all stages, each stopped at its share of it (default 570: "
+                        help="wall-clock budget for all stages, each stopped at its share of it (default 540: "
                              "the GPU run fits in 10 minutes; 1200 with --smoke, which needs under 3 on an "
                              "idle machine: only a guard against a hang on a busy CI machine)")
     return parser.parse_args(argv)
@@ -68,7 +70,7 @@ def settings(smoke: bool) -> dict[str, Any]:
                 "epochs": 2, "max_steps": 2, "workers": min(2, cores), "amp": "auto", "compile": "eager",
                 "compute_steps": 1, "print_freq": 1}
     return {"train_images": 20480, "val_images": 320, "batch": 32, "compute_batches": [32, 256], "size": 224,
-            "epochs": 4, "max_steps": 0, "workers": cores, "amp": "bf16", "compile": True, "compute_steps": 100,
+            "epochs": 4, "max_steps": 0, "workers": "auto", "amp": "bf16", "compile": True, "compute_steps": 100,
             "print_freq": 100}
 
 
@@ -82,13 +84,14 @@ class Deadline:
         return max(1.0, self.end - time.monotonic() - reserve_s)
 
 
-def run_command(command: list[str], timeout_s: float, log_path: str) -> int:
+def run_command(command: list[str], timeout_s: float, log_path: str, env: dict[str, str] | None = None) -> int:
     """Run a command with its output in log_path, in a session of its own so that a command
     that runs out of time is stopped with every process it started (loader workers, compiler
     workers). Returns its exit status; RuntimeError if it ran out of time."""
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                   start_new_session=True)
         try:
             return process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -118,12 +121,20 @@ def last_line(path: str) -> str:
 # ----------------------------------------------------------------------------- 1. the CUDA tests
 
 def run_cuda_tests(work: str, timeout_s: float) -> dict[str, Any]:
-    """pytest -m cuda over the whole tests/ folder; the counts come from its JUnit report."""
+    """pytest -m cuda over the whole tests/ folder; the counts come from its JUnit report, or
+    from its log's result lines when it was stopped before writing one."""
     report = os.path.join(work, "cuda_tests.xml")
     log_path = os.path.join(work, "cuda_tests.log")
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
-               f"--junitxml={report}", os.path.join(REPO_ROOT, "tests")]
-    run_command(command, timeout_s, log_path)  # failures are counted from the report
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs", "-p", "no:cacheprovider",
+               "--continue-on-collection-errors", f"--junitxml={report}", os.path.join(REPO_ROOT, "tests")]
+    # Deterministic cuBLAS reads its workspace setting once, at the process's first cuBLAS call.
+    try:
+        run_command(command, timeout_s, log_path, env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
+    except RuntimeError as exc:  # out of time: count what ran
+        counts = counts_from_log(log_path)
+        if counts is None:
+            raise
+        return {**counts, "tests_summary": f"incomplete: {exc}"}
     if not os.path.isfile(report):
         raise RuntimeError(f"pytest wrote no report: {last_line(log_path)} (log: {log_path})")
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
@@ -133,6 +144,19 @@ def run_cuda_tests(work: str, timeout_s: float) -> dict[str, Any]:
     failed = counts["failures"] + counts["errors"]
     return {"tests_passed": counts["tests"] - failed - counts["skipped"], "tests_failed": failed,
             "tests_skipped": counts["skipped"], "tests_summary": last_line(log_path)}
+
+
+def counts_from_log(log_path: str) -> dict[str, int] | None:
+    """Passed, failed and skipped tests from pytest -v's result lines; None if there are none."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            outcomes = re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)", f.read(), flags=re.MULTILINE)
+    except OSError:
+        return None
+    if not outcomes:
+        return None
+    return {"tests_passed": outcomes.count("PASSED"), "tests_failed": outcomes.count("FAILED") + outcomes.count("ERROR"),
+            "tests_skipped": outcomes.count("SKIPPED")}
 
 
 # ----------------------------------------------------------------------------- 2. the data
@@ -156,7 +180,9 @@ def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str,
     start = time.perf_counter()
     images, data = os.path.join(work, "images"), os.path.join(work, "data")
     per_class = (-(-config["train_images"] // NUM_CLASSES), -(-config["val_images"] // NUM_CLASSES))
-    with ProcessPoolExecutor(max_workers=min(NUM_CLASSES, os.cpu_count() or 1)) as pool:
+    # forkserver: the workers do not inherit this process's CUDA context (see environment()).
+    with ProcessPoolExecutor(max_workers=min(NUM_CLASSES, os.cpu_count() or 1),
+                             mp_context=multiprocessing.get_context("forkserver")) as pool:
         list(pool.map(_write_class, [(images, i, *per_class, i) for i in range(NUM_CLASSES)]))
     deadline = Deadline(timeout_s - (time.perf_counter() - start))
     run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "mk_img_list.py"), "--image_path", images,
@@ -189,11 +215,16 @@ def run_loop(name: str, work: str, data_path: str, config: dict[str, Any], compi
     from utils.logger import read_metrics
 
     output_dir = os.path.join(work, name)
-    run_checked([sys.executable, TRAIN_SCRIPT, *loop_overrides(data_path, output_dir, config, compile_setting)],
-                timeout_s, os.path.join(work, f"{name}.log"))
-    records = read_metrics(os.path.join(output_dir, "metrics.jsonl"))[1:]
+    stopped = None
+    try:
+        run_checked([sys.executable, TRAIN_SCRIPT, *loop_overrides(data_path, output_dir, config, compile_setting)],
+                    timeout_s, os.path.join(work, f"{name}.log"))
+    except RuntimeError as exc:  # the epochs finished before it stopped still count
+        stopped = exc
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    records = read_metrics(metrics)[1:] if os.path.isfile(metrics) else []
     if not records:
-        raise RuntimeError(f"no epoch after the first in {output_dir}/metrics.jsonl")
+        raise stopped or RuntimeError(f"no epoch after the first in {metrics}")
     seconds = sum(r["epoch_seconds"] for r in records)
     images = sum(r["images_per_second"] * r["epoch_seconds"] for r in records)
     peak = [r.get("peak_memory_gib") for r in records if r.get("peak_memory_gib") is not None]
@@ -202,7 +233,8 @@ def run_loop(name: str, work: str, data_path: str, config: dict[str, Any], compi
     return {"jpeg_decoding": decoding[0] if decoding else None, "images_per_second": round(images / seconds, 1),
             "data_wait_share": round(sum(r["data_wait_share"] * r["epoch_seconds"] for r in records) / seconds, 4),
             "peak_memory_gib": round(max(peak), 2) if peak else None,
-            "measured_steps": int(round(images / config["batch"]))}
+            "measured_steps": int(round(images / config["batch"])),
+            **({"partial": f"{len(records)} epoch(s) measured, then {stopped}"} if stopped else {})}
 
 
 # ----------------------------------------------------------------------------- 4. the compute ceiling
@@ -221,7 +253,8 @@ class RepeatedBatch:
             yield self.batch
 
 
-def compute_ceiling(overrides: list[str], batches: list[int], steps: int, output_dir: str) -> dict[str, Any]:
+def compute_ceiling(overrides: list[str], batches: list[int], steps: int, output_dir: str,
+                    result_path: str) -> dict[str, Any]:
     """The training script's own step (train_one_epoch) on a batch already on the device.
 
     The first pass over `steps` steps is warm-up (cuDNN autotuning, allocator growth); the
@@ -255,6 +288,8 @@ def compute_ceiling(overrides: list[str], batches: list[int], steps: int, output
                 stats = script.train_one_epoch(distiller, RepeatedBatch(batch, steps), optimizer, scaler,
                                                amp_dtype, 0, 1, cfg, log)
         results[f"batch_{batch_size}"] = round(stats["images_per_second"], 1)
+        with open(result_path, "w", encoding="utf-8") as f:  # after each size: kept if the next runs out of time
+            json.dump(results, f)
         del distiller, optimizer, batch
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -265,14 +300,21 @@ def run_compute(work: str, data_path: str, config: dict[str, Any], timeout_s: fl
     output_dir = os.path.join(work, "compute")
     result_path = os.path.join(work, "compute.json")
     overrides = loop_overrides(data_path, output_dir, config, False)
-    run_checked([sys.executable, os.path.abspath(__file__), "--compute-stage", json.dumps(
-        {"overrides": overrides, "batches": config["compute_batches"], "steps": config["compute_steps"],
-         "output_dir": output_dir, "result": result_path})], timeout_s, os.path.join(work, "compute.log"))
+    stopped = None
+    try:
+        run_checked([sys.executable, os.path.abspath(__file__), "--compute-stage", json.dumps(
+            {"overrides": overrides, "batches": config["compute_batches"], "steps": config["compute_steps"],
+             "output_dir": output_dir, "result": result_path})], timeout_s, os.path.join(work, "compute.log"))
+    except RuntimeError as exc:  # the batch sizes measured before it stopped still count
+        stopped = exc
+    if not os.path.isfile(result_path):
+        raise stopped or RuntimeError(f"the compute stage wrote no {result_path}")
     with open(result_path, encoding="utf-8") as f:
         by_batch = json.load(f)
     first, *others = config["compute_batches"]
-    return {"compute_images_per_second": by_batch[f"batch_{first}"],
-            **{f"compute_images_per_second_batch{b}": by_batch[f"batch_{b}"] for b in others}}
+    return {"compute_images_per_second": by_batch.get(f"batch_{first}"),
+            **{f"compute_images_per_second_batch{b}": by_batch.get(f"batch_{b}") for b in others},
+            **({"partial": str(stopped)} if stopped else {})}
 
 
 # ----------------------------------------------------------------------------- the environment
@@ -310,6 +352,9 @@ def run_stage(name: str, result: dict[str, Any], fn: Any, *args: Any) -> dict[st
         print(f"[gpu_check] {name} failed: {message}", flush=True)
         traceback.print_exc()
         return None
+    partial = figures.pop("partial", None)  # figures measured before the stage ran out of time
+    if partial:
+        result["errors"][name] = f"partial: {partial}"
     result["stage_seconds"][name] = round(time.perf_counter() - start, 1)
     print(f"[gpu_check] {name}: {json.dumps(figures)}", flush=True)
     return figures
@@ -317,7 +362,7 @@ def run_stage(name: str, result: dict[str, Any], fn: Any, *args: Any) -> dict[st
 
 def check(args: argparse.Namespace, work: str, result: dict[str, Any]) -> None:
     config = settings(args.smoke)
-    budget = args.budget_s if args.budget_s is not None else (1200.0 if args.smoke else 570.0)
+    budget = args.budget_s if args.budget_s is not None else (1200.0 if args.smoke else 540.0)
     deadline = Deadline(budget)
     result.update({"smoke": args.smoke, "batch_per_gpu": config["batch"], "image_size": config["size"],
                    "num_workers": config["workers"], "amp": config["amp"]})
@@ -353,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compute-stage"]:  # the compute ceiling's own process (see run_compute)
         job = json.loads(argv[1])
-        figures = compute_ceiling(job["overrides"], job["batches"], job["steps"], job["output_dir"])
-        with open(job["result"], "w", encoding="utf-8") as f:
-            json.dump(figures, f)
+        compute_ceiling(job["overrides"], job["batches"], job["steps"], job["output_dir"], job["result"])
         return 0
     args = parse_args(argv)
+    # A SIGTERM (say, from `timeout`) unwinds like an error: the running stage's processes are
+    # stopped and the JSON line is still printed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()
     result: dict[str, Any] = {key: None for key in RESULT_KEYS}
     result.update({"errors": {}, "stage_seconds": {}})
