@@ -25,7 +25,7 @@ def test_runs_train_teacher_then_students_that_distil_from_it():
                        ("Proposed", "resnet18", "wsld")]
     teacher_cfg = configs[0][1]
     assert teacher_cfg.train_params.eval_teacher is False
-    assert [cfg.train_params.epochs for _, cfg in configs] == [3, 1, 1]  # the user's count is the students'
+    assert [cfg.train_params.epochs for _, cfg in configs] == [2, 1, 1]  # the user's count is the students'; the teacher trains twice as many
     for run, cfg in configs:
         assert cfg.train_params.output_dir == os.path.join("out", run["name"])
         assert cfg.model.num_classes == 10
@@ -106,7 +106,7 @@ class FakeTrain:
 def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "prepare_data", lambda root: None)  # the training is faked; no data is read
     same = [f"train_params.output_dir={tmp_path}"]
-    changed = [*same, "optim.init_lr=0.01"]
+    changed = [*same, "optim.init_lr=0.02"]
 
     def run(overrides, train=None):
         train = train or FakeTrain()
@@ -127,7 +127,7 @@ def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp
     assert trained == ["teacher", "original", "proposed"]
     assert "Reusing" not in out
     with open(tmp_path / "teacher" / demo.TEACHER_RECORD) as f:
-        assert json.load(f)["optim"]["init_lr"] == 0.01
+        assert json.load(f)["optim"]["init_lr"] == 0.02
 
     with pytest.raises(KeyboardInterrupt):
         run(same, FakeTrain(fail_on="teacher"))
@@ -155,7 +155,7 @@ def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, cap
     printed = captured.out.count("\n") + captured.err.count("\n")  # a progress bar redrawn with \r is one line
     epoch_lines = [line for line in lines if line.startswith("Validation epoch")]
     tiny_epochs = [cfg.train_params.epochs for _, cfg in run_configs(DEMO_CONFIG, tiny)]
-    assert len(epoch_lines) == sum(tiny_epochs) == 5
+    assert len(epoch_lines) == sum(tiny_epochs) == 4
     assert sum(line.startswith("==> ") for line in lines) == 3  # a header per row
     assert sum(line.startswith("Outputs: ") for line in lines) == 3
     assert "| ResNet 18 | Proposed |" in lines[-2]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -91,7 +92,7 @@ def run_configs(cfg_path: str, overrides: Sequence[str]) -> list[tuple[dict, Att
         cfg = apply_mapping(copy.deepcopy(defaults), run["overrides"])
         apply_overrides(cfg, overrides)  # the user's word comes last
         if isinstance(cfg.train_params.epochs, int):  # else check_config names the bad value
-            cfg.train_params.epochs *= run.get("epochs_factor", 1)
+            cfg.train_params.epochs = math.ceil(cfg.train_params.epochs * run.get("epochs_factor", 1))
         if cfg.dist.nprocs == 0 and not torch.cuda.is_available():
             cfg.dist.nprocs = CPU_PROCESSES
         root = cfg.train_params.output_dir
