@@ -13,7 +13,7 @@ for any finite logits.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,13 @@ class WSLDLoss(_SoftLabelLoss):
             return -torch.expm1(-ratio)  # 1 - exp(-ratio), without cancellation for small ratios
 
 
-def build_loss(method: str, temperature: float = 2.0, alpha: float = 2.5, num_classes: int = 1000,
+def build_loss(cfg: Any) -> nn.Module:
+    smoothing = cfg.optim.smooth_alpha if cfg.optim.label_smooth else 0.0
+    return _build_loss(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha,
+                       cfg.model.num_classes, smoothing)
+
+
+def _build_loss(method: str, temperature: float = 2.0, alpha: float = 2.5, num_classes: int = 1000,
                label_smoothing: float = 0.0) -> nn.Module:
     """The loss for ``cfg.distill.method``: 'wsld' | 'kd' | 'none' (plain cross-entropy)."""
     require_choice("distill.method", method, LOSS_METHODS)
@@ -217,7 +223,10 @@ class WSLDistiller(nn.Module):
     def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
         fc_t = self.teacher_logits(x) if self.loss.needs_teacher else None
         fc_s = self.student(x)
-        return fc_s, self.loss(fc_s, fc_t, label)
+        return fc_s, self.loss(fc_s, fc_t, label), {}
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
 
     def extra_repr(self) -> str:
         teacher = "None" if self._teacher is None else type(self._teacher).__name__

@@ -20,6 +20,7 @@ exactly once, so summing counts over ranks gives exactly the single-process resu
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
@@ -41,6 +42,7 @@ from dataset.transforms import (
 )
 from utils import distributed
 from utils.config import ConfigError, require_choice
+from utils.errors import DataError
 from utils.preemption import loader_worker_signals
 
 DATA_TYPES = ("lmdb", "img")
@@ -86,6 +88,11 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(range(self.rank, self.dataset_size, self.num_replicas))
 
+    @property
+    def smallest_shard(self) -> int:
+        """The length of the last rank's shard, the shortest."""
+        return self.dataset_size // self.num_replicas
+
 
 def process_group_shape() -> tuple[int, int]:
     """(world_size, rank) of the initialised process group; (1, 0) without one."""
@@ -99,7 +106,6 @@ def open_split(data_type: str, root: str, list_path: str, transform: Callable,
     if data_type == "lmdb":
         lmdb_dataset.require_lmdb(root, hint=", or set data.*_data_type='img'")
         return lmdb_dataset.LMDBDataset(root, list_path, transform=transform, decode=False)
-    require_choice("data type", data_type, DATA_TYPES)
     return FolderDataset(root, list_path, transform=transform, decode=False, classes=classes)
 
 
@@ -214,6 +220,22 @@ class ImageNet12:
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=persistent_workers and workers > 0,
                           worker_init_fn=loader_worker_signals)
+
+
+def open_imagenet(data_cfg: Mapping[str, Any], num_workers: int, seed: int = 0) -> ImageNet12:
+    """The train and validation data of cfg.data, read by num_workers loader processes each."""
+    root = data_cfg["data_path"]
+    if not os.path.isdir(root):
+        raise DataError(f"data.data_path '{root}' is not a folder; point it at the folder that "
+                        f"holds train/, val/ and the list files")
+    return ImageNet12(os.path.join(root, "train"), os.path.join(root, "val"), num_workers,
+                      data_cfg["type_of_data_aug"], data_cfg, seed=seed)
+
+
+def batches_in_every_shard(loader: DataLoader) -> int:
+    """How many batches every process's validation shard holds (ShardSampler loaders): a
+    collective asked once per batch must be asked no more often than this."""
+    return math.ceil(loader.sampler.smallest_shard / loader.batch_size)
 
 
 def _beside(folder: str, name: str) -> str:

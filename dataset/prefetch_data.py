@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Sequence, Sized
 
 import torch
 
+from utils.device import memory_format_for
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -79,3 +81,10 @@ class DevicePrefetcher:
             images = self.normalize(images.to(self.device, non_blocking=True))
             labels = labels.to(self.device, non_blocking=True)
         return images, labels
+
+
+def on_device(loader: Iterable[Batch], device: torch.device, mean: Sequence[float],
+              std: Sequence[float]) -> DevicePrefetcher:
+    """loader's batches on device, normalised there, in the memory format the networks use."""
+    return DevicePrefetcher(loader, device, mean, std,
+                            memory_format_for(device) == torch.channels_last)

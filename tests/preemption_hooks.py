@@ -1,6 +1,6 @@
 """Signals sent at exact points of a training run, from inside it (imported by spawned processes).
 
-``run(plan, proc, cfg)`` stands in for ``train_with_distillation.training_process``. In process 0 it sends
+``run(plan, proc, cfg)`` stands in for ``train_with_distillation.run_process``. In process 0 it sends
 SIGUSR1 to the launcher, which passes it on to every process, at the point the plan names, and
 waits until its own handler has seen the signal: the run then stops at that very point, not at
 whatever point the signal happens to reach it.
@@ -20,13 +20,13 @@ from typing import Any
 import train_with_distillation
 from utils import checkpoint as checkpoint_module
 from utils.logger import RunLogger
-from utils.preemption import StepAgreement
+from utils.preemption import Preemption
 
 WAIT_S = 60.0
 
 
-def agreement() -> StepAgreement:
-    """The StepAgreement whose handler is installed in this process."""
+def agreement() -> Preemption:
+    """The Preemption whose handler is installed in this process."""
     return signal.getsignal(signal.SIGUSR1).__self__
 
 
@@ -70,8 +70,8 @@ def _at_checkpoint_write() -> None:
     checkpoint_module.atomic_save = hooked
 
 
-def run(plan: tuple, proc: Any, cfg: Any) -> None:
+def run(plan: tuple, proc: Any, cfg: Any, loss: Any) -> None:
     if proc.is_main:
         kind, *where = plan
         {"step": _at_step, "validation": _at_validation, "checkpoint_write": _at_checkpoint_write}[kind](*where)
-    train_with_distillation.training_process(proc, cfg)
+    train_with_distillation.run_process(proc, cfg, loss)

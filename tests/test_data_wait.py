@@ -1,20 +1,14 @@
-"""The data wait in the training log: time spent waiting for batches, told apart from compute."""
+"""The step meter: the data wait told apart from compute, and the step line's numbers."""
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import train_with_distillation
-from imagenet_train_cfg import cfg as default_cfg
-from utils.data_wait import DataWaitTimer, wait_share
-from utils.logger import RunLogger
+from utils.metrics import StepMeter, wait_share
 
 
 class FakeClock:
@@ -37,49 +31,23 @@ def clock(monkeypatch) -> FakeClock:
     return fake
 
 
-class SlowLoader:
-    """Batches of 4 images of 10 features; each takes `seconds` of the clock to arrive."""
-
-    def __init__(self, clock: FakeClock, seconds: float, steps: int) -> None:
-        self.clock, self.seconds, self.steps = clock, seconds, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(self.steps):
-            self.clock.advance(self.seconds)
-            yield torch.randn(4, 10, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+def slow_batches(clock: FakeClock, seconds: float, steps: int):
+    """Batches of 4 labels that take `seconds` of the clock each to arrive."""
+    for _ in range(steps):
+        clock.advance(seconds)
+        yield torch.zeros(4, dtype=torch.int64)
 
 
-class SlowStep(nn.Module):
-    """A distiller's interface, (logits, loss) from (images, labels), taking `seconds` per step."""
-
-    def __init__(self, clock: FakeClock, seconds: float) -> None:
-        super().__init__()
-        self.clock, self.seconds = clock, seconds
-        self.fc = nn.Linear(10, 10)
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.clock.advance(self.seconds)
-        logits = self.fc(x)
-        return logits, F.cross_entropy(logits, label)
-
-
-def test_timer_counts_only_the_time_spent_in_next(clock):
-    def batches():
-        for item in range(3):
-            clock.advance(2.0)  # producing the item
-            yield item
-
-    timer = DataWaitTimer(batches())
-    seen = []
-    for item in timer:
-        clock.advance(5.0)  # the consumer's own work is not waiting
-        seen.append(item)
-    assert seen == [0, 1, 2]
-    assert timer.seconds == 6.0
+def run_epoch(clock: FakeClock, load_s: float, compute_s: float, lines: list[str],
+              steps: int = 4, **meter_args: object) -> StepMeter:
+    meter = StepMeter(torch.device("cpu"), epoch=0, epochs=1, steps=steps, print_freq=2,
+                      log=lines.append, lr=0.1, **meter_args)
+    for step, target in meter.timed(slow_batches(clock, load_s, 10)):
+        clock.advance(compute_s)
+        logits = torch.nn.functional.one_hot(target, 10).float()  # always right
+        stats = {"regularisation_samples": torch.tensor(1.0), "weight_sum": torch.tensor(2.0)}
+        meter.update(step, torch.tensor(0.5), logits, target, stats)
+    return meter
 
 
 def test_wait_share():
@@ -89,20 +57,39 @@ def test_wait_share():
 
 @pytest.mark.parametrize("load_s,compute_s,share", [(3.0, 1.0, 0.75), (1.0, 3.0, 0.25)],
                          ids=["data-bound", "compute-bound"])
-def test_epoch_log_lines_and_stats_show_the_data_wait(clock, tmp_path, capsys, load_s, compute_s, share):
-    cfg = copy.deepcopy(default_cfg)
-    cfg.train_params.print_freq = 2
-    model = SlowStep(clock, compute_s)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    with RunLogger(str(tmp_path)) as log:
-        stats = train_with_distillation.train_one_epoch(
-            model, SlowLoader(clock, load_s, steps=4), optimizer, scaler, None, 0, 1, cfg, log)
+def test_step_lines_and_epoch_stats_show_the_data_wait(clock, load_s, compute_s, share):
+    lines: list[str] = []
+    stats = run_epoch(clock, load_s, compute_s, lines).summary()
     assert stats["data_wait_share"] == pytest.approx(share)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch:")]
-    assert len(lines) == 2
+    assert stats["images"] == 16 and stats["loss"] == pytest.approx(0.5)
+    assert stats["top1_err"] == 0.0
+    assert stats["regularisation_share"] == pytest.approx(0.25)  # 1 of each 4
+    assert stats["mean_weight"] == pytest.approx(0.5)
+    assert len(lines) == 2  # steps 2 and 4 of 4, the batches past step 4 are never drawn
     for line in lines:
         match = re.search(r"data wait (\d+\.\d) ms/step \((\d+)%\)", line)
         assert match, line
         assert float(match.group(1)) == 1000 * load_s
         assert int(match.group(2)) == round(100 * share)
+        assert "reg share 0.250" in line and "mean w 0.500" in line
+
+
+def test_a_resumed_epoch_continues_from_its_saved_sums(clock):
+    whole = run_epoch(clock, 1.0, 1.0, [])
+    first = run_epoch(clock, 1.0, 1.0, [], steps=4)
+    saved = StepMeter(torch.device("cpu"), 0, 1, 4, 2, [].append, 0.1)
+    for step, target in saved.timed(slow_batches(clock, 1.0, 2)):
+        clock.advance(1.0)
+        saved.update(step, torch.tensor(0.5), torch.nn.functional.one_hot(target, 10).float(),
+                     target, {})
+    resumed = run_epoch(clock, 1.0, 1.0, [], start_step=2, start_sums=saved.running_sums())
+    assert resumed.images == first.images == whole.images == 16
+    assert resumed.summary()["loss"] == pytest.approx(whole.summary()["loss"])
+
+
+def test_a_non_finite_loss_is_reported_with_its_step_at_the_next_read():
+    meter = StepMeter(torch.device("cpu"), 0, 1, 4, 2, [].append, 0.1)
+    target = torch.zeros(2, dtype=torch.int64)
+    meter.update(0, torch.tensor(float("nan")), torch.zeros(2, 3), target, {})  # no read yet
+    with pytest.raises(Exception, match="non-finite loss at epoch 1, step 1"):
+        meter.update(1, torch.tensor(1.0), torch.zeros(2, 3), target, {})

@@ -12,14 +12,14 @@ from utils.preemption import (
     PREEMPTED_EXIT_CODE,
     Decision,
     Preempted,
-    StepAgreement,
+    Preemption,
     loader_worker_signals,
 )
 
 
 def test_a_signal_stops_at_the_next_poll_and_a_second_changes_nothing():
     before = signal.getsignal(signal.SIGTERM)
-    with StepAgreement() as agreement:
+    with Preemption() as agreement:
         assert agreement.poll() == Decision()
         os.kill(os.getpid(), signal.SIGUSR1)
         assert agreement.requested.wait(10)
@@ -30,10 +30,10 @@ def test_a_signal_stops_at_the_next_poll_and_a_second_changes_nothing():
 
 
 def test_time_based_checkpoints_follow_the_clock():
-    with StepAgreement(checkpoint_every_min=1e-9) as agreement:
+    with Preemption(checkpoint_every_min=1e-9) as agreement:
         assert agreement.poll() == Decision(checkpoint=True)
         assert agreement.poll(checkpoints=False) == Decision()  # validation asks about stopping only
-    with StepAgreement(checkpoint_every_min=0) as never, StepAgreement(checkpoint_every_min=60) as hourly:
+    with Preemption(checkpoint_every_min=0) as never, Preemption(checkpoint_every_min=60) as hourly:
         assert never.poll() == Decision() and hourly.poll() == Decision()
 
 
@@ -48,7 +48,7 @@ def _stop_on_signal(proc: distributed.ProcessInfo) -> None:
     """Rank 0 signals the launcher, which passes the signal on; both stop as preempted."""
     distributed.init_process_group(proc, "gloo", timeout_s=30)
     try:
-        with StepAgreement() as agreement:
+        with Preemption() as agreement:
             distributed.barrier()  # every handler is in place
             if proc.rank == 0:
                 os.kill(os.getppid(), signal.SIGTERM)
@@ -59,6 +59,26 @@ def _stop_on_signal(proc: distributed.ProcessInfo) -> None:
         distributed.cleanup()
 
 
+def _agree_one_poll_later(proc: distributed.ProcessInfo) -> None:
+    """A flag raised in rank 0 alone reaches every process together, one poll after it was
+    sent: the poll that sends it does not wait for the others."""
+    distributed.init_process_group(proc, "gloo", timeout_s=30)
+    try:
+        with Preemption() as agreement:
+            assert agreement.poll() == Decision()  # the first poll waits for its answer
+            if proc.rank == 0:
+                agreement.requested.set()  # as the signal handler does
+            assert agreement.poll() == Decision()  # sent, not yet agreed on
+            assert agreement.poll() == Decision(stop=True)
+            assert agreement.signal_name  # named in the other process too
+    finally:
+        distributed.cleanup()
+
+
+def test_every_process_acts_on_a_flag_at_the_same_later_poll():
+    distributed.launch(_agree_one_poll_later, nprocs=2)
+
+
 def test_the_launcher_passes_signals_on_and_exits_as_preempted():
     with pytest.raises(Preempted):
         distributed.launch(_stop_on_signal, nprocs=2)
@@ -67,7 +87,7 @@ def test_the_launcher_passes_signals_on_and_exits_as_preempted():
 def test_loader_workers_ignore_sigusr1_and_die_on_sigterm():
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        with StepAgreement():
+        with Preemption():
             loader_worker_signals(0)
             assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -28,10 +28,21 @@ from dataset import img2lmdb, mk_img_list
 from imagenet_train_cfg import cfg as default_cfg
 from tests import preemption_hooks
 from utils import distributed
-from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save
+from utils import device as device_module
+from utils.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    Progress,
+    atomic_save,
+    restore_training,
+    training_checkpoint,
+)
 from utils.config import ConfigError
+from utils.device import configure_process
 from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
+from utils.lr_schedule import build_scheduler, lr_at_epoch
 from utils.preemption import PREEMPTED_EXIT_CODE
+from utils.seeding import run_seed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 4
@@ -196,7 +207,7 @@ SIGNAL_POINTS = [
     (("step", 1, 3), {"data__num_workers": 2}, (0, 3)),  # the last step of an epoch
     (("validation",), {}, (0, 3)),  # during validation, in a run resumed at the epoch's last step
     (("checkpoint_write",), {"data__num_workers": 8}, (1, 0)),  # twice, while the epoch's checkpoint is written
-    (("step", 2, 2), {}, (1, 2)),  # mid-epoch
+    (("step", 2, 2), {}, (1, 3)),  # mid-epoch: the agreement acts one step later
 ]
 
 
@@ -211,7 +222,8 @@ def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full
                          optim__resume_path="auto", dist__timeout_s=600, **changes)
 
     for plan, changes, position in SIGNAL_POINTS:
-        monkeypatch.setattr(train_with_distillation, "training_process", functools.partial(preemption_hooks.run, plan))
+        monkeypatch.setattr(train_with_distillation, "run_process",
+                            functools.partial(preemption_hooks.run, plan))
         assert train_with_distillation.main(argv(**changes)) == PREEMPTED_EXIT_CODE, plan
         checkpoint = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
         assert (checkpoint["epoch"], checkpoint["step"]) == position, plan
@@ -296,19 +308,19 @@ def test_learning_rate_schedules(schedule, restart, expected):
     optim = copy.deepcopy(default_cfg.optim)
     optim.lr_schedule, optim.cosine.use_restart = schedule, restart
     for epoch, lr in expected.items():
-        assert train_with_distillation.lr_at_epoch(epoch, optim, epochs=100) == pytest.approx(lr, abs=1e-12)
+        assert lr_at_epoch(epoch, optim, epochs=100) == pytest.approx(lr, abs=1e-12)
 
 
 def test_scheduler_state_survives_weights_only_loading(tmp_path):
     cfg = default_cfg
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.init_lr)
-    scheduler = train_with_distillation.make_scheduler(optimizer, cfg.optim, epochs=100)
+    scheduler = build_scheduler(optimizer, cfg.optim, epochs=100)
     for _ in range(31):
         optimizer.step()
         scheduler.step()
     path = str(tmp_path / "s.pth")
     atomic_save({"scheduler": scheduler.state_dict()}, path)
-    restored = train_with_distillation.make_scheduler(
+    restored = build_scheduler(
         torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.init_lr), cfg.optim, epochs=100)
     restored.load_state_dict(torch.load(path, weights_only=True)["scheduler"])
     assert restored.last_epoch == 31 and restored.get_last_lr() == pytest.approx([0.01])
@@ -317,10 +329,10 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
 def test_an_unseeded_run_draws_its_own_seed():
     cfg = copy.deepcopy(default_cfg)
     cfg.train_params.use_seed, cfg.train_params.seed = False, 3
-    drawn = {train_with_distillation.run_seed(cfg, torch.device("cpu")) for _ in range(3)}
+    drawn = {run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu")) for _ in range(3)}
     assert len(drawn) == 3
     cfg.train_params.use_seed = True
-    assert train_with_distillation.run_seed(cfg, torch.device("cpu")) == 3
+    assert run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu")) == 3
 
 
 @pytest.mark.parametrize("saved_fp16, resumed_fp16", [(False, True), (True, False), (True, True)])
@@ -329,20 +341,21 @@ def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path)
     def training_state(fp16: bool) -> tuple:
         student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
-        scheduler = train_with_distillation.make_scheduler(optimizer, default_cfg.optim, epochs=100)
+        scheduler = build_scheduler(optimizer, default_cfg.optim, epochs=100)
         return student, optimizer, scheduler, torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=fp16)
 
     student, optimizer, scheduler, scaler = training_state(saved_fp16)
     optimizer.step()
     scheduler.step()
-    progress = train_with_distillation.Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0, step=2,
-                                                seed=2 ** 61 + 5, epoch_sums=((1.5, 2, 3, 8, 0.25, 0.125), (4, 5, 6, 8, 0.5, 0.0625)))
+    progress = Progress(epochs_done=1, best_top1_err=40.0, best_top5_err=10.0, best_epoch=1, step=2,
+                        seed=2 ** 61 + 5, epoch_sums=((1.5, 2, 3, 8, 0.25, 0.125, 1, 0.5),
+                                                      (4, 5, 6, 8, 0.5, 0.0625, 2, 1.5)))
     path = str(tmp_path / CHECKPOINT_NAME)
-    atomic_save(train_with_distillation.checkpoint_state(student, "resnet18", optimizer, scheduler, scaler,
-                                                         progress, default_cfg), path)
+    atomic_save(training_checkpoint(student, "resnet18", optimizer, scheduler, scaler, progress,
+                                    default_cfg.to_dict()), path)
     student, optimizer, scheduler, scaler = training_state(resumed_fp16)
-    restored = train_with_distillation.resume(path, student, "resnet18", optimizer, scheduler, scaler,
-                                              restore_rng=False)
+    restored = restore_training(torch.load(path, weights_only=True), optimizer, scheduler, scaler,
+                                restore_rng=False)
     assert restored == progress and scheduler.last_epoch == 1
     if resumed_fp16:
         assert scaler.get_scale() == 1024.0
@@ -447,15 +460,17 @@ def test_bad_num_workers_is_a_config_error(workers):
 
 def test_evaluation_configures_the_backends_as_training_does(data, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(train_with_distillation, "configure_backends",
-                        lambda device, deterministic: calls.append((device.type, deterministic)))
+    record = lambda device, deterministic: calls.append((device.type, deterministic))  # noqa: E731
+    monkeypatch.setattr(train_with_distillation, "configure_backends", record)
+    monkeypatch.setattr(device_module, "configure_backends", record)
     argv = overrides(data, str(tmp_path / "out"), data__num_workers="auto")
     assert train_with_distillation.main(["--evaluate", "teacher", *argv]) == 0
     assert last_json_line(capsys.readouterr().out)["images"] == 13
     cfg = train_with_distillation.load_config(train_with_distillation.build_arg_parser().parse_args(argv))
     threads = torch.get_num_threads()
     try:
-        train_with_distillation.configure_process(distributed.ProcessInfo(), cfg, torch.device("cpu"))
+        configure_process(distributed.ProcessInfo(), torch.device("cpu"), cfg.train_params.use_seed,
+                          cfg.dist.backend, cfg.dist.timeout_s)
     finally:
         torch.set_num_threads(threads)
     assert calls == [("cpu", True), ("cpu", True)]
@@ -480,14 +495,15 @@ def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(loca
         monkeypatch.setenv(key, value)
     calls: list[str] = []
     module = train_with_distillation
-    monkeypatch.setattr(module, "check_inputs", lambda cfg: calls.append("check_inputs"))
-    monkeypatch.setattr(module, "configure_process", lambda proc, cfg, device: calls.append("process group"))
+    monkeypatch.setattr(module, "check_inputs", lambda cfg, loss: calls.append("check_inputs"))
+    monkeypatch.setattr(module, "configure_process", lambda *args: calls.append("process group"))
     monkeypatch.setattr(module.distributed, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(module, "train", lambda *args: calls.append("train"))
+    monkeypatch.setattr(module, "open_imagenet", lambda *args, **kwargs: calls.append("train") or 1 / 0)
     monkeypatch.setattr(module.distributed, "launch", lambda fn, args, nprocs: fn(distributed.torchrun_process(), *args))
     cfg = copy.deepcopy(default_cfg)
     cfg.train_params.output_dir = str(tmp_path)
-    module.launch_training(cfg)
+    with pytest.raises(ZeroDivisionError):  # stops the process right after the barrier
+        module.launch_job(cfg)
     expected = ["check_inputs"] if local_rank == 0 else []
     assert calls == [*expected, "process group", "barrier", "train"]
 
@@ -572,14 +588,14 @@ def test_bad_input_is_one_line_and_exit_2(case, expected, data, tmp_path, capsys
 def test_launching_leaves_the_callers_config_as_given(monkeypatch, tmp_path):
     """The demo records the teacher's configuration as it asked for it, to reuse the teacher
     later; the derived values (model names, output folder) are filled in on a copy."""
-    monkeypatch.setattr(train_with_distillation, "check_inputs", lambda cfg: None)
+    monkeypatch.setattr(train_with_distillation, "check_inputs", lambda cfg, loss: None)
     launched = []
     monkeypatch.setattr(train_with_distillation.distributed, "launch",
                         lambda fn, args, nprocs: launched.append(args[0]))
     cfg = copy.deepcopy(default_cfg)
     cfg.dist.nprocs = 1
     given = copy.deepcopy(cfg)
-    train_with_distillation.launch_training(cfg)
+    train_with_distillation.launch_job(cfg)
     assert cfg == given
     assert (launched[0].model.teacher, launched[0].model.student) == ("resnet34", "resnet18")
     assert launched[0].train_params.output_dir == os.path.join("output", "resnet")

@@ -7,16 +7,19 @@ tensors and plain containers, numbers and strings, so ``torch.load(path, weights
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from utils.device import load_optimizer_state
 from utils.errors import ConfigError, UserError, first_line
 from utils.files import atomic_copy, atomic_write
 
@@ -114,3 +117,63 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint carries besides weights and optimizer state."""
+
+    epochs_done: int = 0
+    best_top1_err: float = math.inf
+    best_top5_err: float = math.inf  # at the epoch of the best top-1, as the original reports it
+    best_epoch: int = 0
+    step: int = 0  # steps done in the next epoch (0 at an epoch's end)
+    seed: int = 0  # the run's seed: the data order and every augmentation come from it
+    epoch_sums: tuple[tuple[float, ...], ...] = ()  # each process's running sums at that step
+
+    def sums_of_rank(self, rank: int, world_size: int, width: int) -> list[float]:
+        """A process's saved running sums (width numbers, zeros where an older checkpoint had
+        fewer). Under another process count rank 0 takes the totals: the epoch's metrics stay
+        right, though its batches are then not exactly the interrupted run's."""
+        rows = [list(row) + [0.0] * (width - len(row)) for row in self.epoch_sums]
+        if len(rows) == world_size:
+            return rows[rank]
+        if rank == 0 and rows:
+            return [sum(column) for column in zip(*rows)]
+        return [0.0] * width
+
+
+def training_checkpoint(student: torch.nn.Module, arch: str, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, scaler: torch.amp.GradScaler, progress: Progress,
+                        config: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint as the original laid it out (weights under 'state_dict'), plus all that a
+    resume needs."""
+    sums = torch.tensor(progress.epoch_sums, dtype=torch.float64) if progress.epoch_sums \
+        else torch.zeros((0, 0), dtype=torch.float64)
+    return {"state_dict": student.state_dict(), "arch": arch, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": progress.epochs_done, "best_top1_err": progress.best_top1_err,
+            "best_top5_err": progress.best_top5_err, "best_epoch": progress.best_epoch,
+            "step": progress.step, "seed": progress.seed,
+            "epoch_sums": sums,
+            "config": dict(config), "rng": capture_rng_state()}
+
+
+def restore_training(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                     scheduler: Any, scaler: torch.amp.GradScaler, restore_rng: bool) -> Progress:
+    """Load the optimizer, schedule, scaler and (restore_rng) generator states of a training
+    checkpoint; returns where training stood. The weights are the caller's to load."""
+    load_optimizer_state(optimizer, checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    # An empty scaler state comes from a bf16 or full-precision run: resumed in fp16, the
+    # scaler starts afresh.
+    if scaler.is_enabled() and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if restore_rng:
+        restore_rng_state(checkpoint["rng"])
+    sums: Sequence[Sequence[float]] = checkpoint["epoch_sums"].tolist() \
+        if checkpoint.get("epoch_sums") is not None else ()
+    return Progress(int(checkpoint["epoch"]), float(checkpoint["best_top1_err"]),
+                    float(checkpoint["best_top5_err"]), int(checkpoint.get("best_epoch", 0)),
+                    int(checkpoint.get("step", 0)), int(checkpoint.get("seed", 0)),
+                    tuple(map(tuple, sums)))

@@ -14,10 +14,14 @@ from typing import Any
 
 import torch
 
+from utils import distributed
+from utils.config import require_choice
+
 # cuDNN runs bf16 convolutions from this compute capability (Ampere) on; below it they fall
 # back to slow generic kernels.
 BF16_CAPABILITY = (8, 0)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+AMP_MODES = ("auto", *_DTYPES)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "float32"}
 
 
@@ -31,6 +35,10 @@ class Precision:
 
     def describe(self) -> str:
         return f"{_DTYPE_NAMES[self.dtype]} ({self.reason})"
+
+
+def check_amp(setting: str) -> None:
+    require_choice("train_params.amp", setting, AMP_MODES)
 
 
 def choose_precision(setting: str, device: torch.device) -> Precision:
@@ -118,3 +126,36 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, kernels):
         group.update(keep)
+
+
+def select_device(proc: distributed.ProcessInfo) -> torch.device:
+    """This process's device: its local rank's GPU, or the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(proc.local_rank)
+        return torch.device("cuda", proc.local_rank)
+    return torch.device("cpu")
+
+
+def configure_process(proc: distributed.ProcessInfo, device: torch.device, deterministic: bool,
+                      backend: str, timeout_s: float) -> None:
+    """Threads, cuDNN and determinism settings, then the process group ('' picks the backend)."""
+    if device.type == "cpu":
+        torch.set_num_threads(distributed.cpu_threads_per_process(proc.local_world_size))
+    configure_backends(device, deterministic=deterministic)
+    distributed.init_process_group(proc, backend or distributed.default_backend(device), timeout_s)
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """Channels-last on CUDA, where convolutions run faster in it; the default elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak_memory_gib's count afresh (each epoch), so that warm-up does not hide in it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory tensors have held on a CUDA device since reset_peak_memory; else None."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError, one_line
+from utils.errors import ConfigError, UserError, one_line
 from utils.preemption import HANDLED_SIGNALS, PREEMPTED_EXIT_CODE, Preempted
 
 # The environment torchrun (and torch.distributed.launch) sets for every process it starts.
@@ -304,6 +304,10 @@ def loader_workers_per_process(setting: int | str, local_world_size: int) -> int
     'auto': the process's share of the machine's cores, less one for the training loop itself
     (two when the share is over 8: the loop and its pin-memory thread), at least one. A number: the machine's total, divided evenly among its processes.
     """
+    if not (setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool)
+                                  and setting >= 0)):
+        raise ConfigError(f"data.num_workers must be 'auto' or a non-negative integer, "
+                          f"got {setting!r}")
     local = max(1, local_world_size)
     if setting == "auto":
         share = cpu_threads_per_process(local)

@@ -7,6 +7,7 @@ trained again, so it never holds an epoch twice.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -35,6 +36,15 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def describe_validation(stats: Mapping[str, float]) -> str:
+    return (f"top-1 err {stats['top1_err']:.3f}  top-5 err {stats['top5_err']:.3f}  "
+            f"loss {stats['loss']:.4f}  ({stats['images']} images)")
 
 
 def _json_number(value: Any) -> Any:
