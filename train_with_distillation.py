@@ -197,9 +197,7 @@ def check_inputs(cfg: AttrDict) -> None:
 # ----------------------------------------------------------------------------- building blocks
 
 def make_loss(cfg: AttrDict) -> nn.Module:
-    smoothing = cfg.optim.smooth_alpha if cfg.optim.label_smooth else 0.0
-    return build_loss(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha,
-                      cfg.model.num_classes, smoothing)
+    return build_loss(cfg)
 
 
 def needs_teacher(cfg: AttrDict, loss: nn.Module | None = None) -> bool:
@@ -338,7 +336,7 @@ def train_one_epoch(model: nn.Module, loader: DevicePrefetcher, optimizer: torch
 
     for step, (images, target) in enumerate(batches, start=start_step):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, loss = model(images, target)
+            logits, loss, _stats = model(images, target)
         bad = ~torch.isfinite(loss.detach())
         first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
         optimizer.zero_grad(set_to_none=True)

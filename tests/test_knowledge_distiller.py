@@ -12,14 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from imagenet_train_cfg import cfg as default_cfg
 from knowledge_distiller import (
     CrossEntropyLoss,
+    DISTLoss,
+    DKDLoss,
     KDLoss,
     WSLDistiller,
     WSLDLoss,
     build_loss,
     stable_log_softmax,
 )
+from utils.config import AttrDict, apply_mapping
 from utils.errors import ConfigError
 
 NUM_CLASSES = 10
@@ -187,15 +191,47 @@ def test_loss_is_float32_from_low_precision_logits_under_autocast():
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
 
 
-def test_build_loss_gives_the_three_methods():
-    assert isinstance(build_loss("wsld", 3.0, 1.5, 7, 0.1), WSLDLoss)
-    assert isinstance(build_loss("kd"), KDLoss)
-    assert isinstance(build_loss("none"), CrossEntropyLoss)
-    wsld = build_loss("wsld", 3.0, 1.5, 7, 0.1)
-    assert (wsld.temperature, wsld.alpha, wsld.num_classes, wsld.label_smoothing) == (3.0, 1.5, 7, 0.1)
-    assert build_loss("wsld").needs_teacher and build_loss("kd").needs_teacher
-    with pytest.raises(ConfigError, match="wsld, kd, none"):
-        build_loss("dkd")
+def config(method: str = "wsld", **overrides: object) -> AttrDict:
+    """The default configuration with NUM_CLASSES classes, the method and dotted-key overrides
+    (written with '__' for '.')."""
+    mapping = {"model.num_classes": NUM_CLASSES, "distill.method": method}
+    mapping.update({key.replace("__", "."): value for key, value in overrides.items()})
+    return apply_mapping(copy.deepcopy(default_cfg), mapping)
+
+
+def test_build_loss_gives_each_method_with_its_settings():
+    kinds = {"wsld": WSLDLoss, "kd": KDLoss, "dkd": DKDLoss, "dist": DISTLoss,
+             "none": CrossEntropyLoss}
+    for method, kind in kinds.items():
+        assert type(build_loss(config(method))) is kind
+        assert build_loss(config(method)).needs_teacher == (method != "none")
+    wsld = build_loss(config("wsld", distill__temperature=3.0, distill__alpha=1.5,
+                             optim__label_smooth=True, distill__ce_weight=0.5))
+    assert (wsld.temperature, wsld.alpha, wsld.num_classes, wsld.label_smoothing,
+            wsld.ce_weight) == (3.0, 1.5, NUM_CLASSES, 0.1, 0.5)
+    dkd = build_loss(config("dkd", distill__dkd__beta=2.0, distill__logit_standardization=True))
+    assert (dkd.dkd_alpha, dkd.dkd_beta, dkd.warmup_epochs, dkd.standardize) == (1.0, 2.0, 1.0, True)
+    dist = build_loss(config("dist", distill__dist__gamma=3.0))
+    assert (dist.beta, dist.gamma) == (1.0, 3.0)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"distill__method": "crd"}, "distill.method must be one of wsld, kd, dkd, dist, none"),
+    ({"distill__teacher_bn": "train"}, "distill.teacher_bn must be one of running, batch"),
+    ({"distill__temperature": 0}, "distill.temperature must be a positive number"),
+    ({"distill__alpha": -1}, "distill.alpha must be a non-negative number"),
+    ({"distill__ce_weight": "1"}, "distill.ce_weight must be a non-negative number"),
+    ({"distill__dkd__beta": float("nan")}, "distill.dkd.beta must be"),
+    ({"distill__dkd__warmup_epochs": -1}, "distill.dkd.warmup_epochs must be"),
+    ({"distill__dist__gamma": True}, "distill.dist.gamma must be"),
+    ({"distill__logit_standardization": 1}, "must be True or False"),
+    ({"distill__method": "dist", "distill__logit_standardization": True}, "not dist; set it"),
+])
+def test_every_distill_value_is_checked_by_build_loss(overrides, message):
+    method = overrides.pop("distill__method", "kd")
+    with pytest.raises(ConfigError, match=message) as error:
+        build_loss(config(method, **overrides))  # method knobs are checked whatever the method
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"alpha": -1.0}, {"label_smoothing": 1.0},
@@ -230,8 +266,8 @@ def batch(n: int = 8, seed: int = 1):
     return torch.randn(n, 3, 12, 12, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
 
 
-def make_distiller(method: str = "wsld") -> WSLDistiller:
-    return WSLDistiller(small_net(0), small_net(1), build_loss(method, num_classes=NUM_CLASSES))
+def make_distiller(method: str = "wsld", teacher_bn: str = "running") -> WSLDistiller:
+    return WSLDistiller(small_net(0), small_net(1), build_loss(config(method)), teacher_bn)
 
 
 def train_steps(model: nn.Module, steps: int = 3) -> None:
@@ -239,7 +275,7 @@ def train_steps(model: nn.Module, steps: int = 3) -> None:
     model.train()
     for step in range(steps):
         x, label = batch(seed=step)
-        _, loss = model(x, label)
+        _, loss, _ = model(x, label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -248,7 +284,7 @@ def train_steps(model: nn.Module, steps: int = 3) -> None:
 def test_forward_returns_student_logits_and_the_loss():
     distiller = make_distiller()
     x, label = batch()
-    fc_s, loss = distiller(x, label)
+    fc_s, loss, _ = distiller(x, label)
     torch.testing.assert_close(fc_s, distiller.student(x))
     with torch.no_grad():
         expected = distiller.loss(distiller.student(x), distiller.teacher(x), label)
@@ -275,7 +311,7 @@ def test_to_moves_the_teacher_with_the_student():
     assert all(p.dtype == torch.float64 for p in distiller.teacher.parameters())
     assert all(b.dtype == torch.float64 for b in distiller.teacher.buffers() if b.is_floating_point())
     x, label = batch()
-    fc_s, loss = distiller(x.double(), label)
+    fc_s, loss, _ = distiller(x.double(), label)
     assert fc_s.dtype == torch.float64 and torch.isfinite(loss)
 
 
@@ -297,11 +333,11 @@ def test_plain_cross_entropy_never_runs_the_teacher():
         def forward(self, x):
             raise AssertionError("the teacher ran")
 
-    distiller = WSLDistiller(Exploding(), small_net(1), build_loss("none", num_classes=NUM_CLASSES))
+    distiller = WSLDistiller(Exploding(), small_net(1), build_loss(config("none")))
     train_steps(distiller, steps=1)
-    WSLDistiller(None, small_net(1), build_loss("none", num_classes=NUM_CLASSES))(*batch())
+    WSLDistiller(None, small_net(1), build_loss(config("none")))(*batch())
     with pytest.raises(ValueError, match="needs a teacher"):
-        WSLDistiller(None, small_net(1), build_loss("wsld", num_classes=NUM_CLASSES))
+        WSLDistiller(None, small_net(1), build_loss(config("wsld")))
 
 
 def test_ddp_sees_only_the_student(tmp_path):
