@@ -81,7 +81,7 @@ cfg = AttrDict(
         alpha=2.5,  # weight of the distillation term: alpha * T^2 * term
         ce_weight=1.0,  # weight of the hard cross-entropy
         logit_standardization=False,  # standardise both logits in kd's, wsld's, dkd's soft term
-        teacher_bn="running",  # 'running' (eval mode) | 'batch' (each process's batch: the original)
+        teacher_bn="running",  # 'running' (eval mode) | 'batch' (each process's batch, as original)
         dkd=dict(alpha=1.0, beta=0.5, warmup_epochs=1),  # TCKD, NCKD weights; epochs of warm-up
         dist=dict(beta=1.0, gamma=1.0),  # inter- (per sample) and intra-class (per class) weights
     ),

@@ -141,7 +141,8 @@ class _ClassificationLoss(nn.Module):
             return {}
         with torch.autocast(device_type=fc_s.device.type, enabled=False):
             ce_s, ce_t = label_cross_entropies(fc_s, fc_t, label)
-            return {"regularisation_samples": (ce_s < ce_t).float().sum(), **self._stats(ce_s, ce_t)}
+            stats = {"regularisation_samples": (ce_s < ce_t).float().sum()}
+            return {**stats, **self._stats(ce_s, ce_t)}
 
     def _stats(self, ce_s: Tensor, ce_t: Tensor) -> dict[str, Tensor]:
         return {}
