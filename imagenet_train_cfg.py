@@ -76,9 +76,14 @@ cfg = AttrDict(
         student_weights="",  # '' trains the student from scratch
     ),
     distill=dict(  # (new)
-        method="wsld",  # 'wsld' | 'kd' | 'none'
-        temperature=2.0,
-        alpha=2.5,
+        method="wsld",  # 'wsld' | 'kd' | 'dkd' | 'dist' | 'none'
+        temperature=2.0,  # every method's T (DKD's T, DIST's tau)
+        alpha=2.5,  # weight of the distillation term: alpha * T^2 * term
+        ce_weight=1.0,  # weight of the hard cross-entropy
+        logit_standardization=False,  # standardise both logits in kd's, wsld's, dkd's soft term
+        teacher_bn="running",  # 'running' (eval mode) | 'batch' (each process's batch, as original)
+        dkd=dict(alpha=1.0, beta=0.5, warmup_epochs=1),  # TCKD, NCKD weights; epochs of warm-up
+        dist=dict(beta=1.0, gamma=1.0),  # inter- (per sample) and intra-class (per class) weights
     ),
     dist=dict(  # (new)
         nprocs=0,  # 0: one process per visible GPU (one on the CPU); N: N processes

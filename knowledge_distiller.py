@@ -1,8 +1,9 @@
 """Distillation losses and the teacher-student wrapper.
 
-Three losses share one signature, ``loss(fc_s, fc_t, label)``, so that ``cfg.distill.method``
-picks a row of the paper's table: ``none`` (the student alone), ``kd`` (Hinton et al.) and
-``wsld`` (Zhou et al., ICLR 2021, weighted soft labels). ``WSLDistiller`` runs a frozen teacher
+The losses share one signature, ``loss(fc_s, fc_t, label)``, and ``build_loss(cfg)`` picks one
+by ``cfg.distill.method``: ``none`` (the student alone), ``kd`` (Hinton et al.), ``wsld`` (Zhou et
+al., ICLR 2021, weighted soft labels), and the logit-based methods it is compared with, ``dkd``
+and ``dist``, each as its official code computes it. ``WSLDistiller`` runs a frozen teacher
 beside the student and hands both outputs to the loss.
 
 All losses are computed in float32 from log-probabilities that stay accurate when a network is
@@ -13,7 +14,8 @@ for any finite logits.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,11 @@ from torch import Tensor, nn
 from utils.config import require_choice
 from utils.errors import ConfigError
 
-LOSS_METHODS = ("wsld", "kd", "none")
+LOSS_METHODS = ("wsld", "kd", "dkd", "dist", "none")
+STANDARDIZED_METHODS = ("kd", "wsld", "dkd")  # those whose soft term logit standardisation changes
+# 'running': the stored statistics (eval mode); 'batch': each process's batch, as the original's
+# train-mode teacher
+TEACHER_BN_MODES = ("running", "batch")
 
 # Added to the teacher's cross-entropy before dividing, as in the paper: a certain, correct
 # teacher (CE_t = 0) then gives the weight 1 wherever the student is not also certain.
@@ -65,12 +71,42 @@ def soft_cross_entropy(fc_s: Tensor, fc_t: Tensor, temperature: float) -> Tensor
     return -(teacher_probs * stable_log_softmax(fc_s / temperature)).sum(dim=1)
 
 
+def standardize(logits: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): each row to zero mean and unit unbiased std,
+    as the official code writes it, ``(z - mean) / (1e-7 + std)``, so that the student need not
+    match the teacher's logit range, only its shape."""
+    return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
+
+
+def label_cross_entropies(fc_s: Tensor, fc_t: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample un-softened cross-entropies (CE_s, CE_t) on the label, float32, no gradient."""
+    with torch.no_grad():
+        return (hard_cross_entropy(stable_log_softmax(fc_s.detach().float()), label),
+                hard_cross_entropy(stable_log_softmax(fc_t.detach().float()), label))
+
+
+def wsld_weights(ce_s: Tensor, ce_t: Tensor) -> Tensor:
+    """``w_i = 1 - exp(-max(CE_s / (CE_t + 1e-7), 0))``, written without cancellation."""
+    return -torch.expm1(-(ce_s / (ce_t + WEIGHT_EPSILON)).clamp_min(0.0))
+
+
+def _number(key: str, value: object, positive: bool = False) -> float:
+    """value as a float; ConfigError unless it is a finite non-negative (or positive) number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > 0 if positive else value >= 0)):
+        kind = "positive" if positive else "non-negative"
+        raise ConfigError(f"{key} must be a {kind} number, got {value!r}")
+    return float(value)
+
+
 class _ClassificationLoss(nn.Module):
-    """Shared checks and the float32 hard term of the three losses."""
+    """Shared checks, the float32 hard term ``ce_weight * CE(s, y)`` and the batch statistics."""
 
     needs_teacher: bool = True
+    epoch: int = 1  # 1-based, as the official DKD trainer counts; see set_epoch
 
-    def __init__(self, num_classes: int = 1000, label_smoothing: float = 0.0) -> None:
+    def __init__(self, num_classes: int = 1000, label_smoothing: float = 0.0,
+                 ce_weight: float = 1.0) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
@@ -78,6 +114,11 @@ class _ClassificationLoss(nn.Module):
             raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.num_classes = num_classes
         self.label_smoothing = float(label_smoothing)
+        self.ce_weight = _number("distill.ce_weight", ce_weight)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss which epoch (from 1) is training, for losses with a warm-up."""
+        self.epoch = epoch
 
     def _check(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> None:
         if fc_s.dim() != 2 or fc_s.shape[1] != self.num_classes:
@@ -89,8 +130,26 @@ class _ClassificationLoss(nn.Module):
             got = None if fc_t is None else tuple(fc_t.shape)
             raise ValueError(f"teacher logits must have the student's shape {tuple(fc_s.shape)}, got {got}")
 
+    def _hard(self, log_probs_s: Tensor, label: Tensor) -> Tensor:
+        return self.ce_weight * hard_cross_entropy(log_probs_s, label, self.label_smoothing).mean()
+
+    def batch_stats(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> dict[str, Tensor]:
+        """Detached 0-dim float32 batch sums for the training log, computed on the device:
+        ``regularisation_samples``, the samples where the student beats the teacher on the label
+        (CE_s < CE_t, the paper's regularisation samples), for every loss with a teacher."""
+        if not self.needs_teacher or fc_t is None:
+            return {}
+        with torch.autocast(device_type=fc_s.device.type, enabled=False):
+            ce_s, ce_t = label_cross_entropies(fc_s, fc_t, label)
+            stats = {"regularisation_samples": (ce_s < ce_t).float().sum()}
+            return {**stats, **self._stats(ce_s, ce_t)}
+
+    def _stats(self, ce_s: Tensor, ce_t: Tensor) -> dict[str, Tensor]:
+        return {}
+
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}"
+        weight = f", ce_weight={self.ce_weight}" if self.ce_weight != 1.0 else ""
+        return f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}{weight}"
 
 
 class CrossEntropyLoss(_ClassificationLoss):
@@ -101,26 +160,29 @@ class CrossEntropyLoss(_ClassificationLoss):
     def forward(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> Tensor:
         self._check(fc_s, fc_t, label)
         with torch.autocast(device_type=fc_s.device.type, enabled=False):
-            log_probs = stable_log_softmax(fc_s.float())
-            return hard_cross_entropy(log_probs, label, self.label_smoothing).mean()
+            return self._hard(stable_log_softmax(fc_s.float()), label)
 
 
-class _SoftLabelLoss(_ClassificationLoss):
-    """Hard cross-entropy plus ``alpha * T^2`` times a per-sample weighted soft term."""
+class _DistillationLoss(_ClassificationLoss):
+    """``ce_weight * CE(s, y) + alpha * T^2 * mean_i term_i``; subclasses give term_i."""
 
     def __init__(self, temperature: float = 2.0, alpha: float = 2.5, num_classes: int = 1000,
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__(num_classes, label_smoothing)
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigError(f"temperature must be a positive number, got {temperature}")
-        if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ConfigError(f"alpha must be a non-negative number, got {alpha}")
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+                 label_smoothing: float = 0.0, ce_weight: float = 1.0,
+                 standardize: bool = False) -> None:
+        super().__init__(num_classes, label_smoothing, ce_weight)
+        self.temperature = _number("distill.temperature", temperature, positive=True)
+        self.alpha = _number("distill.alpha", alpha)
+        self.standardize = bool(standardize)
 
-    def sample_weights(self, log_probs_s: Tensor, fc_t: Tensor, label: Tensor) -> Tensor | None:
-        """Per-sample weights of the soft term, or None for all ones."""
-        return None
+    def soft_logits(self, fc_s: Tensor, fc_t: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits of the soft term divided by T, standardised first when asked."""
+        if self.standardize:
+            fc_s, fc_t = standardize(fc_s), standardize(fc_t)
+        return fc_s / self.temperature, fc_t / self.temperature
+
+    def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
+        """The distillation term, per sample or already averaged, before ``alpha * T^2``."""
+        raise NotImplementedError
 
     def forward(self, fc_s: Tensor, fc_t: Tensor, label: Tensor) -> Tensor:
         self._check(fc_s, fc_t, label)
@@ -128,51 +190,162 @@ class _SoftLabelLoss(_ClassificationLoss):
         with torch.autocast(device_type=fc_s.device.type, enabled=False):
             fc_s, fc_t = fc_s.float(), fc_t.detach().float()
             log_probs_s = stable_log_softmax(fc_s)
-            hard = hard_cross_entropy(log_probs_s, label, self.label_smoothing).mean()
-            soft = soft_cross_entropy(fc_s, fc_t, self.temperature)
-            weights = self.sample_weights(log_probs_s, fc_t, label)
-            if weights is not None:
-                soft = weights * soft
-            return hard + (self.alpha * self.temperature ** 2) * soft.mean()
+            term = self.term(fc_s, fc_t, label, log_probs_s).mean()
+            return self._hard(log_probs_s, label) + (self.alpha * self.temperature ** 2) * term
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, " + super().extra_repr()
+        standardize = ", logit_standardization=True" if self.standardize else ""
+        return (f"temperature={self.temperature}, alpha={self.alpha}, " + super().extra_repr()
+                + standardize)
 
 
-class KDLoss(_SoftLabelLoss):
-    """Hinton's knowledge distillation: ``CE(s, y) + alpha * T^2 * mean_i soft_i``."""
+class KDLoss(_DistillationLoss):
+    """Hinton's knowledge distillation: ``CE(s, y) + alpha * T^2 * mean_i soft_i``.
+
+    soft_i is the cross-entropy of the softened distributions; the official codes write the KL
+    divergence, whose value is lower by the teacher's entropy and whose gradient is the same.
+    """
+
+    def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
+        s, t = self.soft_logits(fc_s, fc_t)
+        return soft_cross_entropy(s, t, 1.0)
 
 
-class WSLDLoss(_SoftLabelLoss):
+class WSLDLoss(KDLoss):
     """Weighted soft label distillation: ``CE(s, y) + alpha * T^2 * mean_i w_i * soft_i``.
 
     ``w_i = 1 - exp(-CE_s,i / (CE_t,i + 1e-7))`` from the un-softened, un-smoothed
     cross-entropies: near 0 where the student already beats the teacher on the true class (the
-    soft label would only add variance), near 1 where it lags. The weight carries no gradient.
+    soft label would only add variance), near 1 where it lags. The weight carries no gradient,
+    and is computed from the raw logits even when the soft term's are standardised.
     """
 
     def sample_weights(self, log_probs_s: Tensor, fc_t: Tensor, label: Tensor) -> Tensor:
         with torch.no_grad():
-            ce_s = hard_cross_entropy(log_probs_s.detach(), label)
             ce_t = hard_cross_entropy(stable_log_softmax(fc_t), label)
-            ratio = (ce_s / (ce_t + WEIGHT_EPSILON)).clamp_min(0.0)
-            return -torch.expm1(-ratio)  # 1 - exp(-ratio), without cancellation for small ratios
+            return wsld_weights(hard_cross_entropy(log_probs_s.detach(), label), ce_t)
+
+    def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
+        return self.sample_weights(log_probs_s, fc_t, label) * super().term(fc_s, fc_t, label,
+                                                                            log_probs_s)
+
+    def _stats(self, ce_s: Tensor, ce_t: Tensor) -> dict[str, Tensor]:
+        return {"weight_sum": wsld_weights(ce_s, ce_t).sum()}
 
 
-def build_loss(cfg: Any) -> nn.Module:
-    smoothing = cfg.optim.smooth_alpha if cfg.optim.label_smooth else 0.0
-    return _build_loss(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha,
-                       cfg.model.num_classes, smoothing)
+def _kl(log_q: Tensor, log_p: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Per-row KL(q || p) from log-probabilities; entries outside ``keep`` (where both may be
+    -inf) count 0, and their gradient is 0."""
+    diff = log_q - log_p
+    if keep is not None:
+        diff = diff.masked_fill(~keep, 0.0)
+    return (log_q.exp() * diff).sum(1)
 
 
-def _build_loss(method: str, temperature: float = 2.0, alpha: float = 2.5, num_classes: int = 1000,
-               label_smoothing: float = 0.0) -> nn.Module:
-    """The loss for ``cfg.distill.method``: 'wsld' | 'kd' | 'none' (plain cross-entropy)."""
-    require_choice("distill.method", method, LOSS_METHODS)
-    if method == "none":
-        return CrossEntropyLoss(num_classes, label_smoothing)
-    soft_label_loss = WSLDLoss if method == "wsld" else KDLoss
-    return soft_label_loss(temperature, alpha, num_classes, label_smoothing)
+class DKDLoss(_DistillationLoss):
+    """Decoupled KD (Zhao et al., CVPR 2022): ``term_i = warmup * (a * TCKD_i + b * NCKD_i)``.
+
+    TCKD is the KL of the binary (target, rest) distributions, NCKD the KL of the distributions
+    over the non-target classes, both of softmax(z / T); warmup = min(epoch / warmup_epochs, 1).
+    The official code takes the log of summed probabilities and masks the target with -1000;
+    here the binary log-probabilities come from the target logit and the log-sum-exp of the
+    rest, and the target is masked with -inf, so certain networks stay finite.
+    """
+
+    def __init__(self, *args: object, dkd_alpha: float = 1.0, dkd_beta: float = 0.5,
+                 warmup_epochs: float = 1, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.dkd_alpha = _number("distill.dkd.alpha", dkd_alpha)
+        self.dkd_beta = _number("distill.dkd.beta", dkd_beta)
+        self.warmup_epochs = _number("distill.dkd.warmup_epochs", warmup_epochs)
+
+    def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
+        s, t = self.soft_logits(fc_s, fc_t)
+        other = torch.ones_like(s, dtype=torch.bool).scatter_(1, label.long().unsqueeze(1), False)
+
+        def binary(z: Tensor) -> Tensor:  # log (p_target, 1 - p_target)
+            rest = torch.logsumexp(z.masked_fill(~other, -math.inf), 1, keepdim=True)
+            return stable_log_softmax(torch.cat([z.gather(1, label.long().unsqueeze(1)), rest], 1))
+
+        def non_target(z: Tensor) -> Tensor:
+            return stable_log_softmax(z.masked_fill(~other, -math.inf))
+
+        tckd = _kl(binary(t), binary(s))
+        nckd = _kl(non_target(t), non_target(s), other)
+        warmup = min(self.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
+        return warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", dkd_alpha={self.dkd_alpha}, dkd_beta={self.dkd_beta}, "
+                f"warmup_epochs={self.warmup_epochs}")
+
+
+def _pearson_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - the mean over rows of the Pearson correlation of a's and b's rows, with the official
+    code's 1e-8 in the denominator."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return 1 - ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)).mean()
+
+
+class DISTLoss(_DistillationLoss):
+    """DIST (Huang et al., NeurIPS 2022): ``term = beta * inter + gamma * intra``.
+
+    inter is 1 - the mean Pearson correlation of softmax(z_s / T) and softmax(z_t / T) over each
+    row (sample); intra the same over each column (class) of this process's batch.
+    """
+
+    def __init__(self, *args: object, beta: float = 1.0, gamma: float = 1.0,
+                 **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if self.standardize:
+            raise ConfigError("distill.logit_standardization applies to kd, wsld and dkd, not "
+                              "dist; set it to False")
+        self.beta = _number("distill.dist.beta", beta)
+        self.gamma = _number("distill.dist.gamma", gamma)
+
+    def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
+        p_s, p_t = (F.softmax(z, dim=1) for z in self.soft_logits(fc_s, fc_t))
+        return (self.beta * _pearson_distance(p_s, p_t)
+                + self.gamma * _pearson_distance(p_s.t(), p_t.t()))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", beta={self.beta}, gamma={self.gamma}"
+
+
+def build_loss(cfg: Mapping) -> nn.Module:
+    """The loss a whole configuration asks for, after checking every ``distill`` value once.
+
+    Reads ``distill.*``, ``model.num_classes`` and the label smoothing of ``optim``; the one
+    place where a bad value of these becomes a one-line ConfigError.
+    """
+    d = cfg["distill"]
+    require_choice("distill.method", d["method"], LOSS_METHODS)
+    require_choice("distill.teacher_bn", d["teacher_bn"], TEACHER_BN_MODES)
+    if not isinstance(d["logit_standardization"], bool):
+        raise ConfigError("distill.logit_standardization must be True or False, "
+                          f"got {d['logit_standardization']!r}")
+    if d["logit_standardization"] and d["method"] not in STANDARDIZED_METHODS:
+        raise ConfigError(f"distill.logit_standardization applies to "
+                          f"{', '.join(STANDARDIZED_METHODS)}, not {d['method']}; set it to False")
+    for key in ("alpha", "beta", "warmup_epochs"):
+        _number(f"distill.dkd.{key}", d["dkd"][key])
+    for key in ("beta", "gamma"):
+        _number(f"distill.dist.{key}", d["dist"][key])
+    _number("distill.temperature", d["temperature"], positive=True)
+    _number("distill.alpha", d["alpha"])
+    optim = cfg["optim"]
+    smoothing = optim["smooth_alpha"] if optim["label_smooth"] else 0.0
+    base = (cfg["model"]["num_classes"], smoothing, d["ce_weight"])
+    if d["method"] == "none":
+        return CrossEntropyLoss(*base)
+    args = (d["temperature"], d["alpha"], *base, d["logit_standardization"])
+    if d["method"] == "dkd":
+        dkd = d["dkd"]
+        return DKDLoss(*args, dkd_alpha=dkd["alpha"], dkd_beta=dkd["beta"],
+                       warmup_epochs=dkd["warmup_epochs"])
+    if d["method"] == "dist":
+        return DISTLoss(*args, beta=d["dist"]["beta"], gamma=d["dist"]["gamma"])
+    return (WSLDLoss if d["method"] == "wsld" else KDLoss)(*args)
 
 
 def freeze(net: nn.Module) -> nn.Module:
@@ -185,25 +358,40 @@ def freeze(net: nn.Module) -> nn.Module:
 class WSLDistiller(nn.Module):
     """A trainable student, a frozen teacher and the loss between them.
 
-    ``forward(x, label)`` returns ``(student logits, loss)``. The teacher is held outside the
-    registered submodules: ``parameters()``, ``state_dict()``, ``train()`` and DDP see only the
-    student (and the loss), so the teacher never reaches the optimizer or DDP's gradient
-    buckets, its BatchNorm statistics never move, and checkpoints do not store it again.
+    ``forward(x, label)`` returns ``(student logits, loss, stats)``, stats being the loss's
+    ``batch_stats``. The teacher is held outside the registered submodules: ``parameters()``,
+    ``state_dict()``, ``train()`` and DDP see only the student (and the loss), so the teacher never
+    reaches the optimizer or DDP's gradient buckets, and checkpoints do not store it again.
     ``.to()``/``.cuda()``/``.half()`` still move it, through ``_apply``.
+
+    ``teacher_bn='running'`` runs the teacher in eval mode; ``'batch'`` in train mode, normalising
+    with each process's batch as the original's ``t_net.train()`` did, its BatchNorm layers set
+    not to track statistics, so the stored ones never move (and eval mode still uses them).
     """
 
-    def __init__(self, t_net: nn.Module | None, s_net: nn.Module, loss: nn.Module) -> None:
+    def __init__(self, t_net: nn.Module | None, s_net: nn.Module, loss: nn.Module,
+                 teacher_bn: str = "running") -> None:
         super().__init__()
+        require_choice("distill.teacher_bn", teacher_bn, TEACHER_BN_MODES)
         if getattr(loss, "needs_teacher", True) and t_net is None:
             raise ValueError(f"{type(loss).__name__} needs a teacher, but none was given")
         self.student = s_net
         self.loss = loss
+        self.teacher_bn = teacher_bn
+        if t_net is not None and teacher_bn == "batch":
+            for module in t_net.modules():
+                if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+                    module.track_running_stats = False
         # A plain attribute, bypassing nn.Module's registration (see the class docstring).
         object.__setattr__(self, "_teacher", None if t_net is None else freeze(t_net))
 
     @property
     def teacher(self) -> nn.Module | None:
         return self._teacher
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss the epoch now training, counted from 1 (DKD's warm-up reads it)."""
+        self.loss.set_epoch(epoch)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> WSLDistiller:
         super()._apply(fn, recurse)
@@ -215,19 +403,17 @@ class WSLDistiller(nn.Module):
         """The teacher's float32 logits, without gradient, in the caller's autocast precision."""
         if self._teacher is None:
             raise RuntimeError("this distiller has no teacher")
-        if self._teacher.training:  # someone called .train() on the teacher itself
-            self._teacher.eval()
+        batch_stats = self.teacher_bn == "batch"
+        if self._teacher.training != batch_stats:  # e.g. validation put it in eval mode
+            self._teacher.train(batch_stats)
         with torch.no_grad():
             return self._teacher(x).float()
 
-    def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, label: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         fc_t = self.teacher_logits(x) if self.loss.needs_teacher else None
         fc_s = self.student(x)
-        return fc_s, self.loss(fc_s, fc_t, label), {}
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
+        return fc_s, self.loss(fc_s, fc_t, label), self.loss.batch_stats(fc_s, fc_t, label)
 
     def extra_repr(self) -> str:
         teacher = "None" if self._teacher is None else type(self._teacher).__name__
-        return f"teacher={teacher} (frozen, not registered)"
+        return f"teacher={teacher} (frozen, not registered), teacher_bn={self.teacher_bn}"

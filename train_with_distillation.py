@@ -360,7 +360,8 @@ def build_networks(cfg: AttrDict, loss: nn.Module,
         teacher = freeze(teacher.to(device, memory_format=memory_format))
     student = build_model(cfg.model.student, cfg.model.num_classes,
                           cfg.model.student_weights or None)
-    distiller = WSLDistiller(teacher if loss.needs_teacher else None, student, loss)
+    distiller = WSLDistiller(teacher if loss.needs_teacher else None, student, loss,
+                             teacher_bn=cfg.distill.teacher_bn)
     return teacher, distiller.to(device, memory_format=memory_format)
 
 

@@ -79,7 +79,7 @@ def main() -> None:
     ours_opt = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def step_ours() -> None:
-        _, loss = ours(x, label)
+        _, loss, _ = ours(x, label)
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         ours_opt.step()

@@ -19,7 +19,7 @@ import torchvision
 import train_with_distillation as script
 from dataset.prefetch_data import DevicePrefetcher
 from imagenet_train_cfg import cfg as default_cfg
-from knowledge_distiller import WSLDistiller, build_loss
+from knowledge_distiller import WSLDistiller, WSLDLoss
 from utils import distributed
 from utils.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from utils.demo import prepare_data
@@ -57,7 +57,7 @@ def distiller_pair(device: torch.device, seed: int = 0) -> WSLDistiller:
     torch.manual_seed(seed)
     teacher = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
-    distiller = WSLDistiller(teacher, student, build_loss("wsld", 2.0, 2.5, NUM_CLASSES))
+    distiller = WSLDistiller(teacher, student, WSLDLoss(2.0, 2.5, NUM_CLASSES))
     return distiller.to(device, memory_format=script.memory_format_for(device))
 
 
