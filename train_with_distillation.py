@@ -173,11 +173,17 @@ def check_inputs(cfg: AttrDict) -> None:
 
     Loading the teacher here also fetches official weights once rather than in every process.
     """
+    from dataset.checks import check_data  # here, not at the top, while the script is reshaped
+
     data = open_data(cfg, num_workers=0)
+    teacher_outputs = None
+    if needs_teacher(cfg):
+        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
+        teacher_outputs = teacher.fc.out_features
+    # LMDBs whole, lists in step with them, classes within the classifiers: before any read.
+    check_data(data, cfg.model.num_classes, teacher_outputs)
     data.train_set()[0]  # opens the LMDB or folder and decodes an image: the data is really there
     data.val_set()[0]
-    if needs_teacher(cfg):
-        build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
     if cfg.model.student_weights:
         build_model(cfg.model.student, cfg.model.num_classes, cfg.model.student_weights)
     output_dir = cfg.train_params.output_dir
