@@ -129,10 +129,11 @@ def planned_world_size(nprocs: int) -> int:
 def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
     """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
 
-    nprocs = 0 means one process per visible CUDA device (one on the CPU). A UserError raised
-    in a spawned process comes back as a LaunchError carrying its message, without a
-    traceback; other failures carry the process's exit status (its traceback has already been
-    printed by the process itself).
+    nprocs = 0 means one process per visible CUDA device (one on the CPU). When spawned
+    processes fail, the job reports one error, that of the first process that failed for
+    itself (not for want of a peer: see ``is_secondary``), as a LaunchError: a UserError's
+    one line with exit status 2; a bug's traceback, printed here once, with exit status 1; a
+    process killed by a signal (SIGBUS: exit status 2). Secondary errors are not printed.
     """
     proc = torchrun_process()
     if proc is not None:
