@@ -24,7 +24,8 @@ import torchvision
 from dataset.checks import check_class_count, check_list_in_lmdb, check_lmdb_whole
 from tests import fault_hooks
 from tests.test_train import REPO_ROOT, data, overrides  # noqa: F401
-from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save
+from utils import files
+from utils.checkpoint import BEST_NAME, CHECKPOINT_NAME, atomic_save, checkpoint_space_warning
 from utils.config import ConfigError
 from utils.errors import DataError
 
@@ -175,3 +176,13 @@ def test_one_failing_process_is_reported_once(fault, data, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"error: rank1 failed with ValueError: {fault_hooks.BUG_MESSAGE} (traceback above)"
     print(last)
+
+
+def test_low_space_warning_before_training(tmp_path, monkeypatch):
+    model = torchvision.models.resnet18(num_classes=4)
+    assert checkpoint_space_warning(str(tmp_path), model) is None  # this disk has room
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 50 << 20)
+    warning = checkpoint_space_warning(str(tmp_path), model)
+    assert warning is not None and re.fullmatch(
+        r"'.*' has 50 MiB free, less than two checkpoints \(\d+ MiB\): free some space or "
+        r"choose a folder on a larger disk", warning), warning
