@@ -52,7 +52,8 @@ def main() -> None:
         check_lmdb_whole(root)
         check_list_in_lmdb(list_path, root)
         seconds = time.perf_counter() - start
-    print(f"load average {os.getloadavg()[0]:.1f}; {args.keys} keys, data.mdb {size / 2**20:.0f} MiB")
+    print(f"load average {os.getloadavg()[0]:.1f}; {args.keys} keys, "
+          f"data.mdb {size / 2**20:.0f} MiB")
     print(f"LMDB and list check at {args.keys} keys: {seconds:.2f} s")
 
 

@@ -53,9 +53,10 @@ def check_list_in_lmdb(list_path: str, path: str) -> None:
     lines = read_list(list_path)
     missing = [line for line in lines if line.encode("utf-8") not in keys]
     if missing:
-        raise DataError(f"{len(missing)} of {len(lines)} lines of '{list_path}' are not keys of the "
-                        f"LMDB at '{path}' (the first: '{missing[0]}'); the list was remade after "
-                        f"packing: rerun img2lmdb.py with this list, or use the list it was packed with")
+        raise DataError(f"{len(missing)} of {len(lines)} lines of '{list_path}' are not keys "
+                        f"of the LMDB at '{path}' (the first: '{missing[0]}'); the list was "
+                        f"remade after packing: rerun img2lmdb.py with this list, or use the "
+                        f"list it was packed with")
 
 
 def list_classes(list_path: str) -> list[str]:
@@ -71,8 +72,9 @@ def check_class_count(classes: int, where: str, num_classes: int,
     device-side assert that names nothing; checked here, it is one line before training.
     """
     if classes > num_classes:
-        raise ConfigError(f"{where} has {classes} classes but model.num_classes is {num_classes}; "
-                          f"set model.num_classes={classes} (and a teacher with {classes} outputs)")
+        raise ConfigError(f"{where} has {classes} classes but model.num_classes is "
+                          f"{num_classes}; set model.num_classes={classes} (and a teacher "
+                          f"with {classes} outputs)")
     if teacher_outputs is not None and classes > teacher_outputs:
         raise ConfigError(f"{where} has {classes} classes but the teacher's classifier has "
                           f"{teacher_outputs} outputs; use a teacher trained on these classes")
@@ -94,5 +96,6 @@ def check_data(data: ImageNet12, num_classes: int, teacher_outputs: int | None =
     if data.train_data_type == "img":
         classes, where = len(data.class_names()), f"the training folder '{data.trainFolder}'"
     else:
-        classes, where = len(list_classes(data.train_list)), f"the training list '{data.train_list}'"
+        classes = len(list_classes(data.train_list))
+        where = f"the training list '{data.train_list}'"
     check_class_count(classes, where, num_classes, teacher_outputs)

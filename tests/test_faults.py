@@ -174,7 +174,8 @@ def test_one_failing_process_is_reported_once(fault, data, tmp_path):
     assert f"ValueError: {fault_hooks.BUG_MESSAGE}" in console
     assert "Connection closed" not in console and "gloo" not in console.lower(), console
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == f"error: rank1 failed with ValueError: {fault_hooks.BUG_MESSAGE} (traceback above)"
+    expected = f"rank1 failed with ValueError: {fault_hooks.BUG_MESSAGE} (traceback above)"
+    assert last == f"error: {expected}"
     print(last)
 
 
