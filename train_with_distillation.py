@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dataset.checks import check_data
 from dataset.imagenet_data import batches_in_every_shard, open_imagenet
 from dataset.prefetch_data import DevicePrefetcher, on_device
 from knowledge_distiller import WSLDistiller, build_loss, freeze
@@ -40,6 +41,7 @@ from utils import distributed
 from utils.checkpoint import (
     CHECKPOINT_NAME,
     Progress,
+    checkpoint_space_warning,
     load_checkpoint,
     resolve_resume_path,
     restore_training,
@@ -195,10 +197,14 @@ def check_inputs(cfg: AttrDict, loss: nn.Module) -> None:
     """Look for the data, the networks and the checkpoint to resume, once per machine, before
     training. Building the teacher here also fetches official weights once, not per process."""
     data = open_imagenet(cfg.data, num_workers=0)
+    teacher_outputs = None
+    if needs_teacher(cfg, loss):
+        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
+        teacher_outputs = teacher.fc.out_features
+    # LMDBs whole, lists in step with them, classes within the classifiers: before any read.
+    check_data(data, cfg.model.num_classes, teacher_outputs)
     data.train_set()[0]  # opens the LMDB or folder and decodes an image: the data is there
     data.val_set()[0]
-    if needs_teacher(cfg, loss):
-        build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
     build_model(cfg.model.student, cfg.model.num_classes, cfg.model.student_weights or None)
     output_dir = cfg.train_params.output_dir
     resume = resolve_resume_path(cfg.optim.if_resume, cfg.optim.resume_path, output_dir)
@@ -317,6 +323,9 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
         log.info(f"torch.compile ({backend}): the student and the teacher's forward, "
                  f"at their first steps")
     optimizer, kernels = build_sgd(distiller.student.parameters(), cfg.optim, device)
+    space_warning = checkpoint_space_warning(tp.output_dir, distiller.student)
+    if space_warning:
+        log.summary(f"warning: {space_warning}")
     log.info(f"Precision {precision.describe()}; optimizer {kernels}")
     scheduler = build_scheduler(optimizer, cfg.optim, tp.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)

@@ -27,8 +27,8 @@ import train_with_distillation
 from dataset import img2lmdb, mk_img_list
 from imagenet_train_cfg import cfg as default_cfg
 from tests import preemption_hooks
-from utils import distributed
 from utils import device as device_module
+from utils import distributed
 from utils.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,

@@ -7,6 +7,7 @@ tensors and plain containers, numbers and strings, so ``torch.load(path, weights
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -21,7 +22,7 @@ import torch
 
 from utils.device import load_optimizer_state
 from utils.errors import ConfigError, UserError, first_line
-from utils.files import atomic_copy, atomic_write
+from utils.files import atomic_copy, atomic_write, low_space_warning
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
@@ -31,10 +32,43 @@ class CheckpointError(UserError):
     """A checkpoint that exists but cannot be used; the message is one line."""
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that keeps only the number of bytes written to it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.count += size
+        return size
+
+
+def saved_size(obj: Any) -> int:
+    """The bytes torch.save writes for obj, found by saving it into a counter (no disk)."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.count
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save, atomically."""
-    with atomic_write(path) as f:
+    """torch.save, atomically; a full disk is a DiskFullError saying how many bytes it needed."""
+    with atomic_write(path, needed=lambda: saved_size(obj)) as f:
         torch.save(obj, f)
+
+
+def checkpoint_space_warning(output_dir: str, model: torch.nn.Module) -> str | None:
+    """One line when output_dir has less room than two checkpoints of model, else None.
+
+    A checkpoint holds the weights and buffers and SGD's momentum (one more copy of the
+    weights); two, because the best file and the latest one are both kept.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return low_space_warning(output_dir, 2 * (weights + momentum), "two checkpoints")
 
 
 def save_checkpoint(state: Mapping[str, Any], output_dir: str, is_best: bool) -> str:

@@ -26,6 +26,8 @@ import os
 import signal
 import socket
 import sys
+import time
+import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -127,10 +129,11 @@ def planned_world_size(nprocs: int) -> int:
 def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
     """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
 
-    nprocs = 0 means one process per visible CUDA device (one on the CPU). A UserError raised
-    in a spawned process comes back as a LaunchError carrying its message, without a
-    traceback; other failures carry the process's exit status (its traceback has already been
-    printed by the process itself).
+    nprocs = 0 means one process per visible CUDA device (one on the CPU). When spawned
+    processes fail, the job reports one error, that of the first process that failed for
+    itself (not for want of a peer: see ``is_secondary``), as a LaunchError: a UserError's
+    one line with exit status 2; a bug's traceback, printed here once, with exit status 1; a
+    process killed by a signal (SIGBUS: exit status 2). Secondary errors are not printed.
     """
     proc = torchrun_process()
     if proc is not None:
@@ -145,16 +148,43 @@ def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
     _spawn_and_join(fn, args, template)
 
 
+# What a spawned process tells the launcher before it ends (see _spawned_entry).
+USER, BUG, SECONDARY = "user", "bug", "secondary"
+# Messages of errors that only say a peer went away; gloo's and NCCL's wording.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "communicator was aborted", "ECONNRESET", "EPIPE")
+# How long, after a process failed for want of its peers, the others may take to report why.
+PEER_REPORT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Report:
+    """Why a spawned process failed: its kind (USER, BUG or SECONDARY) and its text."""
+
+    kind: str
+    text: str
+
+
+def is_secondary(exc: BaseException) -> bool:
+    """Whether exc only says that another process failed: a closed connection, an aborted
+    collective, a stop sent by the launcher. The job reports the other process's error."""
+    if isinstance(exc, (dist.DistError, ConnectionError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
+
+
 def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) -> None:
     ctx = multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    processes = []
+    processes, channels = [], {}
     for rank in range(template.world_size):
         proc = replace(template, rank=rank, local_rank=rank)
-        process = ctx.Process(target=_spawned_entry, args=(fn, proc, args, errors),
+        receiver, sender = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_spawned_entry, args=(fn, proc, args, sender),
                               name=f"rank{rank}")
         process.start()
+        sender.close()  # the child holds the only writing end: its exit closes the channel
         processes.append(process)
+        channels[receiver] = rank
 
     def forward(signum: int, frame: Any) -> None:
         for process in processes:
@@ -164,50 +194,125 @@ def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) 
 
     previous = {signum: signal.signal(signum, forward) for signum in HANDLED_SIGNALS}
     try:
-        failed = _wait_for_first_failure(processes)
-        if failed is not None and failed.exitcode == PREEMPTED_EXIT_CODE:
-            failed = _wait_for_first_failure(processes, also_ok=PREEMPTED_EXIT_CODE)
-            if failed is None:
-                raise Preempted("every process stopped after saving a checkpoint")
+        failures, reports = _join(processes, channels)
     except KeyboardInterrupt:
         _stop(processes)
         raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if failed is None:
+    if not failures:
         return
-    _stop(processes)
-    message = errors.get() if not errors.empty() else _describe_exit(failed)
-    raise LaunchError(message, exit_code=failed.exitcode if (failed.exitcode or 0) > 0 else 1)
+    if all(p.exitcode == PREEMPTED_EXIT_CODE for p in failures):
+        raise Preempted("every process stopped after saving a checkpoint")
+    raise _launch_error(failures, reports)
 
 
-def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, errors: Any) -> None:
-    """A spawned process: run fn, and turn a user error into a message for the parent and exit 2."""
+def _join(processes: list, channels: dict) -> tuple[list, dict[int, Report]]:
+    """Wait for every process, reading their reports; returns the failed processes, in the
+    order they ended, and the reports by rank.
+
+    A process that fails for itself (a report of USER or BUG, or an exit without one: a
+    signal) stops the others at once. One that fails only because a peer went away
+    (SECONDARY) leaves the others PEER_REPORT_S to end and report the cause; then they are
+    stopped. Exit 0 and PREEMPTED_EXIT_CODE are not failures, unless another one fails.
+    """
+    reports: dict[int, Report] = {}
+    failures: list = []
+    pending = {p.sentinel: p for p in processes}
+    deadline = None
+    stopped: set[str] = set()  # stopped by the launcher: their ends are not failures of their own
+    while pending:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait([*pending, *channels], timeout)
+        if not ready:  # the peers had their time to say why: stop them
+            stopped.update(p.name for p in processes if p.is_alive())
+            _stop(processes)
+            continue
+        for item in ready:
+            if item in channels:
+                with contextlib.suppress(EOFError, OSError):
+                    reports[channels[item]] = item.recv()
+                del channels[item]  # one report per process at most
+                item.close()
+                continue
+            process = pending.pop(item)
+            process.join()
+            if process.exitcode == 0 or process.name in stopped:
+                continue
+            failures.append(process)
+            if process.exitcode == PREEMPTED_EXIT_CODE:
+                continue
+            rank = processes.index(process)
+            own = rank not in reports or reports[rank].kind != SECONDARY
+            if own:
+                # Its peers' errors are consequences; the report is read before they stop.
+                _drain(channels, reports)
+                stopped.update(p.name for p in processes if p.is_alive())
+                _stop(processes)
+            elif deadline is None:
+                deadline = time.monotonic() + PEER_REPORT_S
+    _drain(channels, reports)
+    return failures, reports
+
+
+def _drain(channels: dict, reports: dict[int, Report]) -> None:
+    """Read the reports already sent, without waiting for any."""
+    for channel, rank in list(channels.items()):
+        with contextlib.suppress(EOFError, OSError):
+            if channel.poll():
+                reports[rank] = channel.recv()
+
+
+def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
+    """The error of the first process that failed for itself; the first failure's otherwise.
+
+    A bug's traceback is printed here, once; a user error is its one line.
+    """
+    def rank_of(process: Any) -> int:
+        return int(process.name.removeprefix("rank"))
+
+    real = [p for p in failures if p.exitcode != PREEMPTED_EXIT_CODE]
+    own = [p for p in real if rank_of(p) not in reports or reports[rank_of(p)].kind != SECONDARY]
+    process = (own or real)[0]
+    report = reports.get(rank_of(process))
+    if report is None:
+        code = 2 if process.exitcode == -signal.SIGBUS else max(1, process.exitcode or 1)
+        return LaunchError(_describe_exit(process), exit_code=code)
+    if report.kind == USER:
+        return LaunchError(report.text, exit_code=2)
+    print(report.text, file=sys.stderr, end="", flush=True)
+    last = report.text.strip().splitlines()[-1] if report.text.strip() else "an error"
+    return LaunchError(f"{process.name} failed with {last} (traceback above)", exit_code=1)
+
+
+def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, channel: Any) -> None:
+    """A spawned process: run fn and send the launcher a Report of why it failed, if it did.
+
+    Nothing is printed here: the launcher shows one error for the whole job.
+    """
     # Stopped by the parent because a peer failed: unwind, so half-written files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    report, code = None, 0
     try:
         fn(proc, *args)
     except UserError as exc:
-        errors.put(f"{one_line(exc)} (process {proc.rank})")
-        sys.exit(2)
+        report, code = Report(USER, f"{one_line(exc)} (process {proc.rank})"), 2
     except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _wait_for_first_failure(processes: list, also_ok: int = 0) -> Any:
-    """Block until every process has ended well (None) or one has failed (that process).
-
-    Ending well is exit status 0, or also_ok (the preempted processes that stopped together).
-    """
-    pending = {p.sentinel: p for p in processes if p.exitcode is None}
-    while pending:
-        for sentinel in multiprocessing.connection.wait(list(pending)):
-            process = pending.pop(sentinel)
-            process.join()
-            if process.exitcode not in (0, also_ok):
-                return process
-    return None
+        code = 130
+    except SystemExit as exc:  # Preempted, or stopped by the parent
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        if "Bus error" in str(exc):  # a DataLoader worker killed by SIGBUS
+            report, code = Report(USER, _bus_error(f"a loader worker of rank{proc.rank}")), 2
+        else:
+            kind = SECONDARY if is_secondary(exc) else BUG
+            report, code = Report(kind, traceback.format_exc()), 1
+    if report is not None:
+        with contextlib.suppress(OSError):
+            channel.send(report)
+    channel.close()
+    sys.exit(code)
 
 
 def _stop(processes: list, grace_s: float = 10.0) -> None:
@@ -222,8 +327,17 @@ def _stop(processes: list, grace_s: float = 10.0) -> None:
             process.join()
 
 
+def _bus_error(who: str) -> str:
+    """The one line for a process killed by SIGBUS: a memory-mapped file shrank under it."""
+    return (f"{who} was killed by SIGBUS: an LMDB file (data.mdb) was truncated or changed "
+            f"while it was read; copy the LMDB again (or rerun img2lmdb.py) and leave it "
+            f"unchanged while training runs")
+
+
 def _describe_exit(process: Any) -> str:
     code = process.exitcode
+    if code == -signal.SIGBUS:
+        return _bus_error(process.name)
     if code is not None and code < 0:
         try:
             return f"{process.name} was killed by {signal.Signals(-code).name}; the job was stopped"

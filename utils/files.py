@@ -2,17 +2,28 @@
 
 A file is written under a temporary name in its own folder, flushed to disk and renamed over
 the old one, so a crash or a kill at any moment leaves either the previous complete file or
-the new complete file.
+the new complete file. A full disk is a one-line ``DiskFullError`` that names the file, the
+bytes it needed and the space left; the temporary file is removed and the old file stays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Callable
+
+from utils.errors import ConfigError
+
+# Errors that mean the disk (or the user's quota on it) has no room for what was written.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(ConfigError):
+    """A file could not be written for want of space; the message is one line."""
 
 
 def fsync_dir(folder: str) -> None:
@@ -29,26 +40,78 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether exc, or an error it was raised while handling, says the disk is full.
+
+    torch.save's zip writer answers a full disk with its own RuntimeError raised while the
+    OSError is handled, so the chain is searched, not only exc.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def free_bytes(folder: str) -> int:
+    """The bytes an unprivileged process may still write on folder's file system."""
+    return shutil.disk_usage(folder).free
+
+
+def disk_full_error(path: str, needed: int | None, written: int) -> DiskFullError:
+    """The one line for a write of path that ran out of space after written bytes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    size = f"{needed} bytes" if needed is not None else f"more than {written} bytes"
+    return DiskFullError(f"no space left to write '{path}': it needs {size} and "
+                         f"{free_bytes(folder)} bytes are free there; free some space or "
+                         f"choose a folder on a larger disk")
+
+
+def _create(path: str) -> IO[bytes]:
+    """A new binary file at path (never an existing one)."""
+    # Created with mode 0666 less the process's umask, as open() creates files: the result is
+    # readable by whoever may read the folder's other outputs.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o666), "wb")
+
+
 @contextlib.contextmanager
-def atomic_write(path: str) -> Iterator[IO[bytes]]:
-    """A binary file that replaces path only once the ``with`` block has completed."""
+def atomic_write(path: str, needed: Callable[[], int] | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that replaces path only once the ``with`` block has completed.
+
+    needed, called only when the disk is full, gives the file's full size for the message.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # Created with mode 0666 less the process's umask, as open() creates files: the result is
-    # readable by whoever may read the folder's other outputs.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _create(tmp_path) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = os.path.getsize(tmp_path)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed() if needed else None, written) from None
         raise
     fsync_dir(folder)
+
+
+def low_space_warning(folder: str, needed: int, what: str) -> str | None:
+    """A one-line warning when folder's disk has less than needed bytes free, else None."""
+    free = free_bytes(folder)
+    if free >= needed:
+        return None
+    return (f"'{folder}' has {free / 2**20:.0f} MiB free, less than {what} "
+            f"({needed / 2**20:.0f} MiB): free some space or choose a folder on a larger disk")
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -59,5 +122,5 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_copy(src: str, dst: str) -> None:
     """Copy a file so that dst is always either its old or its new complete content."""
-    with open(src, "rb") as source, atomic_write(dst) as target:
+    with open(src, "rb") as source, atomic_write(dst, lambda: os.path.getsize(src)) as target:
         shutil.copyfileobj(source, target, length=16 << 20)
