@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -217,3 +218,60 @@ def test_cpu_leaves_the_backends_alone(backend_flags):
     torch.backends.cudnn.benchmark = False
     configure_backends(CPU, deterministic=True)
     assert not torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+
+
+def fp16_steps_after_a_first_overflow(optimizer_of: Callable[[nn.Module], torch.optim.Optimizer],
+                                      monkeypatch) -> tuple[list[torch.Tensor], float]:
+    """A small fp16 model's parameters after three scaled steps, the first an overflow, and the
+    scale after them.
+
+    New tensors from ``torch.empty_like`` hold a huge value, as CUDA's caching allocator hands
+    back old activations. The scale 2**40 overflows fp16 gradients; backoff then drops it to
+    2**10, where the next two steps are finite.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = optimizer_of(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-30)
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda *args, **kwargs: real_empty_like(*args, **kwargs).fill_(1e29))
+    inputs = torch.linspace(-1, 1, 12).reshape(3, 4)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(inputs).float().square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+
+def test_a_skipped_first_fused_step_leaves_momentum_as_plain_sgd_does(monkeypatch):
+    """fp16 with fused SGD: after a first step the grad scaler skips, the momentum buffers are
+    those foreach SGD would have, not the memory fused SGD's first step left unfilled."""
+    def fused(model: nn.Module) -> torch.optim.Optimizer:
+        return build_sgd(model.parameters(), default_cfg.optim, CUDA)[0]  # fused, on CPU tensors
+
+    def foreach(model: nn.Module) -> torch.optim.Optimizer:
+        settings = default_cfg.optim
+        return torch.optim.SGD(model.parameters(), lr=settings.init_lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, nesterov=settings.nesterov,
+                               foreach=True)
+
+    assert build_sgd(nn.Linear(1, 1).parameters(), default_cfg.optim, CUDA)[1] == "fused SGD"
+    expected, scale = fp16_steps_after_a_first_overflow(foreach, monkeypatch)
+    assert scale == 2.0**10  # the first step overflowed, the next two did not
+    assert all(torch.isfinite(p).all() for p in expected)
+    for p, q in zip(fp16_steps_after_a_first_overflow(fused, monkeypatch)[0], expected):
+        torch.testing.assert_close(p, q)
+
+
+def test_an_optimizer_state_without_buffers_loads_as_zero_momentum():
+    """A state saved before any step holds no momentum buffers; the loaded optimizer gets zeros."""
+    model = small_model()
+    optimizer, _ = build_sgd(model.parameters(), default_cfg.optim, CUDA)
+    empty = torch.optim.SGD(small_model().parameters(), lr=0.1, momentum=0.9).state_dict()
+    load_optimizer_state(optimizer, empty)
+    for p in model.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))

@@ -85,12 +85,33 @@ def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any]
     settings = {"lr": optim_cfg["init_lr"], "momentum": optim_cfg["momentum"],
                 "weight_decay": optim_cfg["weight_decay"], "nesterov": optim_cfg["nesterov"]}
     if device.type != "cuda":
-        return torch.optim.SGD(params, **settings), "SGD"
-    unavailable = fused_sgd_unavailable(params)
-    if unavailable:
-        return (torch.optim.SGD(params, foreach=True, **settings),
-                f"foreach SGD, as fused SGD is unavailable ({unavailable}); fp16 steps wait for the GPU")
-    return torch.optim.SGD(params, fused=True, **settings), "fused SGD"
+        optimizer, kernels = torch.optim.SGD(params, **settings), "SGD"
+    elif unavailable := fused_sgd_unavailable(params):
+        optimizer = torch.optim.SGD(params, foreach=True, **settings)
+        kernels = (f"foreach SGD, as fused SGD is unavailable ({unavailable}); "
+                   "fp16 steps wait for the GPU")
+    else:
+        optimizer, kernels = torch.optim.SGD(params, fused=True, **settings), "fused SGD"
+    zero_momentum_buffers(optimizer)
+    return optimizer, kernels
+
+
+def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter that has none a momentum buffer of zeros.
+
+    Fused SGD makes its buffers at the first step with ``torch.empty_like`` and has the kernel
+    fill them; when the fp16 grad scaler skips that step (an overflow at the initial scale), the
+    buffers keep whatever memory the allocator handed out, and the next step adds 0.9 times it.
+    Zeros give exactly plain SGD's first step (buffer = gradient) where dampening is 0, as in
+    cfg.optim, and a skipped step then leaves them at zero, as plain SGD leaves no buffer.
+    """
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def fused_sgd_unavailable(params: list[torch.nn.Parameter]) -> str:
@@ -118,3 +139,4 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, kernels):
         group.update(keep)
+    zero_momentum_buffers(optimizer)  # a state saved before any step holds no buffers
