@@ -6,8 +6,9 @@ these pipelines, each in one loader worker set up as training sets up its worker
 (``dataset.imagenet_data.loader_worker_init``: one OpenCV thread, one torch thread):
 
   decode       JPEG decode alone, at full size (cv2.imdecode)
-  ours         ImageNet12's train loader, built as training builds it: LMDB read, decode of the crop's window only (or of the
-               whole image, with --decoder opencv), at reduced size when the crop allows,
+  ours         ImageNet12's train loader, built as training builds it: LMDB read, decode of
+               the crop's window only (or of the whole image, with --decoder opencv), at
+               reduced size when the crop allows,
                RandomResizedCrop + flip, uint8 collate
   torchvision  ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, default collate
   original     the original repository's approach: LMDB read, OpenCV decode, conversion to PIL,
@@ -89,8 +90,8 @@ def in_one_worker(dataset: torch.utils.data.Dataset, batch_size: int, **options)
 
 
 def ours(lmdb_root: str, decoder: str = "auto") -> ImageNet12:
-    return ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"), num_workers=1,
-                      data_config={"train_data_type": "lmdb", "decoder": decoder})
+    return ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"),
+                      num_workers=1, data_config={"train_data_type": "lmdb", "decoder": decoder})
 
 
 def torchvision_standard(root: str, batch_size: int) -> DataLoader:
@@ -103,7 +104,8 @@ def original(lmdb_root: str, batch_size: int) -> DataLoader:
     transform = T.Compose([Image.fromarray, T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(),
                            np.asarray])
     dataset = LMDBDataset(os.path.join(lmdb_root, "train"),
-                          os.path.join(lmdb_root, "train_list.txt"), transform=transform, decode=True)
+                          os.path.join(lmdb_root, "train_list.txt"), transform=transform,
+                          decode=True)
     return in_one_worker(dataset, batch_size, collate_fn=collate_uint8)
 
 

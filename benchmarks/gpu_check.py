@@ -357,7 +357,8 @@ COMPILE_SHARE = 0.25
 def compile_unavailable(setting: Any) -> str | None:
     """Why the compile stage cannot run here (None when it can): Triton, behind inductor, builds
     its kernels' launchers with a C compiler."""
-    if (setting is True or setting == "inductor") and not (shutil.which("cc") or shutil.which("gcc")):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if (setting is True or setting == "inductor") and not compiler:
         return "no C compiler (cc or gcc) on PATH, which torch.compile's Triton kernels need"
     return None
 

@@ -113,7 +113,7 @@ def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
         for param in group["params"]:
             state = optimizer.state[param]
             if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(param)  # in param's memory format
 
 
 def fused_sgd_unavailable(params: list[torch.nn.Parameter]) -> str:
