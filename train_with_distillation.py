@@ -54,6 +54,7 @@ from utils.demo import DEMO_CONFIG, run_demo
 from utils.device import (
     build_sgd,
     check_amp,
+    check_device_count,
     choose_precision,
     configure_backends,
     configure_process,
@@ -61,6 +62,7 @@ from utils.device import (
     peak_memory_gib,
     reset_peak_memory,
     select_device,
+    shm_warning,
 )
 from utils.errors import ConfigError, UserError, one_line
 from utils.files import atomic_write_text
@@ -182,14 +184,8 @@ def check_config(cfg: AttrDict, world_size: int) -> nn.Module:
     check_amp(tp.amp)
     check_schedule(cfg.optim)
     backend_of(tp.compile)  # ConfigError for an unknown backend
-    devices = torch.cuda.device_count()
-    if devices and cfg.dist.nprocs > devices:
-        raise ConfigError(f"dist.nprocs={cfg.dist.nprocs} but this machine has {devices} CUDA "
-                          f"devices; use at most {devices} (0 means one process per device)")
     torchrun = distributed.torchrun_process()
-    if devices and torchrun is not None and torchrun.local_world_size > devices:
-        raise ConfigError(f"torchrun started {torchrun.local_world_size} processes on a machine "
-                          f"with {devices} CUDA devices; use --nproc_per_node={devices} or fewer")
+    check_device_count(cfg.dist.nprocs, torchrun.local_world_size if torchrun else None)
     return build_loss(cfg)
 
 
@@ -291,7 +287,7 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
     tp, started_by_torchrun = cfg.train_params, distributed.torchrun_process() is not None
     if started_by_torchrun and proc.local_rank == 0:
         check_inputs(cfg, loss)  # once per machine; its other processes wait at the barrier
-    device = select_device(proc)
+    device = select_device(proc.local_rank, proc.local_world_size)
     configure_process(proc, device, tp.use_seed, cfg.dist.backend, cfg.dist.timeout_s)
     if started_by_torchrun:
         distributed.barrier()
@@ -307,6 +303,9 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
     data = open_imagenet(cfg.data, workers, seed=tp.seed)
     train_loader, val_loader = data.getTrainLoader(batch_size), data.getTestLoader(batch_size)
     log.info(f"JPEG decoding: {data.describe_decoder()}; {workers} loader workers per process")
+    shm = shm_warning(workers, 2, batch_size * math.prod(cfg.data.input_size))  # uint8 batches
+    if shm:
+        log.summary(f"warning: {shm}")
     preemption.validation_polls = batches_in_every_shard(val_loader)
     precision = choose_precision(tp.amp, device)
     if precision.warning:

@@ -1,20 +1,23 @@
-"""Images per second of the training input pipelines: one process, one thread.
+"""Images per second of the training input pipelines: one loader worker each.
 
 Builds ImageNet-like JPEGs from real photos (scikit-learn's sample images, cropped and resized to
 300..1000 px sides, quality 75..95), packs them into an LMDB of the original format, and times
-these pipelines, all in one process on one thread:
+these pipelines, each in one loader worker set up as training sets up its workers
+(``dataset.imagenet_data.loader_worker_init``: one OpenCV thread, one torch thread):
 
   decode       JPEG decode alone, at full size (cv2.imdecode)
-  ours         ImageNet12's train loader: LMDB read, decode of the crop's window only (or of the
-               whole image, with --decoder opencv), at reduced size when the crop allows,
+  ours         ImageNet12's train loader, built as training builds it: LMDB read, decode of
+               the crop's window only (or of the whole image, with --decoder opencv), at
+               reduced size when the crop allows,
                RandomResizedCrop + flip, uint8 collate
   torchvision  ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, default collate
   original     the original repository's approach: LMDB read, OpenCV decode, conversion to PIL,
                torchvision's PIL RandomResizedCrop + flip, uint8 collate
 
-The pipelines take turns, one batch each; rates are medians over turns of images per second of
-this process's CPU time, and ratios medians of the ratios within each turn, so that all of them
-see the same (shared, noisy) machine. The last line prints the ratios.
+The pipelines take turns, one batch each; a worker's CPU time (from /proc) is read at the start
+of each of its turns, when it has refilled its prefetch queue, so the time between two readings
+is one batch's. Rates are images per CPU second of the workers over all turns, which a busy
+machine does not change much. The last line prints the ratios.
 
     python3 benchmarks/bench_loader.py [--per_class 40] [--turns 30] [--decoder opencv]
 """
@@ -26,7 +29,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 
 import cv2
@@ -42,7 +44,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 from dataset.demo_data import write_photo_tree  # noqa: E402
 from dataset.image_list import read_list  # noqa: E402
-from dataset.imagenet_data import ImageNet12, collate_uint8  # noqa: E402
+from dataset.imagenet_data import ImageNet12, collate_uint8, loader_worker_init  # noqa: E402
 from dataset.img2lmdb import pack_split  # noqa: E402
 from dataset.lmdb_dataset import LMDBDataset  # noqa: E402
 from dataset.mk_img_list import make_lists  # noqa: E402
@@ -63,42 +65,68 @@ def build_data(root: str, per_class: int) -> str:
     return lmdb_root
 
 
-class DecodeOnly:
-    """Every training image's bytes decoded at full size, a batch at a time. Each image is
-    dropped as soon as it is decoded (its memory reused by the next), the cheapest way."""
+class DecodeOnly(torch.utils.data.Dataset):
+    """Every training image's bytes decoded at full size; each image is dropped as soon as it is
+    decoded (its memory reused by the next), the cheapest way."""
 
-    def __init__(self, root: str, batch_size: int) -> None:
+    def __init__(self, root: str) -> None:
         self.blobs = []
         for name in read_list(os.path.join(root, "train_list.txt")):
             with open(os.path.join(root, "train", name), "rb") as image:
                 self.blobs.append(image.read())
-        self.batch_size = batch_size
 
-    def __iter__(self) -> Iterator[int]:
-        for start in range(0, len(self.blobs) - self.batch_size + 1, self.batch_size):
-            for data in self.blobs[start:start + self.batch_size]:
-                cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-            yield self.batch_size
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index: int) -> int:
+        cv2.imdecode(np.frombuffer(self.blobs[index], dtype=np.uint8), cv2.IMREAD_COLOR)
+        return index
+
+
+def in_one_worker(dataset: torch.utils.data.Dataset, batch_size: int, **options) -> DataLoader:
+    """A baseline's loader, its one worker set up as training's are."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=1,
+                      persistent_workers=True, worker_init_fn=loader_worker_init, **options)
 
 
 def ours(lmdb_root: str, decoder: str = "auto") -> ImageNet12:
-    return ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"), num_workers=0,
-                      data_config={"train_data_type": "lmdb", "decoder": decoder}, pin_memory=False)
+    return ImageNet12(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "val"),
+                      num_workers=1, data_config={"train_data_type": "lmdb", "decoder": decoder})
 
 
 def torchvision_standard(root: str, batch_size: int) -> DataLoader:
     transform = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(MEAN, STD)])
-    dataset = datasets.ImageFolder(os.path.join(root, "train"), transform)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+    return in_one_worker(datasets.ImageFolder(os.path.join(root, "train"), transform), batch_size)
 
 
 def original(lmdb_root: str, batch_size: int) -> DataLoader:
-    transform = T.Compose([Image.fromarray, T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), np.asarray])
-    dataset = LMDBDataset(os.path.join(lmdb_root, "train"), os.path.join(lmdb_root, "train_list.txt"),
-                              transform=transform, decode=True)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True,
-                      collate_fn=collate_uint8)
+    transform = T.Compose([Image.fromarray, T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(),
+                           np.asarray])
+    dataset = LMDBDataset(os.path.join(lmdb_root, "train"),
+                          os.path.join(lmdb_root, "train_list.txt"), transform=transform,
+                          decode=True)
+    return in_one_worker(dataset, batch_size, collate_fn=collate_uint8)
+
+
+def child_pids() -> set[int]:
+    """The processes this one started and that still run (Linux's /proc)."""
+    pids: set[int] = set()
+    task_root = f"/proc/{os.getpid()}/task"
+    for task in os.listdir(task_root):
+        with open(os.path.join(task_root, task, "children"), encoding="ascii") as f:
+            pids.update(int(pid) for pid in f.read().split())
+    return pids
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    """User and system CPU time the processes pids have used so far."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def forever(source: Iterable) -> Iterator:
@@ -115,38 +143,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder", choices=["auto", "opencv"], default="auto",
                         help="ours' data.decoder: opencv times the fallback without region decoding")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as root:
         lmdb_root = build_data(root, args.per_class)
         ours_data = ours(lmdb_root, args.decoder)
-        streams = {
-            "decode": forever(DecodeOnly(root, args.batch_size)),
-            "ours": forever(ours_data.getTrainLoader(args.batch_size)),
-            "torchvision": forever(torchvision_standard(root, args.batch_size)),
-            "original": forever(original(lmdb_root, args.batch_size)),
+        loaders = {
+            "decode": in_one_worker(DecodeOnly(root), args.batch_size, collate_fn=len),
+            "ours": ours_data.getTrainLoader(args.batch_size),
+            "torchvision": torchvision_standard(root, args.batch_size),
+            "original": original(lmdb_root, args.batch_size),
         }
-        for stream in streams.values():  # warm up: first batches open files and caches
-            next(stream)
-        seconds: dict[str, list[float]] = {name: [] for name in streams}
-        for _ in range(args.turns):
+        streams, workers = {}, {}
+        for name, loader in loaders.items():  # warm up: first batches open files and caches
+            before = child_pids()
+            streams[name] = forever(loader)
+            next(streams[name])
+            workers[name] = child_pids() - before
+        readings: dict[str, list[float]] = {name: [] for name in streams}
+        for _ in range(args.turns + 1):
             for name, stream in streams.items():
-                start = time.process_time()
+                readings[name].append(cpu_seconds(workers[name]))
                 next(stream)
-                seconds[name].append(time.process_time() - start)
-    # Medians over turns, and ratios within each turn: a neighbour's burst of load then
-    # shifts no pipeline's figure against another's.
-    per_turn = {name: np.array([args.batch_size / t for t in spent]) for name, spent in seconds.items()}
-    rate = {name: float(np.median(rates)) for name, rates in per_turn.items()}
-    ratio = {name: float(np.median(per_turn["ours"] / per_turn[name])) for name in per_turn}
+    images = args.turns * args.batch_size
+    rate = {name: images / max(1e-9, read[-1] - read[0]) for name, read in readings.items()}
+    ratio = {name: rate["ours"] / value for name, value in rate.items()}
     labels = {
         "decode": "JPEG decode alone, full size (cv2.imdecode)",
         "ours": "ours: LMDB, decoder above, RandomResizedCrop+flip, uint8 collate",
         "torchvision": "torchvision: ImageFolder, RandomResizedCrop+flip, ToTensor, Normalize",
         "original": "original: LMDB, OpenCV decode -> PIL -> torchvision transforms",
     }
-    print(f"{NUM_CLASSES * args.per_class} photos of 300..1000 px; one process, one thread; "
-          f"{args.turns} batches of {args.batch_size} per pipeline, in turns; median images per CPU second")
+    print(f"{NUM_CLASSES * args.per_class} photos of 300..1000 px; one loader worker each; "
+          f"{args.turns} batches of {args.batch_size} per pipeline, in turns; images per worker "
+          "CPU second")
     print(f"ours decodes with {ours_data.describe_decoder()}")
     for name, value in rate.items():
         print(f"{labels[name]:<72} {value:8.1f} images/s")

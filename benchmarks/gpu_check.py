@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(smoke: bool) -> dict[str, Any]:
     """Sizes for the real check, or tiny ones that run every stage on the CPU in seconds."""
-    cores = os.cpu_count() or 1
+    from utils.distributed import usable_cores
+
+    cores = usable_cores()
     # Validation sets of whole batches: no odd-sized last batch for the compiled loop to recompile for.
     if smoke:
         return {"train_images": 40, "val_images": 10, "batch": 4, "compute_batches": [4, 8], "size": 32,
@@ -181,7 +183,9 @@ def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str,
     images, data = os.path.join(work, "images"), os.path.join(work, "data")
     per_class = (-(-config["train_images"] // NUM_CLASSES), -(-config["val_images"] // NUM_CLASSES))
     # forkserver: the workers do not inherit this process's CUDA context (see environment()).
-    with ProcessPoolExecutor(max_workers=min(NUM_CLASSES, os.cpu_count() or 1),
+    from utils.distributed import usable_cores
+
+    with ProcessPoolExecutor(max_workers=min(NUM_CLASSES, usable_cores()),
                              mp_context=multiprocessing.get_context("forkserver")) as pool:
         list(pool.map(_write_class, [(images, i, *per_class, i) for i in range(NUM_CLASSES)]))
     deadline = Deadline(timeout_s - (time.perf_counter() - start))
@@ -190,7 +194,8 @@ def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str,
     for split in ("train", "val"):
         run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "img2lmdb.py"), "--image_path", images,
                      "--list_path", data, "--output_path", data, "--split", split,
-                     "--workers", str(os.cpu_count() or 1)], deadline.left(), os.path.join(work, f"pack_{split}.log"))
+                     "--workers", str(usable_cores())], deadline.left(),
+                    os.path.join(work, f"pack_{split}.log"))
     return {"data_path": data, "train_images": per_class[0] * NUM_CLASSES,
             "data_seconds": round(time.perf_counter() - start, 1)}
 
@@ -322,9 +327,15 @@ def run_compute(work: str, data_path: str, config: dict[str, Any], timeout_s: fl
 def environment() -> dict[str, Any]:
     import torch
 
+    from utils.device import shm_bytes
+    from utils.distributed import usable_cores
+
+    shm = shm_bytes()
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                            "cpu_cores": os.cpu_count(), "gpus": 0, "device": "CPU"}
+                            "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable_cores(),
+                            "shm_gib": round(shm / 2**30, 2) if shm is not None else None,
+                            "gpus": 0, "device": "CPU"}
     if torch.cuda.is_available():
         info["gpus"] = torch.cuda.device_count()
         info["device"] = torch.cuda.get_device_name(0)
@@ -337,7 +348,26 @@ def environment() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the command
 
 RESULT_KEYS = ("device", "images_per_second", "compute_images_per_second", "data_wait_share", "peak_memory_gib",
-               "compile_images_per_second", "tests_passed", "tests_failed")
+               "compile_images_per_second", "tests_passed", "tests_failed", "cpu_cores_usable",
+               "num_workers", "loop_share_of_compute", "shm_gib", "compile_skipped")
+# The compile stage's reserved share of the budget: a cold compile of three graphs takes minutes.
+COMPILE_SHARE = 0.25
+
+
+def compile_unavailable(setting: Any) -> str | None:
+    """Why the compile stage cannot run here (None when it can): Triton, behind inductor, builds
+    its kernels' launchers with a C compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if (setting is True or setting == "inductor") and not compiler:
+        return "no C compiler (cc or gcc) on PATH, which torch.compile's Triton kernels need"
+    return None
+
+
+def resolved_workers(setting: Any) -> int:
+    """data.num_workers as the training process resolves it: one process on this machine."""
+    from utils.distributed import loader_workers_per_process
+
+    return loader_workers_per_process(setting, local_world_size=1)
 
 
 def run_stage(name: str, result: dict[str, Any], fn: Any, *args: Any) -> dict[str, Any] | None:
@@ -365,7 +395,8 @@ def check(args: argparse.Namespace, work: str, result: dict[str, Any]) -> None:
     budget = args.budget_s if args.budget_s is not None else (1200.0 if args.smoke else 540.0)
     deadline = Deadline(budget)
     result.update({"smoke": args.smoke, "batch_per_gpu": config["batch"], "image_size": config["size"],
-                   "num_workers": config["workers"], "amp": config["amp"]})
+                   "num_workers": resolved_workers(config["workers"]), "amp": config["amp"],
+                   "compile_skipped": compile_unavailable(config["compile"])})
     env = run_stage("environment", result, environment)
     if env:
         result.update(env)
@@ -373,10 +404,13 @@ def check(args: argparse.Namespace, work: str, result: dict[str, Any]) -> None:
         result["errors"]["environment"] = "no CUDA device: the figures would be the CPU's; use --smoke on the CPU"
         return
 
-    # Each stage stops at its share of the budget, or at the budget's end; the compiled loop,
-    # whose first steps compile, gets what the others leave.
+    # Each stage stops at its share of the budget, or at the budget's end less the compiled
+    # loop's reserved share; the compiled loop, whose first steps compile, gets its share and
+    # whatever the others leave.
+    reserve = 0.0 if result["compile_skipped"] else COMPILE_SHARE * budget
+
     def limit(share: float) -> float:
-        return min(share * budget, deadline.left())
+        return min(share * budget, deadline.left(reserve))
 
     result.update(run_stage("cuda_tests", result, run_cuda_tests, work, limit(0.4)) or {})
     data = run_stage("data", result, build_data, work, config, limit(0.2))
@@ -386,6 +420,12 @@ def check(args: argparse.Namespace, work: str, result: dict[str, Any]) -> None:
     result.update(run_stage("loop", result, run_loop, "loop", work, data["data_path"], config, False,
                             limit(0.2)) or {})
     result.update(run_stage("compute", result, run_compute, work, data["data_path"], config, limit(0.15)) or {})
+    if result.get("images_per_second") and result.get("compute_images_per_second"):
+        result["loop_share_of_compute"] = round(
+            result["images_per_second"] / result["compute_images_per_second"], 3)
+    if result["compile_skipped"]:
+        print(f"[gpu_check] compile_loop skipped: {result['compile_skipped']}", flush=True)
+        return
     compiled = run_stage("compile_loop", result, run_loop, "compile_loop", work, data["data_path"], config,
                          config["compile"], deadline.left())
     if compiled:

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -216,10 +217,35 @@ class ImageNet12:
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool,
                 persistent_workers: bool = True) -> DataLoader:
         workers = self.num_workers
+        if workers > 0:
+            one_opencv_thread_before_fork()
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=persistent_workers and workers > 0,
-                          worker_init_fn=loader_worker_signals)
+                          worker_init_fn=loader_worker_init)
+
+
+def one_opencv_thread_before_fork() -> None:
+    """OpenCV on one thread in this process, before it forks loader workers.
+
+    A forked worker cannot safely change OpenCV's thread count when the parent's thread pool
+    has run: the pool's threads stay behind, and the change can wait for them forever (4 forks
+    in 15 hung in a trial). Once the parent is at one thread, the worker's own setting is a
+    no-op. The process that owns the loaders decodes nothing itself.
+    """
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+def loader_worker_init(worker_id: int = 0) -> None:
+    """Set up one loader worker (the DataLoader's worker_init_fn, training's and validation's).
+
+    A worker gets one core's worth of work, so OpenCV runs one thread in it: its default of a
+    thread per core, in each of 14 workers on 16 cores, oversubscribes the machine (a spawned
+    or forkserver worker starts at that default). Signals as ``loader_worker_signals`` says.
+    """
+    cv2.setNumThreads(1)
+    loader_worker_signals(worker_id)
 
 
 def open_imagenet(data_cfg: Mapping[str, Any], num_workers: int, seed: int = 0) -> ImageNet12:

@@ -180,7 +180,7 @@ def test_single_process_nccl_group_gives_the_single_process_numbers():
     on_cpu = script.validate(distiller_pair(torch.device("cpu")).student,
                              script_prefetcher(batches, torch.device("cpu")), None)
     proc = distributed.ProcessInfo(init_method=f"tcp://127.0.0.1:{distributed.find_free_port()}")
-    distributed.init_process_group(proc, "nccl", timeout_s=60)
+    distributed.init_process_group(proc, "nccl", timeout_s=60, device=CUDA)
     try:
         assert dist.get_backend() == "nccl"
         summed = torch.tensor([1.5, 2.0], device=CUDA)
@@ -190,7 +190,12 @@ def test_single_process_nccl_group_gives_the_single_process_numbers():
         grouped = script.validate(model, script_prefetcher(batches, CUDA), None)
     finally:
         distributed.cleanup()
-    assert grouped == alone
+    # cuDNN may pick other kernels for the second pass (benchmark mode): the same images, and
+    # errors and loss within what those kernels' rounding moves.
+    assert grouped["images"] == alone["images"]
+    for key in ("top1_err", "top5_err"):
+        assert abs(grouped[key] - alone[key]) <= 100 / 32, key  # one image, at most, flips
+    assert grouped["loss"] == pytest.approx(alone["loss"], rel=1e-4)
     assert grouped["images"] == on_cpu["images"] == 32
     assert abs(grouped["top1_err"] - on_cpu["top1_err"]) <= 100 / 32  # one image, at most, flips
     assert grouped["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)
@@ -318,3 +323,82 @@ def test_two_nccl_processes_validate_as_evaluate_does(demo, tmp_path, capsys):
     # bf16 logits from other batch compositions can flip an image whose top two are a tie.
     assert abs(evaluated["top1_err"] - last["val_top1_err"]) <= 100 / evaluated["images"]
     assert evaluated["loss"] == pytest.approx(last["val_loss"], rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- fused SGD in fp16
+
+def test_a_skipped_first_fused_fp16_step_leaves_momentum_as_foreach_sgd_does(monkeypatch):
+    """build_sgd's fused SGD, fp16 under a grad scaler whose first step overflows, with new
+    tensors holding a huge value (as reused allocator memory may): after two finite steps the
+    parameters are foreach SGD's."""
+    from torch import nn
+
+    from utils.device import build_sgd
+
+    def run(kernels: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(CUDA)
+        if kernels == "fused":
+            optimizer, described = build_sgd(model.parameters(), default_cfg.optim, CUDA)
+            assert described == "fused SGD"
+        else:
+            o = default_cfg.optim
+            optimizer = torch.optim.SGD(model.parameters(), lr=o.init_lr, momentum=o.momentum,
+                                        weight_decay=o.weight_decay, nesterov=o.nesterov,
+                                        foreach=True)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40, backoff_factor=2.0**-30)
+        real_empty_like = torch.empty_like
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty_like",
+                          lambda *a, **k: real_empty_like(*a, **k).fill_(1e29))
+            inputs = torch.linspace(-1, 1, 8 * 64, device=CUDA).reshape(8, 64)
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    loss = model(inputs).float().square().mean()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        assert scaler.get_scale() == 2.0**10  # the first step overflowed, the next two did not
+        return [p.detach().cpu() for p in model.parameters()]
+
+    for p, q in zip(run("fused"), run("foreach")):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the distributed path
+
+def test_the_distributed_path_runs_on_one_gpu_in_a_one_process_nccl_group(demo, tmp_path,
+                                                                           monkeypatch):
+    """A 1-rank NCCL group makes the script take its multi-process path on one GPU: the DDP
+    wrap, NCCL all-reduces of the sums, broadcast_buffers, barriers, and a mid-epoch
+    checkpoint at every step (checkpoint_every_min tiny), the stop agreement polled at each.
+    The run ends as the run without a group does, to within cuDNN's rounding."""
+    wrapped = []
+    real_ddp = script.DistributedDataParallel
+
+    def counting_ddp(module, *args, **kwargs):
+        wrapped.append(kwargs.get("device_ids"))
+        return real_ddp(module, *args, **kwargs)
+
+    monkeypatch.setattr(script, "DistributedDataParallel", counting_ddp)
+    out = str(tmp_path / "grouped")
+    argv = demo_overrides(demo, out, train_params__epochs=1,
+                          train_params__checkpoint_every_min=1e-9)
+    proc = distributed.ProcessInfo(init_method=f"tcp://127.0.0.1:{distributed.find_free_port()}")
+    distributed.init_process_group(proc, "nccl", timeout_s=60, device=CUDA)
+    try:
+        assert distributed.is_distributed()
+        assert script.main(argv) == 0
+    finally:
+        distributed.cleanup()  # the script cleans up too; this covers a failure before that
+    assert wrapped == [[0]]
+    with open(os.path.join(out, "log.txt"), encoding="utf-8") as log:
+        assert any(line.startswith("Checkpoint at epoch 1, step") for line in log)
+    grouped = read_metrics(os.path.join(out, METRICS_NAME))[-1]
+    alone_out = str(tmp_path / "alone")
+    assert script.main(demo_overrides(demo, alone_out, train_params__epochs=1)) == 0
+    alone = read_metrics(os.path.join(alone_out, METRICS_NAME))[-1]
+    assert grouped["val_images"] == alone["val_images"]
+    assert abs(grouped["val_top1_err"] - alone["val_top1_err"]) <= 1.0
+    assert grouped["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,11 +14,15 @@ from utils import device as device_module
 from utils.checkpoint import atomic_save
 from utils.device import (
     build_sgd,
+    check_device_count,
     choose_precision,
     configure_backends,
     fused_sgd_unavailable,
     load_optimizer_state,
+    select_device,
+    shm_warning,
 )
+from utils.errors import ConfigError
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -217,3 +222,124 @@ def test_cpu_leaves_the_backends_alone(backend_flags):
     torch.backends.cudnn.benchmark = False
     configure_backends(CPU, deterministic=True)
     assert not torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+
+
+def fp16_steps_after_a_first_overflow(optimizer_of: Callable[[nn.Module], torch.optim.Optimizer],
+                                      monkeypatch) -> tuple[list[torch.Tensor], float]:
+    """A small fp16 model's parameters after three scaled steps, the first an overflow, and the
+    scale after them.
+
+    New tensors from ``torch.empty_like`` hold a huge value, as CUDA's caching allocator hands
+    back old activations. The scale 2**40 overflows fp16 gradients; backoff then drops it to
+    2**10, where the next two steps are finite.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = optimizer_of(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-30)
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda *args, **kwargs: real_empty_like(*args, **kwargs).fill_(1e29))
+    inputs = torch.linspace(-1, 1, 12).reshape(3, 4)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(inputs).float().square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+
+def test_a_skipped_first_fused_step_leaves_momentum_as_plain_sgd_does(monkeypatch):
+    """fp16 with fused SGD: after a first step the grad scaler skips, the momentum buffers are
+    those foreach SGD would have, not the memory fused SGD's first step left unfilled."""
+    def fused(model: nn.Module) -> torch.optim.Optimizer:
+        return build_sgd(model.parameters(), default_cfg.optim, CUDA)[0]  # fused, on CPU tensors
+
+    def foreach(model: nn.Module) -> torch.optim.Optimizer:
+        settings = default_cfg.optim
+        return torch.optim.SGD(model.parameters(), lr=settings.init_lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, nesterov=settings.nesterov,
+                               foreach=True)
+
+    assert build_sgd(nn.Linear(1, 1).parameters(), default_cfg.optim, CUDA)[1] == "fused SGD"
+    expected, scale = fp16_steps_after_a_first_overflow(foreach, monkeypatch)
+    assert scale == 2.0**10  # the first step overflowed, the next two did not
+    assert all(torch.isfinite(p).all() for p in expected)
+    for p, q in zip(fp16_steps_after_a_first_overflow(fused, monkeypatch)[0], expected):
+        torch.testing.assert_close(p, q)
+
+
+def test_an_optimizer_state_without_buffers_loads_as_zero_momentum():
+    """A state saved before any step holds no momentum buffers; the loaded optimizer gets zeros."""
+    model = small_model()
+    optimizer, _ = build_sgd(model.parameters(), default_cfg.optim, CUDA)
+    empty = torch.optim.SGD(small_model().parameters(), lr=0.1, momentum=0.9).state_dict()
+    load_optimizer_state(optimizer, empty)
+    for p in model.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))
+
+
+@pytest.fixture()
+def cuda_devices(monkeypatch):
+    """Pretend this process sees n CUDA devices: cuda_devices(n); records set_device calls."""
+    current: list[int] = []
+
+    def see(count: int) -> list[int]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", current.append)
+        return current
+    for key in ("SLURM_GPUS_PER_TASK", "SLURM_LOCALID", "SLURM_STEP_GPUS"):
+        monkeypatch.delenv(key, raising=False)
+    return see
+
+
+def test_each_process_takes_its_local_rank_when_it_sees_every_device(cuda_devices):
+    current = cuda_devices(8)
+    assert select_device(5, local_world_size=8) == torch.device("cuda", 5)
+    assert current == [5]
+
+
+def test_slurm_gpus_per_task_gives_each_task_the_one_device_it_sees(cuda_devices, monkeypatch):
+    """srun --ntasks-per-node=8 --gpus-per-task=1: LOCAL_RANK runs 0..7, each task sees one GPU."""
+    current = cuda_devices(1)
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "6")
+    check_device_count(nprocs=0, local_world_size=8)  # accepted: each task has its own GPU
+    assert select_device(6, local_world_size=8) == torch.device("cuda", 0)
+    assert current == [0]
+
+
+def test_two_gpus_per_task_split_the_tasks_between_them(cuda_devices, monkeypatch):
+    cuda_devices(2)
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "2")
+    check_device_count(nprocs=0, local_world_size=8)
+    assert select_device(3, local_world_size=4) == torch.device("cuda", 1)
+
+
+def test_more_processes_than_devices_without_a_per_task_split_is_a_config_error(cuda_devices):
+    cuda_devices(4)
+    with pytest.raises(ConfigError, match=r"--nproc_per_node=4 or fewer"):
+        check_device_count(nprocs=0, local_world_size=8)
+    with pytest.raises(ConfigError, match=r"dist.nprocs=6 but this machine has 4 CUDA devices"):
+        check_device_count(nprocs=6)
+    check_device_count(nprocs=4, local_world_size=4)
+
+
+def test_without_cuda_the_device_is_the_cpu_and_any_count_is_fine(cuda_devices):
+    current = cuda_devices(0)
+    assert select_device(3, local_world_size=4) == CPU and current == []
+    check_device_count(nprocs=4, local_world_size=4)
+
+
+def test_a_small_dev_shm_gives_one_line_naming_the_docker_options(monkeypatch):
+    batch = 32 * 3 * 224 * 224  # one uint8 batch of the per-GPU size
+    warning = shm_warning(14, 2, batch, shm_size=64 * 2**20)
+    assert "\n" not in warning and "64 MiB" in warning and "129 MiB" in warning
+    assert "--shm-size" in warning and "--ipc=host" in warning
+    assert shm_warning(14, 2, batch, shm_size=8 * 2**30) == ""
+    assert shm_warning(0, 2, batch, shm_size=1) == ""  # no workers, no shared memory
+    monkeypatch.setattr(device_module, "shm_bytes", lambda path="/dev/shm": 2**20)
+    assert "1 MiB" in shm_warning(2, 2, batch)

@@ -41,3 +41,16 @@ def test_a_failing_stage_is_recorded_and_the_next_ones_still_run(monkeypatch, ca
     assert (result["tests_passed"], result["tests_failed"]) == (3, 1)
     assert result["compute_images_per_second"] == 12.5
     assert result["images_per_second"] is None and result["compile_images_per_second"] is None
+
+
+def test_without_a_c_compiler_the_compile_stage_is_skipped_and_says_why(monkeypatch):
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    assert "C compiler" in gpu_check.compile_unavailable(True)
+    assert gpu_check.compile_unavailable("eager") is None  # no Triton, no compiler needed
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert gpu_check.compile_unavailable(True) is None
+
+
+def test_num_workers_in_the_json_is_the_resolved_count():
+    assert isinstance(gpu_check.resolved_workers("auto"), int)
+    assert gpu_check.resolved_workers(3) == 3

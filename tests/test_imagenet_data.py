@@ -185,6 +185,34 @@ def test_worker_processes_give_what_the_main_process_gives(data_roots):
     assert images.shape == (NUM_TRAIN // BATCH * BATCH, 3, SIZE, SIZE)
 
 
+class OpenCVThreads:
+    """A transform that gives, as its image, the number of threads OpenCV runs in its process."""
+
+    def __call__(self, data: object, *generator: object) -> torch.Tensor:
+        return torch.full((3, 2, 2), cv2.getNumThreads(), dtype=torch.uint8)
+
+
+@pytest.fixture()
+def opencv_threads():
+    """OpenCV's thread count, restored after the test."""
+    saved = cv2.getNumThreads()
+    yield
+    cv2.setNumThreads(saved)
+
+
+def test_loader_workers_run_opencv_on_one_thread(data_roots, opencv_threads, monkeypatch):
+    """Training and validation workers alike, forked from a process whose OpenCV pool ran on
+    three threads."""
+    cv2.setNumThreads(3)
+    cv2.resize(np.zeros((2000, 2000, 3), dtype=np.uint8), (500, 500), interpolation=cv2.INTER_AREA)
+    data = make_data(data_roots, "lmdb", num_workers=2)
+    monkeypatch.setattr(data, "train_transform", OpenCVThreads)
+    monkeypatch.setattr(data, "val_transform", OpenCVThreads)
+    for loader in (data.getTrainLoader(BATCH), data.getTestLoader(BATCH)):
+        images = torch.cat([images for images, _ in loader])
+        assert images.numel() > 0 and (images == 1).all()
+
+
 def test_validation_workers_end_with_each_pass(data_roots):
     """Idle through training, persistent validation workers would hold cores the training needs."""
     loader = make_data(data_roots, "lmdb", num_workers=1).getTestLoader(BATCH)

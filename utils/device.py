@@ -16,6 +16,7 @@ import torch
 
 from utils import distributed
 from utils.config import require_choice
+from utils.errors import ConfigError
 
 # cuDNN runs bf16 convolutions from this compute capability (Ampere) on; below it they fall
 # back to slow generic kernels.
@@ -93,12 +94,33 @@ def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any]
     settings = {"lr": optim_cfg["init_lr"], "momentum": optim_cfg["momentum"],
                 "weight_decay": optim_cfg["weight_decay"], "nesterov": optim_cfg["nesterov"]}
     if device.type != "cuda":
-        return torch.optim.SGD(params, **settings), "SGD"
-    unavailable = fused_sgd_unavailable(params)
-    if unavailable:
-        return (torch.optim.SGD(params, foreach=True, **settings),
-                f"foreach SGD, as fused SGD is unavailable ({unavailable}); fp16 steps wait for the GPU")
-    return torch.optim.SGD(params, fused=True, **settings), "fused SGD"
+        optimizer, kernels = torch.optim.SGD(params, **settings), "SGD"
+    elif unavailable := fused_sgd_unavailable(params):
+        optimizer = torch.optim.SGD(params, foreach=True, **settings)
+        kernels = (f"foreach SGD, as fused SGD is unavailable ({unavailable}); "
+                   "fp16 steps wait for the GPU")
+    else:
+        optimizer, kernels = torch.optim.SGD(params, fused=True, **settings), "fused SGD"
+    zero_momentum_buffers(optimizer)
+    return optimizer, kernels
+
+
+def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter that has none a momentum buffer of zeros.
+
+    Fused SGD makes its buffers at the first step with ``torch.empty_like`` and has the kernel
+    fill them; when the fp16 grad scaler skips that step (an overflow at the initial scale), the
+    buffers keep whatever memory the allocator handed out, and the next step adds 0.9 times it.
+    Zeros give exactly plain SGD's first step (buffer = gradient) where dampening is 0, as in
+    cfg.optim, and a skipped step then leaves them at zero, as plain SGD leaves no buffer.
+    """
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param)  # in param's memory format
 
 
 def fused_sgd_unavailable(params: list[torch.nn.Parameter]) -> str:
@@ -126,14 +148,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, kernels):
         group.update(keep)
-
-
-def select_device(proc: distributed.ProcessInfo) -> torch.device:
-    """This process's device: its local rank's GPU, or the CPU."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(proc.local_rank)
-        return torch.device("cuda", proc.local_rank)
-    return torch.device("cpu")
+    zero_momentum_buffers(optimizer)  # a state saved before any step holds no buffers
 
 
 def configure_process(proc: distributed.ProcessInfo, device: torch.device, deterministic: bool,
@@ -142,7 +157,8 @@ def configure_process(proc: distributed.ProcessInfo, device: torch.device, deter
     if device.type == "cpu":
         torch.set_num_threads(distributed.cpu_threads_per_process(proc.local_world_size))
     configure_backends(device, deterministic=deterministic)
-    distributed.init_process_group(proc, backend or distributed.default_backend(device), timeout_s)
+    distributed.init_process_group(proc, backend or distributed.default_backend(device), timeout_s,
+                                   device=device)
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
@@ -159,3 +175,71 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float | None:
     """The most memory tensors have held on a CUDA device since reset_peak_memory; else None."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def select_device(local_rank: int, local_world_size: int = 1) -> torch.device:
+    """This process's device, made current: ``cuda:local_rank`` when the process sees a device
+    for each process on its machine, and ``local_rank % device_count`` when it sees fewer (SLURM's
+    ``--gpus-per-task=1`` shows each task only its own GPU); the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    devices = torch.cuda.device_count()
+    index = local_rank if devices >= max(1, local_world_size) else local_rank % devices
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def check_device_count(nprocs: int, local_world_size: int | None = None) -> None:
+    """ConfigError when more processes would share this machine's CUDA devices than it has.
+
+    nprocs is dist.nprocs (0: one per device); local_world_size is the count a launcher such as
+    torchrun started on this machine, None without one. A launcher whose processes each see
+    fewer devices than there are processes (SLURM's --gpus-per-task) is not counted against
+    them: ``select_device`` then picks each process's device from what it sees.
+    """
+    devices = torch.cuda.device_count()
+    if devices and nprocs > devices:
+        raise ConfigError(f"dist.nprocs={nprocs} but this machine has {devices} CUDA devices; "
+                          f"use at most {devices} (0 means one process per device)")
+    if devices and local_world_size is not None and local_world_size > devices \
+            and not _devices_split_per_task(devices):
+        raise ConfigError(f"the launcher started {local_world_size} processes on a machine with "
+                          f"{devices} CUDA devices; use --nproc_per_node={devices} or fewer")
+
+
+def _devices_split_per_task(devices: int) -> bool:
+    """Whether SLURM gave each task its own share of the GPUs (--gpus-per-task, or a
+    CUDA_VISIBLE_DEVICES per task): then each process sees only its share."""
+    per_task = os.environ.get("SLURM_GPUS_PER_TASK", "")
+    if per_task.isdigit():
+        return int(per_task) == devices
+    return "SLURM_LOCALID" in os.environ and "SLURM_STEP_GPUS" in os.environ \
+        and len(os.environ["SLURM_STEP_GPUS"].split(",")) > devices
+
+
+def shm_bytes(path: str = "/dev/shm") -> int | None:
+    """The size of the shared-memory file system loader workers pass batches through; None
+    where there is none (not Linux)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_blocks * stats.f_frsize
+
+
+def shm_warning(workers: int, prefetch_factor: int, batch_bytes: int,
+                shm_size: int | None = None) -> str:
+    """A one-line warning when /dev/shm cannot hold the batches the loader workers keep in
+    flight (workers x prefetch_factor batches of batch_bytes); '' when it can, or without workers.
+
+    Docker's default /dev/shm of 64 MB makes workers die with a bus error at the first batches.
+    shm_size: the size to check (default: /dev/shm's).
+    """
+    size = shm_bytes() if shm_size is None else shm_size
+    needed = workers * prefetch_factor * batch_bytes
+    if workers <= 0 or size is None or size >= needed:
+        return ""
+    return (f"/dev/shm holds {size / 2**20:.0f} MiB but {workers} loader workers x "
+            f"{prefetch_factor} prefetched batches need {needed / 2**20:.0f} MiB; workers may die "
+            "with a bus error: start the container with --shm-size=8g (or --ipc=host), or lower "
+            "data.num_workers")

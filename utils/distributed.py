@@ -350,12 +350,17 @@ def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(proc: ProcessInfo, backend: str, timeout_s: float) -> None:
-    """Join the job's process group; collectives that wait longer than timeout_s fail instead of hanging."""
+def init_process_group(proc: ProcessInfo, backend: str, timeout_s: float,
+                       device: torch.device | None = None) -> None:
+    """Join the job's process group; collectives that wait longer than timeout_s fail instead
+    of hanging. On CUDA, device binds the group to this process's GPU (NCCL then knows it at
+    every barrier, rather than guessing it from the current device with a warning)."""
     if proc.init_method is None or dist.is_initialized():
         return
+    bound = {"device_id": device} if device is not None and device.type == "cuda" else {}
     dist.init_process_group(backend=backend, init_method=proc.init_method, rank=proc.rank,
-                            world_size=proc.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+                            world_size=proc.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **bound)
 
 
 def cleanup() -> None:
@@ -364,7 +369,9 @@ def cleanup() -> None:
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process belongs to a process group: the collectives then run, with one
+    process too (a one-GPU check of the multi-process code; see tests/test_cuda.py)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
@@ -400,11 +407,45 @@ def barrier() -> None:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on."""
+    """The CPU cores this process may run on: its CPU affinity, less where a cgroup CPU quota
+    (a container's --cpus, a Kubernetes limit) allows fewer cores' worth of time."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The cores' worth of CPU time this process's cgroup allows; None without a quota.
+
+    cgroup v2 writes '<quota> <period>' (or 'max <period>') in cpu.max; v1 writes the two in
+    cpu/cpu.cfs_quota_us (-1 for none) and cpu/cpu.cfs_period_us.
+    """
+    def read(*names: str) -> list[str] | None:
+        for name in names:
+            try:
+                with open(os.path.join(root, name), encoding="ascii") as f:
+                    return f.read().split()
+            except OSError:
+                continue
+        return None
+
+    v2 = read("cpu.max")
+    if v2 is not None:
+        quota, period = (v2 + ["100000"])[:2]
+    else:
+        v1_quota = read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")
+        v1_period = read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")
+        if not v1_quota or not v1_period:
+            return None
+        quota, period = v1_quota[0], v1_period[0]
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # 'max': no quota
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def cpu_threads_per_process(local_world_size: int) -> int:

@@ -219,8 +219,7 @@ class Preemption:
         """The CPU group the polls reduce over (the first poll is collective, so every process
         creates it at the same point); none in a single process. A group of its own, so that
         its messages never queue behind the gradients' on a gloo run."""
-        self._distributed = dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size() > 1
+        self._distributed = dist.is_available() and dist.is_initialized()  # one process too
         if self._distributed:
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
             self._is_main = dist.get_rank() == 0
