@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import build_model
 from utils.config import require_choice
+from utils.device import memory_format_for
 from utils.errors import ConfigError
 
 LOSS_METHODS = ("wsld", "kd", "dkd", "dist", "none")
@@ -417,3 +419,17 @@ class WSLDistiller(nn.Module):
     def extra_repr(self) -> str:
         teacher = "None" if self._teacher is None else type(self._teacher).__name__
         return f"teacher={teacher} (frozen, not registered), teacher_bn={self.teacher_bn}"
+
+
+def build_distiller(cfg: Mapping, loss: nn.Module, device: torch.device) -> WSLDistiller:
+    """cfg.model's student, and its teacher when the loss needs one, on device in the memory
+    format the networks use there."""
+    memory_format = memory_format_for(device)
+    teacher = None
+    if loss.needs_teacher:
+        teacher = build_model(cfg["model"]["teacher"], cfg["model"]["num_classes"],
+                              cfg["model"]["teacher_weights"])
+    student = build_model(cfg["model"]["student"], cfg["model"]["num_classes"],
+                          cfg["model"]["student_weights"] or None)
+    distiller = WSLDistiller(teacher, student, loss, teacher_bn=cfg["distill"]["teacher_bn"])
+    return distiller.to(device, memory_format=memory_format)

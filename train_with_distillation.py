@@ -23,7 +23,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.checks import check_data
 from dataset.imagenet_data import batches_in_every_shard, open_imagenet
 from dataset.prefetch_data import DevicePrefetcher, on_device
-from knowledge_distiller import WSLDistiller, build_loss, freeze
+from knowledge_distiller import WSLDistiller, build_distiller, build_loss, freeze
 from models import build_model, load_weights, teacher_student_names
 from utils import distributed
 from utils.checkpoint import (
@@ -313,7 +313,11 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
 
     if tp.use_seed:
         seed_everything(tp.seed)  # the same initial weights in every process and every run
-    teacher, distiller = build_networks(cfg, loss, device)
+    distiller = build_distiller(cfg, loss, device)
+    teacher = distiller.teacher  # evaluated before training, alone if the loss needs none
+    if teacher is None and tp.eval_teacher:
+        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
+        teacher = freeze(teacher.to(device, memory_format=memory_format_for(device)))
     log.info(f"Teacher {cfg.model.teacher if distiller.teacher is not None else '(none)'}, "
              f"student {cfg.model.student}, loss {distiller.loss}")
     backend = backend_of(tp.compile)
@@ -358,19 +362,10 @@ def needs_teacher(cfg: AttrDict, loss: nn.Module) -> bool:
     return loss.needs_teacher or bool(cfg.train_params.eval_teacher)
 
 
-def build_networks(cfg: AttrDict, loss: nn.Module,
-                   device: torch.device) -> tuple[nn.Module | None, WSLDistiller]:
-    """The teacher (None when neither the loss nor its evaluation needs it) and the distiller."""
-    memory_format = memory_format_for(device)
-    teacher = None
-    if needs_teacher(cfg, loss):
-        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
-        teacher = freeze(teacher.to(device, memory_format=memory_format))
-    student = build_model(cfg.model.student, cfg.model.num_classes,
-                          cfg.model.student_weights or None)
-    distiller = WSLDistiller(teacher if loss.needs_teacher else None, student, loss,
-                             teacher_bn=cfg.distill.teacher_bn)
-    return teacher, distiller.to(device, memory_format=memory_format)
+def after_step(run: Run, epoch: int, meter: StepMeter, step: int) -> None:
+    """Where a signal stops the run and a timed checkpoint is written (see Preemption)."""
+    save = functools.partial(save_position, run, epoch, step, meter)
+    run.preemption.after_step(epoch, step, meter.steps, save)
 
 
 def save_position(run: Run, epoch: int, step: int, meter: StepMeter) -> str:
@@ -417,7 +412,9 @@ def run_epochs(run: Run) -> None:
                           start_sums=progress.sums_of_rank(rank, max(1, run.proc.world_size),
                                                            len(SUM_NAMES)) if resumed else ())
         reset_peak_memory(run.device)
-        train_one_epoch(run, epoch, meter)
+        clip = run.cfg.optim.grad_clip if run.cfg.optim.use_grad_clip else None
+        train_one_epoch(run.model, run.train_data, run.optimizer, run.scaler, run.amp_dtype, meter,
+                        clip, functools.partial(after_step, run, epoch, meter))
         train_stats = meter.summary()
         distributed.broadcast_buffers(run.distiller.student)  # validate what rank 0 saves
         val_stats = validate(run.distiller.student, run.val_data, run.amp_dtype,
@@ -469,30 +466,32 @@ def final_line(progress: Progress) -> str:
 
 # ----------------------------------------------------------------------------- one training epoch
 
-def train_one_epoch(run: Run, epoch: int, meter: StepMeter) -> None:
+def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    amp_dtype: torch.dtype | None, meter: StepMeter, clip: float | None = None,
+                    after_step: Callable[[int], None] | None = None) -> None:
     """One pass over the training data, from meter.start_step to meter.steps.
 
     Per-step numbers stay on the device (the meter reads them every print_freq steps), so the
-    GPU is not made to wait for the CPU at each step.
+    GPU is not made to wait for the CPU at each step. after_step(steps done) is where the run
+    may checkpoint or stop.
     """
-    run.model.train()
-    parameters = [p for p in run.model.parameters() if p.requires_grad]
-    clip = run.cfg.optim.grad_clip if run.cfg.optim.use_grad_clip else None
-    autocast = functools.partial(torch.autocast, run.device.type, dtype=run.amp_dtype,
-                                 enabled=run.amp_dtype is not None)
-    for step, (images, target) in meter.timed(run.train_data):
-        with autocast():
-            logits, loss, stats = run.model(images, target)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
+    model.train()
+    device_type = next(model.parameters()).device.type
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for step, (images, target) in meter.timed(loader):
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, loss, stats = model(images, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
         if clip is not None:
-            run.scaler.unscale_(run.optimizer)
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, clip)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        scaler.step(optimizer)
+        scaler.update()
         meter.update(step, loss, logits, target, stats)
-        run.preemption.after_step(epoch, step + 1, meter.steps,
-                                  functools.partial(save_position, run, epoch, step + 1, meter))
+        if after_step is not None:
+            after_step(step + 1)
 
 
 # ----------------------------------------------------------------------------- validation

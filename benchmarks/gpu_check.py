@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import multiprocessing
 import os
@@ -268,32 +269,43 @@ def compute_ceiling(overrides: list[str], batches: list[int], steps: int, output
     """
     import torch
 
-    import train_with_distillation as script
+    from dataset.prefetch_data import on_device
+    from imagenet_train_cfg import cfg as defaults
+    from knowledge_distiller import build_distiller, build_loss
+    from models import teacher_student_names
+    from train_with_distillation import train_one_epoch
     from utils import distributed
-    from utils.device import build_sgd
-    from utils.logger import RunLogger
+    from utils.config import apply_overrides
+    from utils.device import build_sgd, choose_precision, configure_process, select_device
+    from utils.metrics import StepMeter
 
-    cfg = script.resolve_config(script.load_config(script.build_arg_parser().parse_intermixed_args(overrides)))
-    cfg.train_params.print_freq = 10 * steps  # one read of the device, at the end of each pass
-    device = script.select_device(distributed.ProcessInfo())
-    script.configure_process(distributed.ProcessInfo(), cfg, device)
-    amp_dtype = script.resolve_amp(cfg.train_params.amp, device)
+    cfg = apply_overrides(copy.deepcopy(defaults), overrides)
+    cfg.model.teacher, cfg.model.student = teacher_student_names(
+        cfg.net_type, cfg.model.teacher, cfg.model.student)
+    device = select_device(0, 1)
+    configure_process(distributed.ProcessInfo(), device, cfg.train_params.use_seed,
+                      cfg.dist.backend, cfg.dist.timeout_s)
+    amp_dtype = choose_precision(cfg.train_params.amp, device).dtype
+    loss = build_loss(cfg)
     results: dict[str, Any] = {}
     for batch_size in batches:
         torch.manual_seed(0)
-        _, distiller = script.build_networks(cfg, device)
-        optimizer, _ = build_sgd(distiller.student.parameters(), cfg.optim, device)  # as train() builds it
+        distiller = build_distiller(cfg, loss, device)
+        # As the training script builds them.
+        optimizer, _ = build_sgd(distiller.student.parameters(), cfg.optim, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         size = cfg.data.input_size
         uint8 = torch.randint(0, 256, (batch_size, *size), dtype=torch.uint8)
         labels = torch.randint(0, NUM_CLASSES, (batch_size,))
-        batch = next(iter(script.on_device([(uint8, labels)], device, cfg)))
-        with RunLogger(output_dir) as log:
-            for _ in range(2):  # warm-up, then measured
-                stats = script.train_one_epoch(distiller, RepeatedBatch(batch, steps), optimizer, scaler,
-                                               amp_dtype, 0, 1, cfg, log)
+        batch = next(iter(on_device([(uint8, labels)], device, cfg.data.mean, cfg.data.std)))
+        for _ in range(2):  # warm-up, then measured; one read of the device, at the end
+            meter = StepMeter(device, 0, 1, steps, print_freq=10 * steps, log=print, lr=0.0)
+            train_one_epoch(distiller, RepeatedBatch(batch, steps), optimizer, scaler, amp_dtype,
+                            meter)
+            stats = meter.summary()
         results[f"batch_{batch_size}"] = round(stats["images_per_second"], 1)
-        with open(result_path, "w", encoding="utf-8") as f:  # after each size: kept if the next runs out of time
+        # After each size: kept if the next runs out of time.
+        with open(result_path, "w", encoding="utf-8") as f:
             json.dump(results, f)
         del distiller, optimizer, batch
         if device.type == "cuda":

@@ -1,6 +1,6 @@
 """Signals sent at exact points of a training run, from inside it (imported by spawned processes).
 
-``run(plan, proc, cfg)`` stands in for ``train_with_distillation.run_process``. In process 0 it sends
+``run(plan, proc, cfg, loss)`` stands in for ``train_with_distillation.run_process``. In process 0 it sends
 SIGUSR1 to the launcher, which passes it on to every process, at the point the plan names, and
 waits until its own handler has seen the signal: the run then stops at that very point, not at
 whatever point the signal happens to reach it.
