@@ -62,7 +62,7 @@ def one_error_line(proc: subprocess.CompletedProcess, status: int) -> str:
 def hooked_program(fault: str) -> str:
     return ("import functools, sys, train_with_distillation\n"
             "from tests import fault_hooks\n"
-            "train_with_distillation.training_process = functools.partial(fault_hooks.run, "
+            "train_with_distillation.run_process = functools.partial(fault_hooks.run, "
             f"{fault!r})\n"
             "sys.exit(train_with_distillation.main(sys.argv[1:]))\n")
 
