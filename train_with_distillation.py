@@ -395,7 +395,7 @@ def save_training(run: Run, is_best: bool) -> str:
 def run_epochs(run: Run) -> None:
     """Train, validate, record and checkpoint each epoch, from where the run stands."""
     tp, progress, rank = run.cfg.train_params, run.progress, run.proc.rank
-    first_epoch = progress.epochs_done
+    first_epoch, val_stats = progress.epochs_done, None
     for epoch in range(first_epoch, tp.epochs):
         resumed = epoch == first_epoch and progress.step > 0
         start_step = progress.step if resumed else 0
@@ -440,7 +440,7 @@ def run_epochs(run: Run) -> None:
         path = save_training(run, is_best)
         run.preemption.after_epoch(epoch, path)
     distributed.barrier()  # nobody leaves while the main process is still writing
-    run.log.summary(final_line(progress))
+    run.log.summary(final_line(progress, val_stats))
 
 
 def epoch_record(epoch: int, lr: float, train: dict[str, float], val: dict[str, float],
@@ -457,11 +457,14 @@ def epoch_record(epoch: int, lr: float, train: dict[str, float], val: dict[str, 
             "data_wait_share": train["data_wait_share"], "peak_memory_gib": peak_memory}
 
 
-def final_line(progress: Progress) -> str:
+def final_line(progress: Progress, last: dict[str, float] | None) -> str:
     """The best epoch's top-1 and top-5 error (what papers report) and the last epoch's."""
-    return (f"Best accuracy (top-1 and 5 error): {progress.best_top1_err:.3f} "
-            f"{progress.best_top5_err:.3f} at epoch {progress.best_epoch} of "
-            f"{progress.epochs_done}; see metrics.jsonl for the last epoch's")
+    line = (f"Best accuracy (top-1 and 5 error): {progress.best_top1_err:.3f} "
+            f"{progress.best_top5_err:.3f} at epoch {progress.best_epoch}")
+    if last is not None:
+        line += (f"; last epoch {progress.epochs_done}: {last['top1_err']:.3f} "
+                 f"{last['top5_err']:.3f}")
+    return line
 
 
 # ----------------------------------------------------------------------------- one training epoch

@@ -94,3 +94,20 @@ def test_print_error_is_one_line_on_stderr(capsys):
     print_error("data path 'x' not found")
     captured = capsys.readouterr()
     assert captured.err == "error: data path 'x' not found\n" and captured.out == ""
+
+
+def test_curves_gain_a_panel_for_the_regularisation_share(tmp_path):
+    import struct
+
+    from utils.logger import plot_curves
+
+    def width(records: list[dict]) -> int:
+        path = str(tmp_path / "curves.png")
+        plot_curves(records, path)
+        with open(path, "rb") as f:
+            return struct.unpack(">I", f.read(24)[16:20])[0]  # the PNG header's width
+
+    plain = [{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_top1_err": 50.0,
+              "val_top1_err": 55.0, "val_top5_err": 20.0}]
+    with_share = [{**plain[0], "train_regularisation_share": 0.3, "train_mean_weight": 0.6}]
+    assert width(with_share) == 1500 and width(plain) == 1000  # three panels, or two

@@ -115,10 +115,21 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
         assert record["val_images"] == 13  # every validation image once, none padded in
         assert 0.0 <= record["data_wait_share"] <= 1.0  # summed over both processes, then divided
         assert all(math.isfinite(record[k]) for k in ("train_loss", "val_loss", "images_per_second"))
-    best = min(records, key=lambda r: r["val_top1_err"])
-    best_line = re.search(r"Best accuracy \(top-1 and 5 error\): ([\d.]+) ([\d.]+)", log)
+        # WSLD's view: the share of samples where the student beats the teacher on the label.
+        assert 0.0 <= record["train_regularisation_share"] <= 1.0
+        assert 0.0 <= record["train_mean_weight"] <= 1.0
+    assert re.search(r"Epoch: \[2/2\]\[2/\d+\] .* reg share [\d.]+  mean w [\d.]+", log)
+    best = min(records, key=lambda r: r["val_top1_err"])  # the first of equals, as the run keeps
+    assert records[-1]["best_epoch"] == best["epoch"]
+    assert records[-1]["best_top1_err"] == best["val_top1_err"]
+    assert records[-1]["best_top5_err"] == best["val_top5_err"]
+    best_line = re.search(r"Best accuracy \(top-1 and 5 error\): ([\d.]+) ([\d.]+) at epoch "
+                          r"(\d+); last epoch 2: ([\d.]+) ([\d.]+)", log)
     assert best_line and float(best_line[1]) == pytest.approx(best["val_top1_err"], abs=1e-3)
     assert float(best_line[2]) == pytest.approx(best["val_top5_err"], abs=1e-3)
+    assert int(best_line[3]) == best["epoch"]
+    assert float(best_line[4]) == pytest.approx(records[-1]["val_top1_err"], abs=1e-3)
+    assert float(best_line[5]) == pytest.approx(records[-1]["val_top5_err"], abs=1e-3)
 
     with open(os.path.join(full_run, CURVES_NAME), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

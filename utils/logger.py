@@ -63,9 +63,12 @@ def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
     def series(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else r[key] for r in records]
 
-    fig = Figure(figsize=(10, 4))
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)
-    loss_ax, err_ax = fig.subplots(1, 2)
+    shares = [(key, label) for key, label in (
+        ("train_regularisation_share", "regularisation share"),
+        ("train_mean_weight", "mean WSLD weight")) if any(r.get(key) is not None for r in records)]
+    fig = Figure(figsize=(15 if shares else 10, 4))
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.92, wspace=0.25)
+    loss_ax, err_ax, *share_ax = fig.subplots(1, 3 if shares else 2)
     loss_ax.plot(epochs, series("train_loss"), marker="o", markersize=3, label="train")
     loss_ax.plot(epochs, series("val_loss"), marker="o", markersize=3, label="validation")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -73,7 +76,12 @@ def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
     err_ax.plot(epochs, series("val_top1_err"), marker="o", markersize=3, label="validation top-1")
     err_ax.plot(epochs, series("val_top5_err"), marker="o", markersize=3, label="validation top-5")
     err_ax.set(xlabel="epoch", ylabel="error (%)", title="Error")
-    for ax in (loss_ax, err_ax):
+    for key, label in shares:  # WSLD's view: samples where the student beats the teacher
+        share_ax[0].plot(epochs, series(key), marker="o", markersize=3, label=label)
+    if shares:
+        share_ax[0].set(xlabel="epoch", ylabel="share of training samples",
+                        title="Regularisation samples (CE_s < CE_t)")
+    for ax in (loss_ax, err_ax, *share_ax):
         ax.grid(alpha=0.3)
         ax.legend()
     with atomic_write(path) as f:
