@@ -16,8 +16,6 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 LIST_SUFFIX = "_list.txt"
 
 
-class ImageListError(DataError):
-    """A problem with the image tree or a list that the user can fix; the message is one line."""
 
 
 def is_image_file(name: str) -> bool:
@@ -33,7 +31,7 @@ def visible_subfolders(path: str) -> list[str]:
 def class_folders(split_dir: str) -> list[str]:
     """The sorted class folder names of a split: the order that defines the labels."""
     if not os.path.isdir(split_dir):
-        raise ImageListError(f"image folder '{split_dir}' not found; point to the folder that holds "
+        raise DataError(f"image folder '{split_dir}' not found; point to the folder that holds "
                              "the train/ and val/ class folders")
     return visible_subfolders(split_dir)
 
@@ -48,9 +46,9 @@ def read_list(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
-        raise ImageListError(f"image list '{path}' not found; make it with dataset/mk_img_list.py") from None
+        raise DataError(f"image list '{path}' not found; make it with dataset/mk_img_list.py") from None
     except UnicodeDecodeError:
-        raise ImageListError(f"image list '{path}' is not UTF-8 text; remake it with dataset/mk_img_list.py") from None
+        raise DataError(f"image list '{path}' is not UTF-8 text; remake it with dataset/mk_img_list.py") from None
 
 
 def write_list(path: str, lines: list[str]) -> None:

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dataset.image_list import ImageListError, is_image_file
+from dataset.image_list import is_image_file
+from utils.errors import DataError
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -40,8 +41,6 @@ _WNID = re.compile(r"n\d{8}")
 _STREAM_BUFFER = 1 << 20  # read-ahead buffer of an archive read as a stream
 
 
-class ArchiveError(ImageListError):
-    """A missing, damaged or inconsistent archive or label file; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -75,13 +74,13 @@ def find_archives(image_path: str) -> Archives | None:
         return None
     for name, here in zip(names, present):
         if not here:
-            raise ArchiveError(f"archive '{os.path.join(image_path, name)}' not found; put the three official "
+            raise DataError(f"archive '{os.path.join(image_path, name)}' not found; put the three official "
                                f"ImageNet files ({', '.join(names)}) side by side in '{image_path}'")
     return Archives(*(os.path.join(image_path, name) for name in names))
 
 
-def _damaged(path: str, reason: object) -> ArchiveError:
-    return ArchiveError(f"'{path}' is not a complete tar file ({reason}); download it again")
+def _damaged(path: str, reason: object) -> DataError:
+    return DataError(f"'{path}' is not a complete tar file ({reason}); download it again")
 
 
 def _read_devkit_member(devkit: str, suffix: str) -> bytes:
@@ -91,10 +90,10 @@ def _read_devkit_member(devkit: str, suffix: str) -> bytes:
                 if member.isfile() and member.name.endswith(suffix):
                     return tar.extractfile(member).read()
     except FileNotFoundError:
-        raise ArchiveError(f"devkit '{devkit}' not found; pass {DEVKIT} with --devkit") from None
+        raise DataError(f"devkit '{devkit}' not found; pass {DEVKIT} with --devkit") from None
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise _damaged(devkit, exc) from None
-    raise ArchiveError(f"devkit '{devkit}' holds no {suffix}; download {DEVKIT} again")
+    raise DataError(f"devkit '{devkit}' holds no {suffix}; download {DEVKIT} again")
 
 
 def devkit_classes(devkit: str) -> dict[int, str]:
@@ -106,24 +105,24 @@ def devkit_classes(devkit: str) -> dict[int, str]:
         synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
         classes = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ArchiveError(f"{META_MAT} in '{devkit}' is not the devkit's synset table ({exc}); "
+        raise DataError(f"{META_MAT} in '{devkit}' is not the devkit's synset table ({exc}); "
                            f"download {DEVKIT} again") from None
     if not classes:
-        raise ArchiveError(f"{META_MAT} in '{devkit}' names no leaf synsets; download {DEVKIT} again")
+        raise DataError(f"{META_MAT} in '{devkit}' names no leaf synsets; download {DEVKIT} again")
     return classes
 
 
 def _check_wnid(name: str, where: str, suffix: str = "") -> str:
     """name, which must be a wnid; suffix completes it to the name of the file it came from."""
     if not _WNID.fullmatch(name):
-        raise ArchiveError(f"'{name}{suffix}' in '{where}' is not named after a wnid (n01440764 and so on); "
+        raise DataError(f"'{name}{suffix}' in '{where}' is not named after a wnid (n01440764 and so on); "
                            f"remove it or download the archive again")
     return name
 
 
 def _checked_name(member: tarfile.TarInfo, archive: str) -> str:
     if "\n" in member.name or "\r" in member.name:
-        raise ArchiveError(f"member {member.name!r} of '{archive}' has a line break in its name")
+        raise DataError(f"member {member.name!r} of '{archive}' has a line break in its name")
     return member.name.removeprefix("./")
 
 
@@ -157,7 +156,7 @@ def _open_archive(path: str, buffering: int) -> BinaryIO:
     try:
         return open(path, "rb", buffering=buffering)
     except FileNotFoundError:
-        raise ArchiveError(f"archive '{path}' not found") from None
+        raise DataError(f"archive '{path}' not found") from None
 
 
 def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
@@ -209,20 +208,20 @@ def read_val_labels(labels_file: str, image_names: list[str], source: str,
         with open(labels_file, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise ArchiveError(f"validation labels '{labels_file}' not found") from None
+        raise DataError(f"validation labels '{labels_file}' not found") from None
     except UnicodeDecodeError:
-        raise ArchiveError(f"validation labels '{labels_file}' are not text; pass LOC_val_solution.csv "
+        raise DataError(f"validation labels '{labels_file}' are not text; pass LOC_val_solution.csv "
                            f"or the devkit's ground-truth file") from None
     if text.startswith(KAGGLE_HEADER):
         by_name = _kaggle_labels(text, labels_file)
     else:
         if devkit is None:
-            raise ArchiveError(f"'{labels_file}' is not Kaggle's CSV, so it is read as the devkit's ground-truth "
+            raise DataError(f"'{labels_file}' is not Kaggle's CSV, so it is read as the devkit's ground-truth "
                                f"file, which needs the devkit: add --devkit {DEVKIT}")
         by_name = _ground_truth_labels(text, labels_file, image_names, source, devkit_classes(devkit))
     for name in image_names:
         if name not in by_name:
-            raise ArchiveError(f"validation image '{name}' in '{source}' has no label in '{labels_file}'; "
+            raise DataError(f"validation image '{name}' in '{source}' has no label in '{labels_file}'; "
                                f"pass the labels of these images")
     return {name: by_name[name] for name in image_names}
 
@@ -234,7 +233,7 @@ def _kaggle_labels(text: str, labels_file: str) -> dict[str, str]:
             continue
         words = row[1].split() if len(row) == 2 else []
         if not words:
-            raise ArchiveError(f"line {number} of '{labels_file}' is not 'ImageId,wnid ...'")
+            raise DataError(f"line {number} of '{labels_file}' is not 'ImageId,wnid ...'")
         by_name[row[0] + ".JPEG"] = _check_wnid(words[0], labels_file)
     return by_name
 
@@ -243,12 +242,12 @@ def _ground_truth_labels(text: str, labels_file: str, image_names: list[str], so
                          classes: dict[int, str]) -> dict[str, str]:
     ids = text.split()
     if len(ids) != len(image_names):
-        raise ArchiveError(f"'{labels_file}' has {len(ids)} labels but '{source}' holds {len(image_names)} "
+        raise DataError(f"'{labels_file}' has {len(ids)} labels but '{source}' holds {len(image_names)} "
                            f"validation images; pass the ground truth that belongs to these images")
     by_name = {}
     for number, (name, class_id) in enumerate(zip(sorted(image_names), ids), start=1):
         if not class_id.isdigit() or int(class_id) not in classes:
-            raise ArchiveError(f"line {number} of '{labels_file}' is '{class_id}', not an ILSVRC2012_ID of the devkit")
+            raise DataError(f"line {number} of '{labels_file}' is '{class_id}', not an ILSVRC2012_ID of the devkit")
         by_name[name] = classes[int(class_id)]
     return by_name
 
@@ -275,7 +274,7 @@ def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str
     for line in train:
         wnid = line.partition("/")[0]
         if wnid not in classes:
-            raise ArchiveError(f"'{wnid}.tar' in '{archives.train}' is not one of the devkit's "
+            raise DataError(f"'{wnid}.tar' in '{archives.train}' is not one of the devkit's "
                                f"{len(classes)} classes; remove it or download the archive again")
     wnid_by_name = archive_val_labels(archives, val_labels)
     return {"train": train, "val": val_lines(list(wnid_by_name), wnid_by_name)}

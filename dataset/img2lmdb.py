@@ -47,14 +47,12 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset.image_io import DEFAULT_JPEG_QUALITY, ImageDecodeError, prepare_for_storage  # noqa: E402
 from dataset.image_list import (  # noqa: E402
-    ImageListError,
     class_folders,
     list_file_path,
     read_list,
     write_list,
 )
 from dataset.imagenet_archives import (  # noqa: E402
-    ArchiveError,
     Archives,
     archive_val_labels,
     find_archives,
@@ -71,8 +69,6 @@ INITIAL_MAP_SIZE = 1 << 30  # doubled whenever a commit finds the map full
 DEFAULT_COMMIT_EVERY = 1000
 
 
-class PackError(DataError):
-    """A problem the user can fix (missing folder or file, bad image, bad list); the message is one line."""
 
 
 class _Task(NamedTuple):
@@ -111,7 +107,7 @@ def find_list_file(list_dir: str, split: str) -> str:
     for path in candidates:
         if os.path.isfile(path):
             return path
-    raise PackError(f"no image list '{candidates[0]}' (nor '{candidates[1]}'); "
+    raise DataError(f"no image list '{candidates[0]}' (nor '{candidates[1]}'); "
                     f"make it with dataset/mk_img_list.py")
 
 
@@ -121,7 +117,7 @@ def label_map(image_path: str, split: str) -> dict[str, int]:
     source = train_dir if os.path.isdir(train_dir) else os.path.join(image_path, split)
     classes = class_folders(source)
     if not classes:
-        raise PackError(f"no class folders in '{source}'")
+        raise DataError(f"no class folders in '{source}'")
     return {wnid: index for index, wnid in enumerate(classes)}
 
 
@@ -133,14 +129,14 @@ def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_ke
         wnid, _, name = line.partition("/")
         where = f"line {number} of '{list_file}'"
         if not wnid or not name:
-            raise PackError(f"{where} is '{line}', not 'class_folder/file'")
+            raise DataError(f"{where} is '{line}', not 'class_folder/file'")
         if wnid not in labels:
-            raise PackError(f"{where} names class '{wnid}', which is not among the {len(labels)} class "
+            raise DataError(f"{where} names class '{wnid}', which is not among the {len(labels)} class "
                             f"folders that number the labels (those of train/)")
         if line in seen:
-            raise PackError(f"{where} repeats '{line}'; remake the list with dataset/mk_img_list.py")
+            raise DataError(f"{where} repeats '{line}'; remake the list with dataset/mk_img_list.py")
         if len(encode_key(line)) > max_key_size:
-            raise PackError(f"{where} is longer than LMDB's {max_key_size}-byte key limit")
+            raise DataError(f"{where} is longer than LMDB's {max_key_size}-byte key limit")
         seen.add(line)
         result.append(labels[wnid])
     return result
@@ -188,7 +184,7 @@ def _stored_bytes(outcome: _Outcome) -> bytes:
         return outcome.image_bytes
     data, fingerprint = _read_with_fingerprint(outcome.task.path)
     if fingerprint != outcome.fingerprint or len(data) != fingerprint[0]:
-        raise PackError(f"'{outcome.task.path}' changed while it was being packed; rerun the same command")
+        raise DataError(f"'{outcome.task.path}' changed while it was being packed; rerun the same command")
     return data
 
 
@@ -239,7 +235,7 @@ def _archive_items(archives: Archives, split: str, tasks: list[_Task]) -> Iterat
         if task is not None:  # None: a second member of the same name
             yield task._replace(path=where), data
     if pending:
-        raise PackError(f"{len(pending)} list lines are not in '{archive}' (first: '{min(pending)}'); "
+        raise DataError(f"{len(pending)} list lines are not in '{archive}' (first: '{min(pending)}'); "
                         f"download the archive again, or remake the list with dataset/mk_img_list.py")
 
 
@@ -248,7 +244,7 @@ def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: 
     for number, line in enumerate(lines, start=1):
         wnid, _, name = line.partition("/")
         if wnid_by_name.get(name) != wnid:
-            raise PackError(f"line {number} of '{list_file}' ('{line}') does not match the labels of "
+            raise DataError(f"line {number} of '{list_file}' ('{line}') does not match the labels of "
                             f"{labels_source}; remake the list with dataset/mk_img_list.py")
 
 
@@ -279,26 +275,26 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
 
     The images come from the split's folder, or from the official archives when image_path
     holds them (see ``find_archives``); val_labels (with devkit for the ground-truth file)
-    labels a flat val/ folder. Raises PackError for anything the user must fix; what was
+    labels a flat val/ folder. Raises DataError for anything the user must fix; what was
     committed before stays committed, so the same call resumes where it stopped. fork_workers:
     fork the worker processes, for callers that have not used OpenCV (see ``_worker_context``).
     """
     split_dir = os.path.join(image_path, split)
     archives = find_archives(image_path)
     if archives is not None and split not in ("train", "val"):
-        raise PackError(f"the official archives in '{image_path}' hold train and val, not '{split}'")
+        raise DataError(f"the official archives in '{image_path}' hold train and val, not '{split}'")
     if archives is None and not os.path.isdir(split_dir):
-        raise PackError(f"image folder '{split_dir}' not found; --image_path must hold the {split}/ folder "
+        raise DataError(f"image folder '{split_dir}' not found; --image_path must hold the {split}/ folder "
                         f"or the official archives")
     if image_size is not None and image_size <= 0:
-        raise PackError(f"--image_size must be positive, not {image_size}")
+        raise DataError(f"--image_size must be positive, not {image_size}")
     list_file = find_list_file(list_path, split)
     lines = read_list(list_file)
     if not lines:
-        raise PackError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
+        raise DataError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
     flat = archives is None and split == "val" and val_labels is not None
     if archives is None and not flat and not class_folders(split_dir):
-        raise PackError(f"'{split_dir}' holds no class folders; for a flat validation folder pass --val_labels, "
+        raise DataError(f"'{split_dir}' holds no class folders; for a flat validation folder pass --val_labels, "
                         f"as to dataset/mk_img_list.py")
     if archives is not None:
         labels = {wnid: index for index, wnid in enumerate(train_classes(archives.train))}
@@ -314,7 +310,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
         os.makedirs(lmdb_path, exist_ok=True)
         env = lmdb.open(lmdb_path, map_size=initial_map_size, subdir=True, meminit=False)
     except (OSError, lmdb.Error) as exc:
-        raise PackError(f"cannot open an LMDB at '{lmdb_path}': {exc}") from None
+        raise DataError(f"cannot open an LMDB at '{lmdb_path}': {exc}") from None
     try:
         line_labels = list_labels(lines, labels, list_file, env.max_key_size())
         stored = _stored_mask(env, (encode_key(line) for line in lines))
@@ -335,7 +331,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
             write_list(list_file, lines)
         missing = [line for line, done in zip(lines, _stored_mask(env, map(encode_key, lines))) if not done]
         if missing:
-            raise PackError(f"check failed: {len(missing)} list lines are not in '{lmdb_path}' "
+            raise DataError(f"check failed: {len(missing)} list lines are not in '{lmdb_path}' "
                             f"(first: '{missing[0]}'); rerun the same command")
         summary.stored = len(lines)
         summary.extra_entries = env.stat()["entries"] - len(lines)
@@ -361,7 +357,7 @@ def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tu
                 if len(current) == window:
                     yield current
                     current = []
-        except (ArchiveError, PackError):
+        except DataError:
             if current:
                 yield current
             raise
@@ -373,7 +369,7 @@ def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tu
     while True:
         try:
             chunk = next(chunks, None)
-        except (ArchiveError, PackError) as exc:
+        except DataError as exc:
             chunk, error = None, exc
         submitted = None
         if chunk is not None:
@@ -413,11 +409,11 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
             task = outcome.task
             if outcome.error is not None:
                 if outcome.missing:
-                    raise PackError(f"'{task.path}' (list line '{task.line}') not found; "
+                    raise DataError(f"'{task.path}' (list line '{task.line}') not found; "
                                     f"the list is out of date: remake it with dataset/mk_img_list.py")
                 if not skip_bad:
                     fix = "download the archive again" if archive_items is not None else "replace or delete it"
-                    raise PackError(f"cannot read '{task.path}': {outcome.error}; {fix}, "
+                    raise DataError(f"cannot read '{task.path}': {outcome.error}; {fix}, "
                                     f"or pass --skip_bad to leave it out")
                 summary.skipped.append(task.line)
                 continue
@@ -471,7 +467,7 @@ def main(argv: list[str] | None = None, fork_workers: bool = False) -> int:
                              image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad,
                              commit_every=args.commit_every, jpeg_quality=args.jpeg_quality,
                              fork_workers=fork_workers, val_labels=args.val_labels, devkit=args.devkit)
-    except (PackError, ImageListError, OSError, lmdb.Error) as exc:
+    except (DataError, OSError, lmdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

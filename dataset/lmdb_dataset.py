@@ -21,8 +21,6 @@ from utils.errors import DataError
 _OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-class MissingSampleError(DataError):
-    """A list line whose key the LMDB lacks: the list and the LMDB are out of step."""
 
 
 def open_lmdb_readonly(path: str) -> lmdb.Environment:
@@ -72,7 +70,7 @@ class LMDBDataset(ListDataset):
         with _open_resolved(self._real_root).begin(buffers=False) as txn:
             value = txn.get(key)
         if value is None:
-            raise MissingSampleError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
+            raise DataError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
                                      f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
         return decode_record(value)
 

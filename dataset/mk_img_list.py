@@ -26,13 +26,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.image_list import (  # noqa: E402
-    ImageListError,
     class_folders,
     is_image_file,
     list_file_path,
     visible_subfolders,
     write_list,
 )
+from utils.errors import DataError  # noqa: E402
 
 __all__ = ["add_label_arguments", "flat_val_labels", "list_flat_images", "list_images", "main", "make_lists",
            "split_folders"]
@@ -41,7 +41,7 @@ __all__ = ["add_label_arguments", "flat_val_labels", "list_flat_images", "list_i
 def split_folders(image_path: str) -> list[str]:
     """The names of the folders under image_path that hold class folders, sorted."""
     if not os.path.isdir(image_path):
-        raise ImageListError(f"image folder '{image_path}' not found; pass the folder that holds train/ and val/")
+        raise DataError(f"image folder '{image_path}' not found; pass the folder that holds train/ and val/")
     return [name for name in visible_subfolders(image_path) if visible_subfolders(os.path.join(image_path, name))]
 
 
@@ -57,7 +57,7 @@ def list_images(split_dir: str) -> list[str]:
                 if not is_image_file(name):
                     continue
                 if "\n" in name or "\r" in name:
-                    raise ImageListError(f"file name {os.path.join(folder, name)!r} has a line break; rename it")
+                    raise DataError(f"file name {os.path.join(folder, name)!r} has a line break; rename it")
                 lines.append(f"{relative}/{name}")
     return sorted(lines)
 
@@ -65,12 +65,12 @@ def list_images(split_dir: str) -> list[str]:
 def list_flat_images(folder: str) -> list[str]:
     """Sorted names of the image files directly in folder (a flat validation folder)."""
     if not os.path.isdir(folder):
-        raise ImageListError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ folder "
+        raise DataError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ folder "
                              f"of images under --image_path")
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
     if not names:
-        raise ImageListError(f"no image files directly in '{folder}'; --val_labels is for a flat val/ folder")
+        raise DataError(f"no image files directly in '{folder}'; --val_labels is for a flat val/ folder")
     return names
 
 
@@ -80,7 +80,7 @@ def flat_val_labels(image_path: str, val_labels: str, devkit: str | None) -> dic
 
     val_dir = os.path.join(image_path, "val")
     if os.path.isdir(val_dir) and visible_subfolders(val_dir):
-        raise ImageListError(f"'{val_dir}' is already in class folders; leave out --val_labels")
+        raise DataError(f"'{val_dir}' is already in class folders; leave out --val_labels")
     return read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
 
 
@@ -102,7 +102,7 @@ def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
             wnid_by_name = flat_val_labels(image_path, val_labels, devkit)
             lists["val"] = val_lines(list(wnid_by_name), wnid_by_name)
         if not lists:
-            raise ImageListError(f"no split folders (folders of class folders such as train/n01440764/) "
+            raise DataError(f"no split folders (folders of class folders such as train/n01440764/) "
                                  f"under '{image_path}', nor the official archives")
     os.makedirs(output_path, exist_ok=True)
     for split, lines in lists.items():
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         counts = make_lists(args.image_path, args.output_path, args.val_labels, args.devkit)
-    except (ImageListError, OSError) as exc:
+    except (DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for split, count in counts.items():

@@ -15,11 +15,11 @@ from torchvision import models as tv_models
 
 from models.classifier import float32_classifier
 from models.mobilenet import MobileNetV1
-from models.weights import PathOrState, WeightsError, load_weights, official_checkpoint
+from models.weights import PathOrState, load_weights, official_checkpoint
 from utils.config import require_choice
 from utils.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "NET_TYPES", "MobileNetV1", "WeightsError", "build_model", "load_weights",
+__all__ = ["MODEL_NAMES", "NET_TYPES", "MobileNetV1", "build_model", "load_weights",
            "official_weights_path", "teacher_student_names"]
 
 # name -> (constructor taking num_classes, torchvision's official weights or None)
@@ -65,7 +65,7 @@ def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None 
     weights: None or '' for random initialisation; 'torchvision' for the official ImageNet
     weights (1000 classes only); otherwise a checkpoint file (a state dict, or one under
     'state_dict'/'model', ``module.`` prefixes allowed) or a state mapping.
-    Raises ConfigError for a bad name or combination and WeightsError for weights that are
+    Raises ConfigError for a bad name or combination and DataError for weights that are
     missing or cannot be used.
     """
     constructor, _ = _architecture(name)

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from utils.errors import UserError, first_line
+from utils.errors import DataError, first_line
 
 # Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -27,38 +27,30 @@ MAX_LISTED_KEYS = 10
 
 PathOrState = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
-
-class WeightsError(UserError):
-    """Weights that cannot be used: unreadable, unsafe, not matching the model, or not available.
-
-    The message is one line that says what is wrong and what to do.
-    """
-
-
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """The unpickled contents of a checkpoint file, tensors on the CPU.
 
-    Raises WeightsError for a file that is missing, unreadable, or
+    Raises DataError for a file that is missing, unreadable, or
     would run code when unpickled.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise WeightsError(f"weights file '{path}' does not exist; check the path")
+        raise DataError(f"weights file '{path}' does not exist; check the path")
     if os.path.isdir(path):
-        raise WeightsError(f"weights path '{path}' is a directory; pass the checkpoint file inside it")
+        raise DataError(f"weights path '{path}' is a directory; pass the checkpoint file inside it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         blocked = _blocked_global(str(exc))
         if blocked is not None:
-            raise WeightsError(
+            raise DataError(
                 f"refused to load '{path}': it holds a Python object ({blocked}) that could run code when "
                 "unpickled; load it only if you trust it and re-save just the tensors with "
                 "torch.save(model.state_dict(), path)") from None
-        raise WeightsError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
+        raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
                            f"({first_line(exc)}); is the file complete?") from None
     except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
-        raise WeightsError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
+        raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
                            f"({first_line(exc)}); is the file complete?") from None
 
 
@@ -84,11 +76,11 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
             break
         state = nested
     if not isinstance(state, Mapping) or not state:
-        raise WeightsError(f"{source} holds no state dict (found {type(state).__name__}); expected tensors "
+        raise DataError(f"{source} holds no state dict (found {type(state).__name__}); expected tensors "
                            f"by parameter name, or a dict with one under {' or '.join(map(repr, NESTING_KEYS))}")
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
-        raise WeightsError(f"{source} is not a state dict: {len(not_tensors)} entries are not tensors "
+        raise DataError(f"{source} is not a state dict: {len(not_tensors)} entries are not tensors "
                            f"({_listed(not_tensors)}); expected tensors by parameter name, or a dict "
                            f"with them under {' or '.join(map(repr, NESTING_KEYS))}")
     state = {str(k): v for k, v in state.items()}
@@ -108,7 +100,7 @@ def _listed(keys: list[str]) -> str:
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str, name: str = "") -> None:
-    """Raise WeightsError, listing the differences, unless state fits model key for key and shape for shape."""
+    """Raise DataError, listing the differences, unless state fits model key for key and shape for shape."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -124,14 +116,14 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
     if mismatched:
         problems.append(f"{len(mismatched)} shapes differ, checkpoint vs model ({_listed(mismatched)})")
     target = name or type(model).__name__
-    raise WeightsError(f"{source} does not fit {target}: {'; '.join(problems)}; "
+    raise DataError(f"{source} does not fit {target}: {'; '.join(problems)}; "
                        "check the model name and cfg.model.num_classes")
 
 
 def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -> nn.Module:
     """Load a checkpoint file or a state mapping into model, strictly; returns model.
 
-    On any error (a WeightsError) the model is left as it was.
+    On any error (a DataError) the model is left as it was.
     """
     if isinstance(path_or_state, Mapping):
         source, checkpoint = "the given state dict", path_or_state
@@ -147,7 +139,7 @@ def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -
 def official_checkpoint(url: str) -> str:
     """The local path of an official weights file: torch hub's cache, downloaded there if absent.
 
-    Raises WeightsError, naming the file and the folder it belongs in, when it cannot be had
+    Raises DataError, naming the file and the folder it belongs in, when it cannot be had
     (offline, say).
     """
     filename = os.path.basename(urlparse(url).path)
@@ -162,7 +154,7 @@ def official_checkpoint(url: str) -> str:
         # or concurrent download never leaves a partial file under the final name.
         torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None)
     except Exception as exc:  # network, disk and hash errors alike mean: fetch it by hand
-        raise WeightsError(f"cannot download the official weights {filename} ({first_line(exc)}); "
+        raise DataError(f"cannot download the official weights {filename} ({first_line(exc)}); "
                            f"download {url} elsewhere and put it in {folder} "
                            "(set TORCH_HOME to use another cache)") from None
     return path

@@ -12,7 +12,7 @@ import torch
 from utils.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
-    CheckpointError,
+    DataError,
     atomic_save,
     atomic_write,
     capture_rng_state,
@@ -86,21 +86,21 @@ def test_a_crash_between_the_two_writes_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_load_rejects_missing_truncated_and_code_bearing_files(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_checkpoint(str(tmp_path / "missing.pth"))
     path = tmp_path / "cut.pth"
     atomic_save({"w": torch.randn(1000)}, str(path))
     path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(CheckpointError, match="cannot read checkpoint") as info:
+    with pytest.raises(DataError, match="cannot read checkpoint") as info:
         load_checkpoint(str(path))
     assert "\n" not in str(info.value)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"obj": random.Random(0)}, str(unsafe))  # an arbitrary class: refused by weights_only
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(DataError, match="cannot read checkpoint"):
         load_checkpoint(str(unsafe))
     listing = tmp_path / "list.pth"
     torch.save([1, 2], str(listing))
-    with pytest.raises(CheckpointError, match="holds a list"):
+    with pytest.raises(DataError, match="holds a list"):
         load_checkpoint(str(listing))
 
 
@@ -115,7 +115,7 @@ def test_resume_path_decides_whether_and_where_to_resume(tmp_path):
         assert resolve_resume_path(if_resume, saved, out) == saved
     with pytest.raises(ConfigError, match="optim.resume_path"):
         resolve_resume_path(True, "", out)  # asked to resume, but not from where
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         resolve_resume_path(False, str(tmp_path / "nope.pth"), out)
 
 

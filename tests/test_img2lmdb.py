@@ -299,5 +299,5 @@ def test_a_file_changed_after_its_check_is_not_stored(tree_copy):
     assert outcome.error is None and outcome.kept_as_is and outcome.image_bytes is None
     assert img2lmdb._stored_bytes(outcome) == file_bytes(path)
     shutil.copy(os.path.join(tree_copy, ODD_FILES["grey"]), path)  # replaced between check and store
-    with pytest.raises(img2lmdb.PackError, match="changed while it was being packed"):
+    with pytest.raises(img2lmdb.DataError, match="changed while it was being packed"):
         img2lmdb._stored_bytes(outcome)

@@ -16,7 +16,7 @@ from dataset import lmdb_dataset
 from dataset.image_io import ImageDecodeError, decode_rgb
 from dataset.image_list import read_list
 from dataset.img2lmdb import pack_split
-from dataset.lmdb_dataset import ImageFolder, MissingSampleError, open_lmdb_readonly
+from dataset.lmdb_dataset import ImageFolder, open_lmdb_readonly
 from dataset.lmdb_format import encode_record
 from dataset.mk_img_list import make_lists
 from tests.conftest import ODD_FILES
@@ -96,7 +96,7 @@ def test_missing_key_error_names_the_key(packed_val, tmp_path):
     longer.write_text("".join(line + "\n" for line in [lines[0], "n00000001/not_packed.JPEG"]))
     ds = ImageFolder(root, str(longer))
     ds[0]
-    with pytest.raises(MissingSampleError, match="n00000001/not_packed.JPEG") as info:
+    with pytest.raises(DataError, match="n00000001/not_packed.JPEG") as info:
         ds[1]
     assert isinstance(info.value, UserError) and "key 'n00000001/not_packed.JPEG'" in str(info.value)
 

@@ -14,12 +14,11 @@ import models
 from models import (
     MODEL_NAMES,
     MobileNetV1,
-    WeightsError,
     build_model,
     load_weights,
     teacher_student_names,
 )
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DataError
 
 OFFICIAL_RESNET18 = "resnet18-f37072fd.pth"
 
@@ -162,7 +161,7 @@ def test_official_weights_load_from_the_hub_cache(hub_dir, resnet18_state, image
 
 
 def test_official_weights_offline_name_the_file_and_folder(hub_dir):
-    with pytest.raises(WeightsError) as error:
+    with pytest.raises(DataError) as error:
         build_model("resnet34", weights="torchvision")
     message = str(error.value)
     assert "resnet34-b627a593.pth" in message and hub_dir in message and "\n" not in message
@@ -190,7 +189,7 @@ def test_official_weights_only_for_torchvision_models_with_1000_classes(hub_dir,
 
 
 def test_missing_file_is_a_file_not_found_error(tmp_path):
-    with pytest.raises(WeightsError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         build_model("resnet18", weights=str(tmp_path / "absent.pth"))
 
 
@@ -203,7 +202,7 @@ def test_code_carrying_pickle_is_refused_without_running(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "extra": Payload()}, path)
-    with pytest.raises(WeightsError, match="refused.*posix.mkdir") as error:
+    with pytest.raises(DataError, match="refused.*posix.mkdir") as error:
         build_model("resnet18", weights=str(path))
     assert "\n" not in str(error.value)
     assert not marker.exists()
@@ -223,7 +222,7 @@ def test_unreadable_files_are_weights_errors(tmp_path, resnet18_state, damage):
         path.write_bytes(b"")
     else:
         path.mkdir()
-    with pytest.raises(WeightsError) as error:
+    with pytest.raises(DataError) as error:
         build_model("resnet18", weights=str(path))
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
@@ -232,7 +231,7 @@ def test_unreadable_files_are_weights_errors(tmp_path, resnet18_state, damage):
 def test_checkpoint_without_a_state_dict_is_refused(tmp_path, content):
     path = tmp_path / "not_weights.pth"
     torch.save(content, path)
-    with pytest.raises(WeightsError, match="state dict"):
+    with pytest.raises(DataError, match="state dict"):
         build_model("resnet18", weights=str(path))
 
 
@@ -241,7 +240,7 @@ def test_key_mismatch_lists_keys_and_leaves_the_model_untouched(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), path)
     model = torchvision.models.resnet18()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(WeightsError) as error:
+    with pytest.raises(DataError) as error:
         load_weights(model, path, "resnet18")
     message = str(error.value)
     assert "does not fit resnet18" in message and "0 missing" not in message
@@ -250,13 +249,13 @@ def test_key_mismatch_lists_keys_and_leaves_the_model_untouched(tmp_path):
 
 
 def test_classifier_width_mismatch_names_the_shapes(resnet18_state):
-    with pytest.raises(WeightsError, match=r"fc.weight \(1000, 512\) vs \(10, 512\).*num_classes"):
+    with pytest.raises(DataError, match=r"fc.weight \(1000, 512\) vs \(10, 512\).*num_classes"):
         build_model("resnet18", num_classes=10, weights=resnet18_state)
 
 
 def test_missing_keys_are_listed(resnet18_state):
     partial = {k: v for k, v in resnet18_state.items() if not k.startswith("fc.")}
-    with pytest.raises(WeightsError, match=r"2 missing keys \(fc.weight, fc.bias\)"):
+    with pytest.raises(DataError, match=r"2 missing keys \(fc.weight, fc.bias\)"):
         load_weights(torchvision.models.resnet18(), partial)
 
 

@@ -21,15 +21,13 @@ import numpy as np
 import torch
 
 from utils.device import load_optimizer_state
-from utils.errors import ConfigError, UserError, first_line
+from utils.errors import ConfigError, DataError, first_line
 from utils.files import atomic_copy, atomic_write, low_space_warning
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 
 
-class CheckpointError(UserError):
-    """A checkpoint that exists but cannot be used; the message is one line."""
 
 
 class _ByteCounter(io.RawIOBase):
@@ -55,7 +53,7 @@ def saved_size(obj: Any) -> int:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save, atomically; a full disk is a DiskFullError saying how many bytes it needed."""
+    """torch.save, atomically; a full disk is a ConfigError saying how many bytes it needed."""
     with atomic_write(path, needed=lambda: saved_size(obj)) as f:
         torch.save(obj, f)
 
@@ -91,14 +89,14 @@ def save_checkpoint(state: Mapping[str, Any], output_dir: str, is_best: bool) ->
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Read a checkpoint onto the CPU with ``weights_only=True``; one-line errors for a bad file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' not found; check the path (or train first)")
+        raise DataError(f"checkpoint '{path}' not found; check the path (or train first)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint '{path}' ({first_line(exc)}); it may be truncated "
+        raise DataError(f"cannot read checkpoint '{path}' ({first_line(exc)}); it may be truncated "
                               f"or not a PyTorch file: point to a complete one") from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of tensors")
+        raise DataError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of tensors")
     return dict(obj)
 
 
@@ -120,7 +118,7 @@ def resolve_resume_path(if_resume: bool, resume_path: str, output_dir: str) -> s
         candidate = os.path.join(output_dir, CHECKPOINT_NAME)
         return candidate if os.path.isfile(candidate) else None
     if not os.path.isfile(resume_path):
-        raise CheckpointError(f"resume checkpoint '{resume_path}' not found; fix optim.resume_path "
+        raise DataError(f"resume checkpoint '{resume_path}' not found; fix optim.resume_path "
                               f"or use optim.resume_path=auto")
     return resume_path
 

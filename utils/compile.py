@@ -20,10 +20,6 @@ from torch import nn
 from utils.errors import ConfigError, first_line
 
 
-class CompileError(ConfigError):
-    """torch.compile could not compile a network on this machine: a setting to change, in one line."""
-
-
 def backend_of(setting: bool | str) -> str | None:
     """The torch.compile backend a ``train_params.compile`` value asks for; None for no compilation.
 
@@ -51,7 +47,7 @@ def compile_in_place(networks: list[nn.Module | None], backend: Any = "inductor"
 
 @contextmanager
 def compile_failures_as_errors() -> Iterator[None]:
-    """Raise CompileError, one line, for a failed compilation inside the block.
+    """Raise ConfigError, one line, for a failed compilation inside the block.
 
     Only torch.compile raises TorchDynamoException (a backend's failure among them), so no
     other error is relabelled. The backend's own exception, when there is one, names the cause.
@@ -60,5 +56,5 @@ def compile_failures_as_errors() -> Iterator[None]:
         yield
     except torch._dynamo.exc.TorchDynamoException as exc:
         cause = getattr(exc, "inner_exception", None) or exc
-        raise CompileError(f"torch.compile failed ({first_line(cause)}); "
+        raise ConfigError(f"torch.compile failed ({first_line(cause)}); "
                            "train without it with train_params.compile=False") from None

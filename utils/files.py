@@ -2,7 +2,7 @@
 
 A file is written under a temporary name in its own folder, flushed to disk and renamed over
 the old one, so a crash or a kill at any moment leaves either the previous complete file or
-the new complete file. A full disk is a one-line ``DiskFullError`` that names the file, the
+the new complete file. A full disk is a one-line ``ConfigError`` that names the file, the
 bytes it needed and the space left; the temporary file is removed and the old file stays.
 """
 
@@ -22,8 +22,6 @@ from utils.errors import ConfigError
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(ConfigError):
-    """A file could not be written for want of space; the message is one line."""
 
 
 def fsync_dir(folder: str) -> None:
@@ -61,11 +59,11 @@ def free_bytes(folder: str) -> int:
     return shutil.disk_usage(folder).free
 
 
-def disk_full_error(path: str, needed: int | None, written: int) -> DiskFullError:
+def disk_full_error(path: str, needed: int | None, written: int) -> ConfigError:
     """The one line for a write of path that ran out of space after written bytes."""
     folder = os.path.dirname(os.path.abspath(path))
     size = f"{needed} bytes" if needed is not None else f"more than {written} bytes"
-    return DiskFullError(f"no space left to write '{path}': it needs {size} and "
+    return ConfigError(f"no space left to write '{path}': it needs {size} and "
                          f"{free_bytes(folder)} bytes are free there; free some space or "
                          f"choose a folder on a larger disk")
 
