@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dataset.demo_data import prepare_demo_data
 from dataset.imagenet_data import AUGMENTATIONS, DATA_TYPES, DECODERS, ImageNet12, ShardSampler
 from dataset.prefetch_data import DevicePrefetcher
 from knowledge_distiller import LOSS_METHODS, WSLDistiller, build_loss, freeze
@@ -82,6 +83,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="train the paper's three rows in miniature on bundled digit images "
                              "(configs/demo_cfg.py; overrides apply to every row)")
+    parser.add_argument("--methods", metavar="M,M", default="",
+                        help="with --demo: add a student row per distill.method, e.g. kd,dkd,dist")
     parser.add_argument("--evaluate", metavar="CKPT", default="",
                         help="evaluate a student checkpoint (or 'teacher', the configured teacher) "
                              "on the validation set in one process, then exit")
@@ -732,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_intermixed_args(argv)
     try:
         if args.demo:
-            run_demo(launch_training, args.overrides, args.cfg or DEMO_CONFIG)
+            run_demo(launch_training, args.overrides, args.cfg or DEMO_CONFIG,
+                     prepare=prepare_demo_data, methods=args.methods)
             return 0
         cfg = load_config(args)
         if args.evaluate:
