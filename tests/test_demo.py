@@ -88,7 +88,8 @@ def test_split_methods_reads_commas_and_checks_each_name_when_called(monkeypatch
     with pytest.raises(ConfigError, match="unknown method 'dkd'"):
         split_methods("kd,dkd")
     # A method added to the losses later is accepted with no change here.
-    monkeypatch.setattr(knowledge_distiller, "LOSS_METHODS", (*knowledge_distiller.LOSS_METHODS, "dkd"))
+    extended = (*knowledge_distiller.LOSS_METHODS, "dkd")
+    monkeypatch.setattr(knowledge_distiller, "LOSS_METHODS", extended)
     assert split_methods("kd,dkd") == ["kd", "dkd"]
 
 
@@ -216,7 +217,8 @@ def test_run_demo_trains_the_added_rows_and_tabulates_their_share(tmp_path, caps
     assert [(r.method, r.regularisation_share) for r in rows] == [
         ("Teacher", None), ("Original", None), ("Proposed", 0.25), ("KD", 0.25)]
     out = capsys.readouterr().out.splitlines()
-    assert out[-2].startswith("| ResNet 18 | KD | 90.00 | 99.00 |") and out[-2].endswith("| 0.250 |")
+    assert out[-2].startswith("| ResNet 18 | KD | 90.00 | 99.00 |")
+    assert out[-2].endswith("| 0.250 |")
 
 
 def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, capfd):
