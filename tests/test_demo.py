@@ -119,6 +119,14 @@ def test_methods_add_student_rows_that_differ_from_the_last_only_in_the_method()
     assert kd.to_dict() == proposed.to_dict()
 
 
+def test_methods_need_a_student_row_to_copy():
+    teacher = dict(name="teacher", network="ResNet 34", method="Teacher",
+                   overrides={"distill.method": "none"})
+    assert demo.method_runs([teacher], [], "none") == []
+    with pytest.raises(ConfigError, match="hold only the teacher"):
+        demo.method_runs([teacher], ["kd"], "none")
+
+
 def test_last_share_is_the_last_epoch_that_recorded_one(tmp_path):
     assert last_share(str(tmp_path)) is None  # no metrics file
     with open(tmp_path / METRICS_NAME, "w") as f:

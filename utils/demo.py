@@ -8,8 +8,8 @@ The teacher row takes longest, and the students only read its best checkpoint, s
 teacher is kept and reused by the next demo whose teacher configuration is the same.
 
 The driver trains nothing and reads no images itself: the script hands it the training call and
-the data preparation (``dataset.demo_data.prepare_demo_data``), so this module depends on no
-layer above the shared helpers but the loss names it checks ``--methods`` against.
+the data preparation (``dataset.demo_data.prepare_demo_data``), so that no module of utils/
+imports dataset/. From the layers above it reads only the loss names, to check ``--methods``.
 """
 
 from __future__ import annotations
@@ -79,15 +79,14 @@ def method_runs(runs: Sequence[dict], methods: Sequence[str], default_method: st
     """One more row per method not yet in the table: a copy of the config's last student row
     with only ``distill.method`` changed, so the student rows still differ in the method alone."""
     if methods and len(runs) < 2:
-        raise ConfigError("--methods adds student rows beside the demo config's first student "
-                          "row, and its 'runs' have none; add one")
+        raise ConfigError("--methods copies the demo config's last student row, and its 'runs' "
+                          "hold only the teacher; add a student row to them")
     present = {run["overrides"].get("distill.method", default_method) for run in runs[1:]}
-    added = []
+    template, added = runs[-1], []
     for method in methods:
         if method in present:
             continue
         present.add(method)
-        template = runs[-1]
         added.append(dict(template, name=method, method=method.upper(),
                           overrides={**template["overrides"], "distill.method": method}))
     return added
