@@ -288,8 +288,8 @@ def apply_transform(transform: Callable[..., Any], sample: Any, rng: Rng) -> Any
     if isinstance(transform, RandomTransform):
         return transform(sample, rng)
     seed = rng.getrandbits(63)
-    # The CPU generator alone: torch.manual_seed would also reseed every GPU's, left so after,
-    # and costs 0.2 ms a call where this costs microseconds.
+    # The CPU generator alone: torch.manual_seed would also reseed the GPUs' generators, which
+    # nothing here restores, and costs about 0.2 ms a call where this costs microseconds.
     generator = torch.default_generator
     torch_state, python_state = generator.get_state(), random.getstate()
     generator.manual_seed(seed)
