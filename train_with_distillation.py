@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dataset.checks import check_data
+from dataset.demo_data import prepare_demo_data
 from dataset.imagenet_data import batches_in_every_shard, open_imagenet
 from dataset.prefetch_data import DevicePrefetcher, on_device
 from knowledge_distiller import WSLDistiller, build_distiller, build_loss, freeze
@@ -96,6 +97,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="train the paper's three rows in miniature on bundled digit images "
                              "(configs/demo_cfg.py; overrides apply to every row)")
+    parser.add_argument("--methods", metavar="M,M", default="",
+                        help="with --demo: add a student row per distill.method, e.g. kd,dkd,dist")
     parser.add_argument("--evaluate", metavar="CKPT", default="",
                         help="evaluate a student checkpoint (or 'teacher', the configured "
                              "teacher) on the validation set in one process, then exit")
@@ -105,8 +108,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_intermixed_args(argv)
     try:
+        if args.methods and not args.demo:
+            raise ConfigError("--methods adds rows to --demo; add --demo")
         if args.demo:
-            run_demo(launch_job, args.overrides, args.cfg or DEMO_CONFIG)
+            run_demo(launch_job, args.overrides, args.cfg or DEMO_CONFIG,
+                     prepare=prepare_demo_data, methods=args.methods)
             return 0
         cfg = load_config(args)
         if args.evaluate:

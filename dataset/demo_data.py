@@ -1,17 +1,22 @@
 """ImageNet-layout trees of real images that installed packages ship, for tests, benchmarks and the demo.
 
 scikit-learn bundles two colour photographs and 1,797 handwritten digits; nothing is downloaded.
-A tree can also be written as ImageNet's three official archives (``write_official_archives``).
+A tree can also be written as ImageNet's three official archives (``write_official_archives``),
+and ``prepare_demo_data`` lists and packs the digits as a user prepares ImageNet.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 
 import numpy as np
 from PIL import Image
+
+from utils.errors import DataError
 
 
 def sample_photos() -> list[np.ndarray]:
@@ -74,6 +79,34 @@ def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32, seed
             image.save(os.path.join(folder, f"{index:04d}.JPEG"), quality=95)
             counts[split] += 1
     return counts
+
+
+def prepare_demo_data(root: str) -> None:
+    """The demo's digits in root, listed and packed into LMDBs with the tools a user runs on
+    ImageNet (mk_img_list, img2lmdb), so the demo trains on the pipeline it demonstrates.
+
+    The tree is written once, atomically, so an interrupted build is redone rather than
+    half-used. Packing again is cheap: img2lmdb skips the records already stored.
+    """
+    from dataset import img2lmdb, mk_img_list  # the packer's imports cost only the demo
+
+    if not os.path.isdir(os.path.join(root, "train")):
+        parent = os.path.dirname(os.path.abspath(root))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".demo_data.", dir=parent)
+        try:
+            write_digits_tree(staging)
+            os.replace(staging, root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    steps = [(mk_img_list.main, ["--image_path", root, "--output_path", root])]
+    for split in ("train", "val"):
+        steps.append((img2lmdb.main, ["--image_path", root, "--list_path", root,
+                                      "--output_path", root, "--split", split]))
+    for tool, argv in steps:
+        if tool(argv) != 0:
+            raise DataError(f"preparing the demo data failed at {tool.__module__} "
+                            f"{' '.join(argv)}; the tool's message above says why")
 
 
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",

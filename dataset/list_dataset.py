@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from dataset.image_io import decode_rgb
 from dataset.image_list import read_list as read_list_lines
 from dataset.sampling import SampleKey, sample_generator
+from dataset.transforms import apply_transform
 from utils.errors import DataError
 
 
@@ -45,7 +46,8 @@ class ListDataset(Dataset):
     ``decode=False`` the transform receives the file's bytes instead, so that it can decode at
     a reduced size. ``target`` is the class index (an int) passed through ``target_transform``.
     ``ds[SampleKey(seed, epoch, i)]`` is the same sample, its transform drawing from the
-    generator of that key (``dataset.sampling``) rather than from the process's own.
+    generator of that key (``dataset.sampling``) rather than from the process's own: any
+    transform, ours or torchvision's (``dataset.transforms.apply_transform``).
     """
 
     def __init__(self, list_path: str, transform: Callable | None = None,
@@ -80,7 +82,8 @@ class ListDataset(Dataset):
             data, target = self.read_raw(index)
             sample: Any = decode_rgb(data) if self.decode else data
             if self.transform is not None:
-                sample = self.transform(sample) if rng is None else self.transform(sample, rng)
+                sample = (self.transform(sample) if rng is None
+                          else apply_transform(self.transform, sample, rng))
         except DataError as exc:
             raise with_context(exc, self.where(index)) from exc
         if self.target_transform is not None:

@@ -270,10 +270,35 @@ def _decode(source: _Source, factor: int, box: Box | None = None, region: bool =
 
 class RandomTransform:
     """A transform that draws its random parameters from the generator it is called with,
-    ``transform(sample, rng)``, so that RandomChain can hand every step a sample's own."""
+    ``transform(sample, rng)``, so that ``apply_transform`` can hand it a sample's own."""
 
     def __call__(self, sample: Any, rng: Rng = random) -> torch.Tensor:
         raise NotImplementedError
+
+
+def apply_transform(transform: Callable[..., Any], sample: Any, rng: Rng) -> Any:
+    """``transform`` applied to sample, every random draw in it coming from rng.
+
+    Ours (RandomTransforms) are handed rng. Any other callable, such as a
+    ``torchvision.transforms.v2`` transform or ``v2.Compose``, takes the sample alone: it runs
+    with the process's generators, torch's and Python's, seeded from rng and restored
+    afterwards. So its draws, and those of our transforms that it calls without a generator,
+    depend on the sample alone, not on the loader worker that runs it or what ran there before.
+    """
+    if isinstance(transform, RandomTransform):
+        return transform(sample, rng)
+    seed = rng.getrandbits(63)
+    # The CPU generator alone: torch.manual_seed would also reseed the GPUs' generators, which
+    # nothing here restores, and costs about 0.2 ms a call where this costs microseconds.
+    generator = torch.default_generator
+    torch_state, python_state = generator.get_state(), random.getstate()
+    generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return transform(sample)
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(python_state)
 
 
 class RandomResizedCropFlip(RandomTransform):
@@ -400,24 +425,15 @@ class ColorJitter(RandomTransform):
 
 
 class RandomChain(RandomTransform):
-    """Transforms applied in turn, all drawing from the one generator the call is given
-    (torchvision's Compose cannot pass one on).
-
-    Our RandomTransforms take the generator itself. Any other step, such as a
-    ``torchvision.transforms.v2`` transform, draws from torch's global generator: it runs with
-    that generator seeded from the sample's, and restored afterwards, so its draws too depend on
-    the sample alone, not on the loader worker that runs it.
-    """
+    """Transforms applied in turn, all drawing from the one generator the call is given,
+    each step as ``apply_transform`` runs it: ours take the generator, others run with the
+    process's generators seeded from it. ``v2.Compose`` of the same steps gives batches as
+    reproducible, though not the same ones (it hands our steps no generator)."""
 
     def __init__(self, steps: Sequence[Callable[..., Any]]) -> None:
         self.steps = list(steps)
 
     def __call__(self, sample: Any, rng: Rng = random) -> Any:
         for step in self.steps:
-            if isinstance(step, RandomTransform):
-                sample = step(sample, rng)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(rng.getrandbits(63))
-                    sample = step(sample)
+            sample = apply_transform(step, sample, rng)
         return sample

@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torchvision
 
 import train_with_distillation as script
+from dataset.demo_data import prepare_demo_data
 from dataset.prefetch_data import DevicePrefetcher
 from imagenet_train_cfg import cfg as default_cfg
 from knowledge_distiller import WSLDistiller, WSLDLoss
 from utils import distributed
 from utils.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from utils.demo import prepare_data
 from utils.logger import METRICS_NAME, RunLogger, read_metrics
 
 pytestmark = [
@@ -227,7 +227,7 @@ def demo(tmp_path_factory) -> dict[str, str]:
     """The demo's digits, packed, and a teacher weights file for them."""
     root = tmp_path_factory.mktemp("cuda_demo")
     data = str(root / "demo_data")
-    prepare_data(data)
+    prepare_demo_data(data)
     torch.manual_seed(0)
     teacher = str(root / "teacher.pth")
     torch.save(torchvision.models.resnet18(num_classes=NUM_CLASSES).state_dict(), teacher)

@@ -1,4 +1,4 @@
-"""The demo driver: its runs, its data preparation, its cached teacher, its table and its console."""
+"""The demo driver: its runs, its added methods, its cached teacher, its table and its console."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ import os
 
 import pytest
 
+import knowledge_distiller
 import train_with_distillation
-from dataset.lmdb_dataset import ImageFolder
 from utils import demo
 from utils.checkpoint import BEST_NAME
 from utils.config import ConfigError
-from utils.demo import DEMO_CONFIG, DemoRow, best_result, format_table, prepare_data, run_configs
+from utils.demo import (
+    DEMO_CONFIG,
+    SHARE_KEY,
+    DemoRow,
+    best_result,
+    format_table,
+    last_share,
+    run_configs,
+    split_methods,
+)
 from utils.logger import LOG_NAME, METRICS_NAME
 
 CONSOLE_BUDGET = 80  # lines a whole first demo may print, data preparation included
@@ -54,23 +63,6 @@ def test_unknown_override_is_refused():
         run_configs(DEMO_CONFIG, ["train_params.epoch=1"])
 
 
-def test_prepare_data_builds_packed_digits_once(tmp_path):
-    root = str(tmp_path / "demo_data")
-    prepare_data(root)
-    first = os.path.join(root, "train", "digit_0", sorted(os.listdir(os.path.join(root, "train", "digit_0")))[0])
-    stamp = os.path.getmtime(first)
-    prepare_data(root)  # reused: the images are not written again and the LMDB stays complete
-    assert os.path.getmtime(first) == stamp
-
-    train = ImageFolder(os.path.join(root, "train"), os.path.join(root, "train_list.txt"))
-    val = ImageFolder(os.path.join(root, "val"), os.path.join(root, "val_list.txt"))
-    assert len(train) + len(val) == 1797  # every digit scikit-learn ships, each stored once
-    assert 0.15 < len(val) / (len(train) + len(val)) < 0.25
-    image, label = val[0]
-    assert image.shape == (32, 32, 3) and 0 <= label < 10
-    assert sorted({train[i][1] for i in range(0, len(train), 7)}) == list(range(10))
-
-
 def test_best_result_and_table(tmp_path):
     with open(tmp_path / METRICS_NAME, "w") as f:
         f.write('{"epoch": 1, "val_top1_err": 40.0, "val_top5_err": 5.0}\n')
@@ -81,6 +73,83 @@ def test_best_result_and_table(tmp_path):
                           DemoRow("ResNet 18", "Original", 80.0, 97.0, 12.0)], 30.0)
     assert "| ResNet 34 | Teacher | 87.50 | 98.50 | reused |" in table
     assert "| ResNet 18 | Original | 80.00 | 97.00 | 12 s |" in table
+
+
+def test_methods_option_is_parsed_and_reaches_the_demo():
+    args = train_with_distillation.build_arg_parser().parse_intermixed_args(
+        ["--demo", "train_params.epochs=1", "--methods", "kd,dkd"])
+    assert args.demo and args.methods == "kd,dkd" and args.overrides == ["train_params.epochs=1"]
+    assert train_with_distillation.build_arg_parser().parse_intermixed_args([]).methods == ""
+
+
+def test_split_methods_reads_commas_and_checks_each_name_when_called(monkeypatch):
+    assert split_methods(" kd, ,wsld,") == ["kd", "wsld"]
+    assert split_methods(["kd"]) == ["kd"] and split_methods("") == []
+    with pytest.raises(ConfigError, match="unknown method 'dkd'"):
+        split_methods("kd,dkd")
+    # A method added to the losses later is accepted with no change here.
+    extended = (*knowledge_distiller.LOSS_METHODS, "dkd")
+    monkeypatch.setattr(knowledge_distiller, "LOSS_METHODS", extended)
+    assert split_methods("kd,dkd") == ["kd", "dkd"]
+
+
+def test_unknown_method_is_a_one_line_error_before_anything_runs(tmp_path, capfd):
+    out = tmp_path / "out"
+    argv = ["--demo", "--methods", "kd,nonsense", f"data.data_path={tmp_path / 'data'}",
+            f"train_params.output_dir={out}"]
+    assert train_with_distillation.main(argv) == 2
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1
+    assert "unknown method 'nonsense'" in captured.err and "wsld" in captured.err
+    assert not os.path.exists(tmp_path / "data") and not os.path.exists(out)
+
+
+def test_methods_add_student_rows_that_differ_from_the_last_only_in_the_method():
+    plain = run_configs(DEMO_CONFIG, ["train_params.output_dir=out"])
+    configs = run_configs(DEMO_CONFIG, ["train_params.output_dir=out"], "kd,wsld,none,kd")
+    # wsld and none are rows already; a method named twice is trained once
+    assert [run["name"] for run, _ in configs] == ["teacher", "original", "proposed", "kd"]
+    assert [cfg.to_dict() for _, cfg in configs[:3]] == [cfg.to_dict() for _, cfg in plain]
+    (run, kd), (_, proposed) = configs[3], configs[2]
+    assert (run["network"], run["method"], kd.distill.method) == ("ResNet 18", "KD", "kd")
+    assert kd.train_params.output_dir == os.path.join("out", "kd")
+    assert kd.model.teacher_weights == os.path.join("out", "teacher", BEST_NAME)
+    kd.distill.method, kd.train_params.output_dir = "wsld", proposed.train_params.output_dir
+    assert kd.to_dict() == proposed.to_dict()
+
+
+def test_methods_need_a_student_row_to_copy():
+    teacher = dict(name="teacher", network="ResNet 34", method="Teacher",
+                   overrides={"distill.method": "none"})
+    assert demo.method_runs([teacher], [], "none") == []
+    with pytest.raises(ConfigError, match="hold only the teacher"):
+        demo.method_runs([teacher], ["kd"], "none")
+
+
+def test_last_share_is_the_last_epoch_that_recorded_one(tmp_path):
+    assert last_share(str(tmp_path)) is None  # no metrics file
+    with open(tmp_path / METRICS_NAME, "w") as f:
+        f.write('{"epoch": 1, "val_top1_err": 40.0, "val_top5_err": 5.0}\n')
+    assert last_share(str(tmp_path)) is None  # written before the key existed, or no teacher
+    with open(tmp_path / METRICS_NAME, "a") as f:
+        f.write(json.dumps({"epoch": 2, SHARE_KEY: 0.5}) + "\n")
+        f.write(json.dumps({"epoch": 3, SHARE_KEY: 0.125}) + "\n")
+    assert last_share(str(tmp_path)) == 0.125
+
+
+def test_table_shows_the_share_where_known_and_a_dash_elsewhere():
+    table = format_table([DemoRow("ResNet 34", "Teacher", 87.5, 98.5, None),
+                          DemoRow("ResNet 18", "Proposed", 85.0, 99.0, 12.0, 0.4321),
+                          DemoRow("ResNet 18", "DKD", 84.0, 98.0, 11.0)], 30.0)
+    lines = table.splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[-1] == "regularisation share" and header[2] == "top-1 acc"
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[2] == "| ResNet 34 | Teacher | 87.50 | 98.50 | reused | - |"
+    assert lines[3] == "| ResNet 18 | Proposed | 85.00 | 99.00 | 12 s | 0.432 |"
+    assert lines[4] == "| ResNet 18 | DKD | 84.00 | 98.00 | 11 s | - |"
+    assert lines[5] == "Total: 30 s"
 
 
 class FakeTrain:
@@ -99,18 +168,24 @@ class FakeTrain:
             f.write(b"weights")
         if name == self.fail_on:
             raise KeyboardInterrupt  # stopped halfway, after a first checkpoint
+        record = {"epoch": 1, "val_top1_err": 10.0, "val_top5_err": 1.0}
+        if cfg.distill.method != "none":  # as training writes it for a row with a teacher
+            record[SHARE_KEY] = 0.25
         with open(os.path.join(output_dir, METRICS_NAME), "w") as f:
-            f.write(json.dumps({"epoch": 1, "val_top1_err": 10.0, "val_top5_err": 1.0}) + "\n")
+            f.write(json.dumps(record) + "\n")
+
+
+def no_data(root: str) -> None:
+    """The data preparation, where the training is faked and reads none."""
 
 
 def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "prepare_data", lambda root: None)  # the training is faked; no data is read
     same = [f"train_params.output_dir={tmp_path}"]
     changed = [*same, "optim.init_lr=0.02"]
 
     def run(overrides, train=None):
         train = train or FakeTrain()
-        rows = demo.run_demo(train, overrides)
+        rows = demo.run_demo(train, overrides, prepare=no_data)
         return train.trained, rows, capsys.readouterr().out
 
     trained, rows, _ = run(same)
@@ -138,6 +213,20 @@ def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp
     os.remove(tmp_path / "teacher" / BEST_NAME)
     trained, _, _ = run(changed)
     assert trained == ["teacher", "original", "proposed"]
+
+
+def test_run_demo_trains_the_added_rows_and_tabulates_their_share(tmp_path, capsys):
+    prepared = []
+    train = FakeTrain()
+    rows = demo.run_demo(train, [f"train_params.output_dir={tmp_path}"], methods="kd",
+                         prepare=prepared.append)
+    assert prepared == ["./demo_data"]  # the data path of the config, prepared once
+    assert train.trained == ["teacher", "original", "proposed", "kd"]
+    assert [(r.method, r.regularisation_share) for r in rows] == [
+        ("Teacher", None), ("Original", None), ("Proposed", 0.25), ("KD", 0.25)]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("| ResNet 18 | KD | 90.00 | 99.00 |")
+    assert out[-2].endswith("| 0.250 |")
 
 
 def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, capfd):

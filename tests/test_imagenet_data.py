@@ -140,25 +140,30 @@ def test_training_batches_do_not_depend_on_the_loader_workers(data_roots):
     assert not torch.equal(batches(0, epoch=2), reference)
 
 
-class WithTorchvisionAugmentations(ImageNet12):
-    """The README's recipe: torchvision v2 transforms composed after our crop."""
+def with_torchvision_augmentations(compose: type) -> type:
+    """The README's recipe: torchvision v2 transforms composed after our crop, by our
+    RandomChain or by torchvision's own Compose."""
 
-    def train_transform(self) -> RandomChain:
-        return RandomChain([super().train_transform(), v2.RandAugment(), v2.RandomErasing(p=1.0)])
+    class WithTorchvisionAugmentations(ImageNet12):
+        def train_transform(self):
+            return compose([super().train_transform(), v2.RandAugment(), v2.RandomErasing(p=1.0)])
+
+    return WithTorchvisionAugmentations
 
 
-def test_torchvision_v2_transforms_compose_after_the_crop_through_the_loader(data_roots):
+@pytest.mark.parametrize("compose", [RandomChain, v2.Compose], ids=["RandomChain", "v2.Compose"])
+def test_torchvision_v2_transforms_compose_after_the_crop_through_the_loader(data_roots, compose):
     """Our crop hands v2 transforms the uint8 3 x H x W tensor they take; the batches stay uint8
     and, seeded per sample, still do not depend on the number of loader workers."""
     config = data_config("lmdb")
 
-    def batches(num_workers: int, extra: bool = True) -> torch.Tensor:
-        kind = WithTorchvisionAugmentations if extra else ImageNet12
+    def batches(num_workers: int, extra: bool = True, seed: int = 5) -> torch.Tensor:
+        kind = with_torchvision_augmentations(compose) if extra else ImageNet12
         root = data_roots["lmdb"]
-        data = kind(os.path.join(root, "train"), os.path.join(root, "val"), num_workers, "random_sized", config,
-                    pin_memory=False)
+        data = kind(os.path.join(root, "train"), os.path.join(root, "val"), num_workers,
+                    "random_sized", config, pin_memory=False)
         loader = data.getTrainLoader(BATCH)
-        loader.sampler.seed = 5
+        loader.sampler.seed = seed
         loader.sampler.set_epoch(0)
         return torch.cat([images for images, _ in loader])
 
@@ -169,6 +174,7 @@ def test_torchvision_v2_transforms_compose_after_the_crop_through_the_loader(dat
     # RandomErasing (p=1) fills a box of every image with zeros, which plain crops of photos lack.
     assert all((image == 0).all(dim=0).any() for image in augmented)
     assert torch.equal(batches(2), augmented)
+    assert not torch.equal(batches(0, seed=6), augmented)
 
 
 def test_worker_processes_give_what_the_main_process_gives(data_roots):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
 
 from dataset import transforms
@@ -20,12 +20,14 @@ from dataset.image_io import ImageDecodeError, decode_rgb
 from dataset.transforms import (
     Box,
     ColorJitter,
+    RandomChain,
     RandomResizedCropFlip,
     RandomScaleCropFlip,
     ResizeCenterCrop,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
+    apply_transform,
     image_header,
     sample_resized_crop_box,
 )
@@ -408,3 +410,64 @@ def test_header_reads_size_and_kind(photos):
 def test_undecodable_bytes_raise_an_image_decode_error(region):
     with pytest.raises(ImageDecodeError, match="cannot decode"):
         RandomResizedCropFlip(224, region=region)(b"\x00" * 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any transform, drawing from the sample's generator.
+
+
+class Recorder:
+    """A plain callable that takes the sample alone and notes what the global generators give."""
+
+    def __init__(self) -> None:
+        self.draws: list[tuple[float, float]] = []
+
+    def __call__(self, sample):
+        self.draws.append((random.random(), torch.rand(()).item()))
+        return sample
+
+
+def test_ours_are_handed_the_generator_and_others_the_sample_alone():
+    seen = []
+
+    class Ours(transforms.RandomTransform):
+        def __call__(self, sample, rng=random):
+            seen.append(rng)
+            return sample
+
+    rng = random.Random(3)
+    assert apply_transform(Ours(), "sample", rng) == "sample" and seen == [rng]
+    recorder = Recorder()
+    assert apply_transform(recorder, "sample", rng) == "sample" and len(recorder.draws) == 1
+
+
+def test_a_plain_callable_draws_from_the_sample_alone_and_leaves_the_globals_as_they_were():
+    recorder = Recorder()
+    random.seed(11)
+    torch.manual_seed(11)
+    before = (random.getstate(), torch.get_rng_state())
+    apply_transform(recorder, None, random.Random("7/0/1"))
+    assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
+    random.seed(99)  # other global states: the same sample still draws the same
+    torch.manual_seed(99)
+    apply_transform(recorder, None, random.Random("7/0/1"))
+    apply_transform(recorder, None, random.Random("7/0/2"))
+    assert recorder.draws[0] == recorder.draws[1] != recorder.draws[2]
+
+
+def test_torchvision_compose_of_our_crop_and_v2_steps_draws_from_the_sample(photos):
+    """v2.Compose calls our crop without a generator; it then draws from Python's generator,
+    seeded from the sample's, so the whole pipeline depends on the sample's generator alone."""
+    pipeline = v2.Compose([RandomResizedCropFlip(64), v2.RandAugment(), v2.RandomErasing(p=1.0)])
+
+    def make(key: str) -> torch.Tensor:
+        random.seed()  # whatever state a loader worker is in
+        torch.seed()
+        return apply_transform(pipeline, photos["china"], random.Random(key))
+
+    first = make("5/0/3")
+    assert first.dtype == torch.uint8 and first.shape == (3, 64, 64)
+    assert torch.equal(make("5/0/3"), first) and not torch.equal(make("5/0/4"), first)
+    chained = RandomChain(pipeline.transforms)
+    assert torch.equal(chained(photos["china"], random.Random("5/0/3")),
+                       chained(photos["china"], random.Random("5/0/3")))

@@ -6,6 +6,10 @@ minutes. What to train lives in the demo's config module (configs/demo_cfg.py), 
 
 The teacher row takes longest, and the students only read its best checkpoint, so a finished
 teacher is kept and reused by the next demo whose teacher configuration is the same.
+
+The driver trains nothing and reads no images itself: the script hands it the training call and
+the data preparation (``dataset.demo_data.prepare_demo_data``), so that no module of utils/
+imports dataset/. From the layers above it reads only the loss names, to check ``--methods``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,13 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dataset import img2lmdb, mk_img_list
-from dataset.demo_data import write_digits_tree
+import knowledge_distiller
 from utils.checkpoint import BEST_NAME
 from utils.config import (
     AttrDict,
@@ -42,10 +43,9 @@ CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even wi
 # Written beside the teacher's checkpoint once its training has finished: the configuration it
 # was trained with. Absent or different, the teacher is trained again.
 TEACHER_RECORD = "trained_with.json"
-
-
-class DemoError(UserError):
-    """Preparing the demo failed; the tool that failed has already said why."""
+# The metrics.jsonl key of the share of training samples whose student beats the teacher on the
+# label (WSLD's regularisation samples); written per epoch for the rows with a teacher.
+SHARE_KEY = "train_regularisation_share"
 
 
 @dataclass
@@ -55,38 +55,50 @@ class DemoRow:
     top1_acc: float
     top5_acc: float
     seconds: float | None  # None: a teacher reused from an earlier demo
+    regularisation_share: float | None = None  # last epoch's; None without a teacher or record
 
 
-def prepare_data(root: str) -> None:
-    """Write the digit tree once (atomically, so an interrupted build is redone), then list and pack it.
-
-    Packing again is cheap: img2lmdb skips the records already stored.
-    """
-    if not os.path.isdir(os.path.join(root, "train")):
-        parent = os.path.dirname(os.path.abspath(root))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".demo_data.", dir=parent)
-        try:
-            write_digits_tree(staging)
-            os.replace(staging, root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    steps = [(mk_img_list.main, ["--image_path", root, "--output_path", root])]
-    for split in ("train", "val"):
-        steps.append((img2lmdb.main, ["--image_path", root, "--list_path", root, "--output_path", root,
-                                      "--split", split]))
-    for tool, argv in steps:
-        if tool(argv) != 0:
-            raise DemoError(f"preparing the demo data failed at {tool.__module__} {' '.join(argv)}")
+def split_methods(methods: str | Sequence[str]) -> list[str]:
+    """The names of ``--methods kd,dkd`` (a comma-separated string) or of a sequence, blanks
+    dropped; each must be a ``distill.method``, as knowledge_distiller knows them when called."""
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [name.strip() for name in names if name.strip()]
+    known = knowledge_distiller.LOSS_METHODS
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"--methods: unknown method '{name}'; choose among "
+                              f"{', '.join(known)}, separated by commas")
+    return names
 
 
-def run_configs(cfg_path: str, overrides: Sequence[str]) -> list[tuple[dict, AttrDict]]:
-    """(row description, config) for each row of the demo, the user's overrides applied to all."""
+def method_runs(runs: Sequence[dict], methods: Sequence[str], default_method: str) -> list[dict]:
+    """One more row per method not yet in the table: a copy of the config's last student row
+    with only ``distill.method`` changed, so the student rows still differ in the method alone."""
+    if methods and len(runs) < 2:
+        raise ConfigError("--methods copies the demo config's last student row, and its 'runs' "
+                          "hold only the teacher; add a student row to them")
+    present = {run["overrides"].get("distill.method", default_method) for run in runs[1:]}
+    template, added = runs[-1], []
+    for method in methods:
+        if method in present:
+            continue
+        present.add(method)
+        added.append(dict(template, name=method, method=method.upper(),
+                          overrides={**template["overrides"], "distill.method": method}))
+    return added
+
+
+def run_configs(cfg_path: str, overrides: Sequence[str],
+                methods: str | Sequence[str] = ()) -> list[tuple[dict, AttrDict]]:
+    """(row description, config) for each row of the demo, the user's overrides applied to all;
+    methods adds a student row for each distill.method the config's rows do not already train."""
+    names = split_methods(methods)
     module = load_config_module(cfg_path)
     runs = getattr(module, "runs", None)
     if not runs:
         raise ConfigError(f"demo config '{cfg_path}' defines no 'runs'")
     defaults = load_config_file(cfg_path)
+    runs = [*runs, *method_runs(runs, names, defaults.distill.method)]
     configs = []
     for run in runs:
         cfg = apply_mapping(copy.deepcopy(defaults), run["overrides"])
@@ -108,17 +120,29 @@ def best_result(output_dir: str) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of the epoch with the lowest validation top-1 error."""
     records = [r for r in read_metrics(os.path.join(output_dir, METRICS_NAME)) if r.get("val_top1_err") is not None]
     if not records:
-        raise DemoError(f"no validation results in {output_dir}/{METRICS_NAME}")
+        raise UserError(f"no validation results in {output_dir}/{METRICS_NAME}")
     best = min(records, key=lambda r: r["val_top1_err"])
     return 100.0 - best["val_top1_err"], 100.0 - best["val_top5_err"]
 
 
+def last_share(output_dir: str) -> float | None:
+    """The regularisation share of the last epoch that recorded one (None when none did: a row
+    without a teacher, or a metrics file written before the key existed)."""
+    records = read_metrics(os.path.join(output_dir, METRICS_NAME))
+    shares = [r[SHARE_KEY] for r in records if isinstance(r.get(SHARE_KEY), (int, float))]
+    return shares[-1] if shares else None
+
+
 def format_table(rows: Sequence[DemoRow], total_seconds: float) -> str:
-    lines = ["| Network | Method | top-1 acc | top-5 acc | time |",
-             "|:---:|:---:|:---:|:---:|:---:|"]
+    """The demo's table in Markdown, then its total time. The regularisation share (the share of
+    training samples where the student beats the teacher on the label) is '-' where unknown."""
+    lines = ["| Network | Method | top-1 acc | top-5 acc | time | regularisation share |",
+             "|:---:|:---:|:---:|:---:|:---:|:---:|"]
     for r in rows:
         seconds = "reused" if r.seconds is None else f"{r.seconds:.0f} s"
-        lines.append(f"| {r.network} | {r.method} | {r.top1_acc:.2f} | {r.top5_acc:.2f} | {seconds} |")
+        share = "-" if r.regularisation_share is None else f"{r.regularisation_share:.3f}"
+        lines.append(f"| {r.network} | {r.method} | {r.top1_acc:.2f} | {r.top5_acc:.2f} "
+                     f"| {seconds} | {share} |")
     lines.append(f"Total: {total_seconds:.0f} s")
     return "\n".join(lines)
 
@@ -154,12 +178,17 @@ def train_teacher(train: Callable[[AttrDict], None], cfg: AttrDict) -> None:
 
 
 def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
-             cfg_path: str = DEMO_CONFIG) -> list[DemoRow]:
-    """Prepare the data, train every row with ``train(cfg)`` (the teacher only when no finished
-    one with the same configuration is there) and print the table."""
+             cfg_path: str = DEMO_CONFIG, *, prepare: Callable[[str], None],
+             methods: str | Sequence[str] = ()) -> list[DemoRow]:
+    """Prepare the data with ``prepare(data_path)``, train every row with ``train(cfg)`` (the
+    teacher only when no finished one with the same configuration is there) and print the table.
+
+    methods (``--methods``) adds a student row per distill.method; they are checked, with the
+    overrides, before anything is prepared or trained.
+    """
     start = time.time()
-    configs = run_configs(cfg_path, overrides)
-    prepare_data(configs[0][1].data.data_path)
+    configs = run_configs(cfg_path, overrides, methods)
+    prepare(configs[0][1].data.data_path)
     rows = []
     for index, (run, cfg) in enumerate(configs):
         output_dir = cfg.train_params.output_dir
@@ -177,6 +206,8 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
         top1, top5 = best_result(output_dir)
         print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, {BEST_NAME})",
               flush=True)
-        rows.append(DemoRow(run["network"], run["method"], top1, top5, None if reused else time.time() - run_start))
+        seconds = None if reused else time.time() - run_start
+        rows.append(DemoRow(run["network"], run["method"], top1, top5, seconds,
+                            last_share(output_dir)))
     print(format_table(rows, time.time() - start), flush=True)
     return rows
