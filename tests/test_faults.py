@@ -123,8 +123,8 @@ def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_p
     data_file = os.path.join(lmdb_copy, "train", "data.mdb")
     program = ("import os, sys, train_with_distillation\n"
                "check = train_with_distillation.check_inputs\n"
-               "def check_then_truncate(cfg):\n"
-               "    check(cfg)\n"
+               "def check_then_truncate(cfg, loss):\n"
+               "    check(cfg, loss)\n"
                f"    os.truncate({data_file!r}, os.path.getsize({data_file!r}) // 3)\n"
                "train_with_distillation.check_inputs = check_then_truncate\n"
                "sys.exit(train_with_distillation.main(sys.argv[1:]))\n")
