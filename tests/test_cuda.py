@@ -18,16 +18,28 @@ import torchvision
 
 import train_with_distillation as script
 from dataset.demo_data import prepare_demo_data
-from dataset.prefetch_data import DevicePrefetcher
+from dataset.prefetch_data import DevicePrefetcher, on_device
 from imagenet_train_cfg import cfg as default_cfg
-from knowledge_distiller import WSLDistiller, WSLDLoss
+from knowledge_distiller import WSLDistiller, build_distiller, build_loss
+from models import load_weights
 from utils import distributed
-from utils.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from utils.logger import METRICS_NAME, RunLogger, read_metrics
+from utils.checkpoint import (
+    CHECKPOINT_NAME,
+    Progress,
+    load_checkpoint,
+    restore_training,
+    save_checkpoint,
+    training_checkpoint,
+)
+from utils.config import AttrDict
+from utils.logger import METRICS_NAME, read_metrics
+from utils.lr_schedule import build_scheduler
+from utils.metrics import StepMeter, all_reduce_sums
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs CUDA (torch.cuda.is_available() is False)"),
 ]
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -45,34 +57,46 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def uint8_batches(count: int, batch: int = 8, size: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def uint8_batches(count: int, batch: int = 8, size: int = 64,
+                  seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches as the loaders deliver them: uint8 images in pinned memory, int64 labels."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator).pin_memory(),
-             torch.randint(0, NUM_CLASSES, (batch,), generator=generator).pin_memory()) for _ in range(count)]
+    shape = (batch, 3, size, size)
+    return [(torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).pin_memory(),
+             torch.randint(0, NUM_CLASSES, (batch,), generator=generator).pin_memory())
+            for _ in range(count)]
 
 
-def distiller_pair(device: torch.device, seed: int = 0) -> WSLDistiller:
-    """ResNet-18 teacher and student (10 classes), WSLD loss, as the script lays them out on device."""
-    torch.manual_seed(seed)
-    teacher = torchvision.models.resnet18(num_classes=NUM_CLASSES)
-    student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
-    distiller = WSLDistiller(teacher, student, WSLDLoss(2.0, 2.5, NUM_CLASSES))
-    return distiller.to(device, memory_format=script.memory_format_for(device))
-
-
-def step_config() -> object:
+def small_config() -> AttrDict:
+    """The defaults with ResNet-18 teacher and student over 10 classes, both random."""
     cfg = copy.deepcopy(default_cfg)
-    cfg.train_params.print_freq = 1000  # one read of the device, at the end of the pass
+    cfg.model.teacher = cfg.model.student = "resnet18"
+    cfg.model.num_classes = NUM_CLASSES
+    cfg.model.teacher_weights = ""
     return cfg
 
 
+def distiller_pair(device: torch.device, seed: int = 0) -> WSLDistiller:
+    """ResNet-18 teacher and student (10 classes), WSLD loss (T 2, alpha 2.5), built and laid
+    out on device by the script's own build_distiller."""
+    cfg = small_config()
+    torch.manual_seed(seed)
+    return build_distiller(cfg, build_loss(cfg), device)
+
+
+def epoch_meter(device: torch.device, steps: int, lines: list[str]) -> StepMeter:
+    """A one-epoch meter whose print_freq is past the end: one read of the device, at the end
+    of the pass; its log lines go to lines."""
+    return StepMeter(device, 0, 1, steps, print_freq=1000, log=lines.append, lr=0.05)
+
+
 def sgd(module: torch.nn.Module) -> torch.optim.SGD:
-    return torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                           weight_decay=1e-4)
 
 
 def cpu_loss(batch: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> float:
-    """The float32 CPU loss of the first batch, with the weights distiller_pair(seed) starts from."""
+    """The float32 CPU loss of the first batch, from distiller_pair(seed)'s weights."""
     cpu = torch.device("cpu")
     images, labels = next(iter(script_prefetcher([batch], cpu)))
     with torch.no_grad():
@@ -80,7 +104,8 @@ def cpu_loss(batch: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> float:
 
 
 def script_prefetcher(batches: list, device: torch.device) -> DevicePrefetcher:
-    return DevicePrefetcher(batches, device, MEAN, STD, script.memory_format_for(device) == torch.channels_last)
+    """The batches on device as the script's loaders give them (on_device)."""
+    return on_device(batches, device, MEAN, STD)
 
 
 # ----------------------------------------------------------------------------- the prefetcher
@@ -108,18 +133,19 @@ def test_prefetcher_gives_the_cpu_tensors_while_the_gpu_is_busy():
         assert len(used) == len(expected)
         for (images, labels, stride), (cpu_images, cpu_labels) in zip(used, expected):
             assert stride == cpu_images.stride()
-            torch.testing.assert_close(images.cpu(), cpu_images, rtol=1.2e-7, atol=1e-6)  # about 1 ulp
+            # About 1 ulp.
+            torch.testing.assert_close(images.cpu(), cpu_images, rtol=1.2e-7, atol=1e-6)
             assert torch.equal(labels.cpu(), cpu_labels)
 
 
 # ----------------------------------------------------------------------------- precision
 
-def test_bf16_channels_last_steps_keep_the_teacher_and_move_the_student(tmp_path):
+def test_bf16_channels_last_steps_keep_the_teacher_and_move_the_student():
     batches = uint8_batches(5)
     distiller = distiller_pair(CUDA)
     data = script_prefetcher(batches, CUDA)
     images, labels = next(iter(data))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(CUDA.type, dtype=torch.bfloat16):
         loss = distiller(images, labels)[1].item()
     reference = cpu_loss(batches[0])
     assert abs(loss - reference) <= 0.02 * abs(reference), (loss, reference)
@@ -127,9 +153,12 @@ def test_bf16_channels_last_steps_keep_the_teacher_and_move_the_student(tmp_path
     teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
     optimizer = sgd(distiller)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    with RunLogger(str(tmp_path)) as log:
-        stats = script.train_one_epoch(distiller, data, optimizer, scaler, torch.bfloat16, 0, 1, step_config(), log)
+    scaler = torch.amp.GradScaler(CUDA.type, enabled=False)
+    lines: list[str] = []
+    meter = epoch_meter(CUDA, len(batches), lines)
+    script.train_one_epoch(distiller, data, optimizer, scaler, torch.bfloat16, meter)
+    stats = meter.summary()
+    assert len(lines) == 1  # the pass's one read, at its last step
     assert stats["images"] == 40 and torch.isfinite(torch.tensor(stats["loss"]))
     for key, value in distiller.teacher.state_dict().items():  # weights and BatchNorm buffers
         assert torch.equal(value, teacher_before[key]), key
@@ -143,28 +172,35 @@ def test_fp16_with_grad_scaler_and_its_state_through_a_checkpoint(tmp_path):
     distiller = distiller_pair(CUDA)
     data = script_prefetcher(batches, CUDA)
     images, labels = next(iter(data))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+    with torch.no_grad(), torch.autocast(CUDA.type, dtype=torch.float16):
         loss = distiller(images, labels)[1].item()
     reference = cpu_loss(batches[0])
     assert abs(loss - reference) <= 0.02 * abs(reference), (loss, reference)
 
-    cfg = step_config()
+    cfg = small_config()
     optimizer = sgd(distiller)
-    scheduler = script.make_scheduler(optimizer, cfg.optim, 1)
-    scaler = torch.amp.GradScaler("cuda")
-    with RunLogger(str(tmp_path / "log")) as log:
-        stats = script.train_one_epoch(distiller, data, optimizer, scaler, torch.float16, 0, 1, cfg, log)
-    assert torch.isfinite(torch.tensor(stats["loss"]))
+    scheduler = build_scheduler(optimizer, cfg.optim, 1)
+    scaler = torch.amp.GradScaler(CUDA.type)
+    meter = epoch_meter(CUDA, len(batches), [])
+    script.train_one_epoch(distiller, data, optimizer, scaler, torch.float16, meter)
+    assert torch.isfinite(torch.tensor(meter.summary()["loss"]))
     assert all(torch.isfinite(p).all() for p in distiller.student.parameters())
 
-    state = script.checkpoint_state(distiller.student, "resnet18", optimizer, scheduler, scaler,
-                                    script.Progress(epochs_done=1), cfg)
+    # Saved and resumed as the script does: training_checkpoint, then load_weights and
+    # restore_training.
+    state = training_checkpoint(distiller.student, "resnet18", optimizer, scheduler, scaler,
+                                Progress(epochs_done=1), cfg.to_dict())
     path = save_checkpoint(state, str(tmp_path / "out"), is_best=False)
     fresh = distiller_pair(CUDA, seed=1)
     fresh_optimizer = sgd(fresh)
-    fresh_scaler = torch.amp.GradScaler("cuda")
-    script.resume(path, fresh.student, "resnet18", fresh_optimizer, script.make_scheduler(fresh_optimizer, cfg.optim, 1),
-                  fresh_scaler, restore_rng=False)
+    fresh_scaler = torch.amp.GradScaler(CUDA.type)
+    checkpoint = load_checkpoint(path)
+    load_weights(fresh.student, checkpoint, "resnet18")
+    progress = restore_training(checkpoint, fresh_optimizer,
+                                build_scheduler(fresh_optimizer, cfg.optim, 1), fresh_scaler,
+                                restore_rng=False)
+    assert progress.epochs_done == 1
+    assert torch.equal(fresh.student.conv1.weight, distiller.student.conv1.weight)
     assert fresh_scaler.state_dict() == scaler.state_dict()
     assert fresh_scaler.get_scale() == scaler.get_scale()
 
@@ -186,7 +222,8 @@ def test_single_process_nccl_group_gives_the_single_process_numbers():
         summed = torch.tensor([1.5, 2.0], device=CUDA)
         dist.all_reduce(summed)
         assert summed.tolist() == [1.5, 2.0]
-        assert script.all_reduce_sums({"a": 3, "b": torch.tensor(0.25, device=CUDA)}, CUDA) == {"a": 3.0, "b": 0.25}
+        sums = all_reduce_sums({"a": 3, "b": torch.tensor(0.25, device=CUDA)}, CUDA)
+        assert sums == {"a": 3.0, "b": 0.25}
         grouped = script.validate(model, script_prefetcher(batches, CUDA), None)
     finally:
         distributed.cleanup()
@@ -204,11 +241,13 @@ def test_single_process_nccl_group_gives_the_single_process_numbers():
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_written_from_cuda_loads_on_the_cpu_into_torchvision(tmp_path):
-    cfg = step_config()
+    cfg = small_config()
     distiller = distiller_pair(CUDA)
     optimizer = sgd(distiller)
-    state = script.checkpoint_state(distiller.student, "resnet18", optimizer, script.make_scheduler(optimizer, cfg.optim, 1),
-                                    torch.amp.GradScaler("cuda", enabled=False), script.Progress(), cfg)
+    state = training_checkpoint(distiller.student, "resnet18", optimizer,
+                                build_scheduler(optimizer, cfg.optim, 1),
+                                torch.amp.GradScaler(CUDA.type, enabled=False), Progress(),
+                                cfg.to_dict())
     path = save_checkpoint(state, str(tmp_path), is_best=False)
     loaded = load_checkpoint(path)  # weights_only=True, onto the CPU
     assert all(t.device.type == "cpu" for t in loaded["state_dict"].values())
@@ -216,7 +255,8 @@ def test_checkpoint_written_from_cuda_loads_on_the_cpu_into_torchvision(tmp_path
     student.load_state_dict(loaded["state_dict"], strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected = distiller.student.eval()(x.to(CUDA, memory_format=torch.channels_last)).cpu()
+        x_cuda = x.to(CUDA, memory_format=torch.channels_last)
+        expected = distiller.student.eval()(x_cuda).cpu()
         torch.testing.assert_close(student.eval()(x), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -238,8 +278,9 @@ def demo_overrides(demo: dict[str, str], output_dir: str, **changes: object) -> 
     values: dict[str, object] = {
         "data.data_path": demo["data"], "data.input_size": (3, 32, 32), "data.batch_size": 64,
         "data.num_workers": 2, "model.num_classes": NUM_CLASSES, "model.teacher": "resnet18",
-        "model.teacher_weights": demo["teacher"], "train_params.epochs": 2, "train_params.print_freq": 10,
-        "train_params.use_seed": True, "train_params.eval_teacher": False, "train_params.output_dir": output_dir,
+        "model.teacher_weights": demo["teacher"], "train_params.epochs": 2,
+        "train_params.print_freq": 10, "train_params.use_seed": True,
+        "train_params.eval_teacher": False, "train_params.output_dir": output_dir,
         # A small step and soft term keep training stable: with the random teacher, lr 0.05 and
         # alpha * T^2 = 10 the loss climbs, and a run that chaotic magnifies any rounding.
         "optim.init_lr": 0.005, "distill.alpha": 1.0, "dist.nprocs": 1,
@@ -270,7 +311,8 @@ def test_evaluate_on_cuda_and_on_the_cpu_agree(cuda_run, demo, capsys, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     on_cpu = evaluate_json(argv, capsys)
     assert on_gpu["images"] == on_cpu["images"] > 300
-    assert abs(on_gpu["top1_err"] - on_cpu["top1_err"]) <= max(0.5, 300 / on_gpu["images"]), (on_gpu, on_cpu)
+    allowed = max(0.5, 300 / on_gpu["images"])
+    assert abs(on_gpu["top1_err"] - on_cpu["top1_err"]) <= allowed, (on_gpu, on_cpu)
     logged = read_metrics(os.path.join(cuda_run, METRICS_NAME))[-1]["val_top1_err"]
     assert abs(on_gpu["top1_err"] - logged) <= 100 / on_gpu["images"]  # the run's own validation
 
@@ -346,7 +388,7 @@ def test_a_skipped_first_fused_fp16_step_leaves_momentum_as_foreach_sgd_does(mon
             optimizer = torch.optim.SGD(model.parameters(), lr=o.init_lr, momentum=o.momentum,
                                         weight_decay=o.weight_decay, nesterov=o.nesterov,
                                         foreach=True)
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40, backoff_factor=2.0**-30)
+        scaler = torch.amp.GradScaler(CUDA.type, init_scale=2.0**40, backoff_factor=2.0**-30)
         real_empty_like = torch.empty_like
         with monkeypatch.context() as patch:
             patch.setattr(torch, "empty_like",
@@ -354,7 +396,7 @@ def test_a_skipped_first_fused_fp16_step_leaves_momentum_as_foreach_sgd_does(mon
             inputs = torch.linspace(-1, 1, 8 * 64, device=CUDA).reshape(8, 64)
             for _ in range(3):
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.float16):
+                with torch.autocast(CUDA.type, dtype=torch.float16):
                     loss = model(inputs).float().square().mean()
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -371,9 +413,10 @@ def test_a_skipped_first_fused_fp16_step_leaves_momentum_as_foreach_sgd_does(mon
 def test_the_distributed_path_runs_on_one_gpu_in_a_one_process_nccl_group(demo, tmp_path,
                                                                            monkeypatch):
     """A 1-rank NCCL group makes the script take its multi-process path on one GPU: the DDP
-    wrap, NCCL all-reduces of the sums, broadcast_buffers, barriers, and a mid-epoch
-    checkpoint at every step (checkpoint_every_min tiny), the stop agreement polled at each.
-    The run ends as the run without a group does, to within cuDNN's rounding."""
+    wrap (the script calls DistributedDataParallel(distiller, device_ids=[0])), NCCL
+    all-reduces of the sums, broadcast_buffers, barriers, the stop agreement over its own gloo
+    group, and a mid-epoch checkpoint at each of its polls (checkpoint_every_min tiny). The
+    run ends as the run without a group does, to within cuDNN's rounding."""
     wrapped = []
     real_ddp = script.DistributedDataParallel
 
