@@ -22,7 +22,8 @@ cfg = AttrDict(
         max_steps_per_epoch=0,  # (new) 0 = whole epoch; a positive number cuts epochs short
         compile=False,  # (new) torch.compile the student and the teacher's forward
         quiet=False,  # (new) print one line per epoch; the rest goes to log.txt only
-        checkpoint_every_min=15,  # (new) mid-epoch checkpoint at most this often; 0 = at epoch ends only
+        # (new) mid-epoch checkpoint at most this often; 0 = at epoch ends only
+        checkpoint_every_min=15,
     ),
     optim=dict(
         init_lr=0.1,

@@ -124,13 +124,15 @@ class _ClassificationLoss(nn.Module):
 
     def _check(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> None:
         if fc_s.dim() != 2 or fc_s.shape[1] != self.num_classes:
-            raise ValueError(f"student logits must be N x {self.num_classes}, got {tuple(fc_s.shape)}; "
-                             "is num_classes the width of the classifier?")
+            raise ValueError(f"student logits must be N x {self.num_classes}, got "
+                             f"{tuple(fc_s.shape)}; is num_classes the width of the classifier?")
         if label.shape != fc_s.shape[:1]:
-            raise ValueError(f"labels must be a vector of {fc_s.shape[0]} class indices, got {tuple(label.shape)}")
+            raise ValueError(f"labels must be a vector of {fc_s.shape[0]} class indices, got "
+                             f"{tuple(label.shape)}")
         if self.needs_teacher and (fc_t is None or fc_t.shape != fc_s.shape):
             got = None if fc_t is None else tuple(fc_t.shape)
-            raise ValueError(f"teacher logits must have the student's shape {tuple(fc_s.shape)}, got {got}")
+            raise ValueError(f"teacher logits must have the student's shape {tuple(fc_s.shape)}, "
+                             f"got {got}")
 
     def _hard(self, log_probs_s: Tensor, label: Tensor) -> Tensor:
         return self.ce_weight * hard_cross_entropy(log_probs_s, label, self.label_smoothing).mean()

@@ -137,11 +137,14 @@ def forever(source: Iterable) -> Iterator:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per_class", type=int, default=40, help="training images per class (4 classes)")
+    parser.add_argument("--per_class", type=int, default=40,
+                        help="training images per class (4 classes)")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--turns", type=int, default=30, help="batches each pipeline runs, taking turns")
+    parser.add_argument("--turns", type=int, default=30,
+                        help="batches each pipeline runs, taking turns")
     parser.add_argument("--decoder", choices=["auto", "opencv"], default="auto",
-                        help="ours' data.decoder: opencv times the fallback without region decoding")
+                        help="ours' data.decoder: opencv times the fallback without region "
+                             "decoding")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as root:
         lmdb_root = build_data(root, args.per_class)

@@ -88,7 +88,8 @@ def timed(command: list[str]) -> tuple[float, float]:
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     reap_adopted()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -123,9 +124,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         tree = os.path.join(root, "imagenet")
-        write_photo_tree(tree, {"train": -(-args.num_images // NUM_CLASSES)}, num_classes=NUM_CLASSES,
+        write_photo_tree(tree, {"train": -(-args.num_images // NUM_CLASSES)},
+                         num_classes=NUM_CLASSES,
                          side_range=(300, 1000))
-        subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", tree, "--output_path", root],
+        subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", tree,
+                        "--output_path", root],
                        check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
         list_file = os.path.join(root, "train_list.txt")
         num_images = len(read_list(list_file))
@@ -133,7 +136,8 @@ def main() -> None:
         ours, baseline = [], []
         for run in range(args.repeats):
             out = os.path.join(root, f"ours{run}")
-            ours.append(timed([sys.executable, "dataset/img2lmdb.py", "--image_path", tree, "--list_path", root,
+            ours.append(timed([sys.executable, "dataset/img2lmdb.py", "--image_path", tree,
+                               "--list_path", root,
                                "--output_path", out, "--split", "train"]))
             base_lmdb = os.path.join(root, f"baseline{run}")
             baseline.append(timed([sys.executable, os.path.abspath(__file__), "--baseline",
@@ -147,8 +151,9 @@ def main() -> None:
               f"every stored image decoded afterwards")
         if not counts_all_cpu:
             print("note: not on Linux: the CPU time of img2lmdb.py's workers is not counted")
-        print(f"img2lmdb.py: {ours_wall:.2f} s wall, {ours_cpu:.2f} s CPU ({num_images / ours_wall:.0f} img/s); "
-              f"original-style single-process decode + re-encode: {base_wall:.2f} s wall, {base_cpu:.2f} s CPU "
+        print(f"img2lmdb.py: {ours_wall:.2f} s wall, {ours_cpu:.2f} s CPU "
+              f"({num_images / ours_wall:.0f} img/s); original-style single-process decode + "
+              f"re-encode: {base_wall:.2f} s wall, {base_cpu:.2f} s CPU "
               f"({num_images / base_wall:.0f} img/s)")
         print(f"pack speed-up vs original-style packer: {base_wall / ours_wall:.1f}x wall-clock "
               f"({base_cpu / ours_cpu:.1f}x less CPU time)")

@@ -52,12 +52,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         folders, archives = os.path.join(root, "folders"), os.path.join(root, "archives")
-        write_photo_tree(folders, {"train": -(-args.num_images // NUM_CLASSES), "val": 1}, num_classes=NUM_CLASSES,
+        write_photo_tree(folders, {"train": -(-args.num_images // NUM_CLASSES), "val": 1},
+                         num_classes=NUM_CLASSES,
                          side_range=(300, 1000))
         write_official_archives(folders, archives)
         for source in (folders, archives):
             subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", source,
-                            "--output_path", source + "_lists"], check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+                            "--output_path", source + "_lists"], check=True, cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL)
         lines = read_list(os.path.join(folders + "_lists", "train_list.txt"))
         if read_list(os.path.join(archives + "_lists", "train_list.txt")) != lines:
             raise RuntimeError("the lists of the two routes differ")
@@ -65,25 +67,28 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {folders: [], archives: []}
         for run in range(args.repeats):
             for source in (folders, archives):
-                results[source].append(timed([sys.executable, "dataset/img2lmdb.py", "--image_path", source,
+                results[source].append(timed([sys.executable, "dataset/img2lmdb.py", "--image_path",
+                                              source,
                                                "--list_path", source + "_lists", "--output_path",
                                                f"{source}_lmdb{run}", "--split", "train"]))
-        if lmdb_items(os.path.join(folders + "_lmdb0", "train")) != lmdb_items(os.path.join(archives + "_lmdb0",
-                                                                                            "train")):
+        from_folders = lmdb_items(os.path.join(folders + "_lmdb0", "train"))
+        if from_folders != lmdb_items(os.path.join(archives + "_lmdb0", "train")):
             raise RuntimeError("the LMDBs packed from the archives and from the folders differ")
 
-        (folder_wall, folder_cpu), (archive_wall, archive_cpu) = min(results[folders]), min(results[archives])
+        folder_wall, folder_cpu = min(results[folders])
+        archive_wall, archive_cpu = min(results[archives])
         num_images = len(lines)
         archive_mb = os.path.getsize(os.path.join(archives, "ILSVRC2012_img_train.tar")) / 1e6
-        print(f"{num_images} images ({archive_mb:.0f} MB train tar), {os.cpu_count()} cores, best of "
-              f"{args.repeats}; the two LMDBs are equal byte for byte")
+        print(f"{num_images} images ({archive_mb:.0f} MB train tar), {os.cpu_count()} cores, best "
+              f"of {args.repeats}; the two LMDBs are equal byte for byte")
         if not counts_all_cpu:
             print("note: not on Linux: the CPU time of img2lmdb.py's workers is not counted")
         print(f"from extracted folders: {folder_wall:.2f} s wall, {folder_cpu:.2f} s CPU "
-              f"({num_images / folder_wall:.0f} img/s); from the official archives: {archive_wall:.2f} s wall, "
-              f"{archive_cpu:.2f} s CPU ({num_images / archive_wall:.0f} img/s)")
-        print(f"pack speed from archives / from folders: {folder_wall / archive_wall:.2f}x wall-clock "
-              f"({folder_cpu / archive_cpu:.2f}x CPU time; target >= 1.0)")
+              f"({num_images / folder_wall:.0f} img/s); from the official archives: "
+              f"{archive_wall:.2f} s wall, {archive_cpu:.2f} s CPU "
+              f"({num_images / archive_wall:.0f} img/s)")
+        print(f"pack speed from archives / from folders: {folder_wall / archive_wall:.2f}x "
+              f"wall-clock ({folder_cpu / archive_cpu:.2f}x CPU time; target >= 1.0)")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=112, help="input side in pixels")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (median taken)")
+    parser.add_argument("--steps", type=int, default=7,
+                        help="timed steps per variant (median taken)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -93,12 +94,14 @@ def main() -> None:
         student_b.train()
         loss = original_wsld_loss(student_b(x), teacher_b(x), label, num_classes)
         orig_opt.zero_grad(set_to_none=True)
-        teacher_b.zero_grad(set_to_none=True)  # it is in no optimizer: keep its grads from piling up
+        # it is in no optimizer: keep its grads from piling up
+        teacher_b.zero_grad(set_to_none=True)
         loss.backward()
         orig_opt.step()
 
     # (c) the floor: the teacher's inference and a plain student step, apart
-    teacher_c, student_c = build_model("resnet34").to(device).eval(), build_model("resnet18").to(device)
+    teacher_c = build_model("resnet34").to(device).eval()
+    student_c = build_model("resnet18").to(device)
     teacher_c.requires_grad_(False)
     plain_opt = torch.optim.SGD(student_c.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -113,7 +116,8 @@ def main() -> None:
         loss.backward()
         plain_opt.step()
 
-    variants = {"ours": step_ours, "original": step_original, "teacher": teacher_forward, "plain": step_plain}
+    variants = {"ours": step_ours, "original": step_original, "teacher": teacher_forward,
+                "plain": step_plain}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for step in range(args.warmup + args.steps):
         for name, fn in variants.items():

@@ -9,10 +9,10 @@ Stages, each in its own process so that a crash or a hang is recorded and the ne
 2. An LMDB of ImageNet-like JPEGs (about 500 x 375, quality 75 to 95) cut from the bundled
    photos, packed by dataset/img2lmdb.py.
 3. train_with_distillation.py itself: ResNet-34 to ResNet-18, 224 px, bf16, channels-last,
-   ``data.num_workers='auto'`` (every core but the loop's), the per-GPU batch of the default 8-GPU run (256 / 8 = 32).
-   The first epoch is warm-up (loader start, cuDNN autotuning); the later epochs are measured
-   from metrics.jsonl: images/s, the share of time spent waiting for data, peak GPU memory.
-   There is no synchronisation per step, as in training.
+   ``data.num_workers='auto'`` (every core but the loop's), the per-GPU batch of the default 8-GPU
+   run (256 / 8 = 32). The first epoch is warm-up (loader start, cuDNN autotuning); the later
+   epochs are measured from metrics.jsonl: images/s, the share of time spent waiting for data, peak
+   GPU memory. There is no synchronisation per step, as in training.
 4. The compute ceiling: the same training step (the script's train_one_epoch) on one batch
    already on the GPU, no loader, after warm-up steps; at the per-GPU batch and at 256.
 5. Stage 3 again with ``train_params.compile=True``.
@@ -52,13 +52,16 @@ NUM_CLASSES = 10  # of the generated images; the networks keep ImageNet's 1000 o
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="every stage on the CPU at tiny sizes, to check the script itself (CI)")
+                        help="every stage on the CPU at tiny sizes, to check the script itself "
+                             "(CI)")
     parser.add_argument("--work-dir", default="",
-                        help="keep the data, logs and outputs here (default: a temporary folder, removed)")
+                        help="keep the data, logs and outputs here (default: a temporary folder, "
+                             "removed)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget for all stages, each stopped at its share of it (default 540: "
-                             "the GPU run fits in 10 minutes; 1200 with --smoke, which needs under 3 on an "
-                             "idle machine: only a guard against a hang on a busy CI machine)")
+                        help="wall-clock budget for all stages, each stopped at its share of it "
+                             "(default 540: the GPU run fits in 10 minutes; 1200 with --smoke, "
+                             "which needs under 3 on an idle machine: only a guard against a hang "
+                             "on a busy CI machine)")
     return parser.parse_args(argv)
 
 
@@ -67,13 +70,18 @@ def settings(smoke: bool) -> dict[str, Any]:
     from utils.distributed import usable_cores
 
     cores = usable_cores()
-    # Validation sets of whole batches: no odd-sized last batch for the compiled loop to recompile for.
+    # Validation sets of whole batches: no odd-sized last batch for the compiled loop to recompile
+    # for.
     if smoke:
-        return {"train_images": 40, "val_images": 10, "batch": 4, "compute_batches": [4, 8], "size": 32,
-                "epochs": 2, "max_steps": 2, "workers": min(2, cores), "amp": "auto", "compile": "eager",
+        return {"train_images": 40, "val_images": 10, "batch": 4, "compute_batches": [4, 8],
+                "size": 32,
+                "epochs": 2, "max_steps": 2, "workers": min(2, cores), "amp": "auto",
+                "compile": "eager",
                 "compute_steps": 1, "print_freq": 1}
-    return {"train_images": 20480, "val_images": 320, "batch": 32, "compute_batches": [32, 256], "size": 224,
-            "epochs": 4, "max_steps": 0, "workers": "auto", "amp": "bf16", "compile": True, "compute_steps": 100,
+    return {"train_images": 20480, "val_images": 320, "batch": 32, "compute_batches": [32, 256],
+            "size": 224,
+            "epochs": 4, "max_steps": 0, "workers": "auto", "amp": "bf16", "compile": True,
+            "compute_steps": 100,
             "print_freq": 100}
 
 
@@ -87,7 +95,8 @@ class Deadline:
         return max(1.0, self.end - time.monotonic() - reserve_s)
 
 
-def run_command(command: list[str], timeout_s: float, log_path: str, env: dict[str, str] | None = None) -> int:
+def run_command(command: list[str], timeout_s: float, log_path: str,
+                env: dict[str, str] | None = None) -> int:
     """Run a command with its output in log_path, in a session of its own so that a command
     that runs out of time is stopped with every process it started (loader workers, compiler
     workers). Returns its exit status; RuntimeError if it ran out of time."""
@@ -129,7 +138,8 @@ def run_cuda_tests(work: str, timeout_s: float) -> dict[str, Any]:
     report = os.path.join(work, "cuda_tests.xml")
     log_path = os.path.join(work, "cuda_tests.log")
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", f"--junitxml={report}", os.path.join(REPO_ROOT, "tests")]
+               "--continue-on-collection-errors", f"--junitxml={report}",
+               os.path.join(REPO_ROOT, "tests")]
     # Deterministic cuBLAS reads its workspace setting once, at the process's first cuBLAS call.
     try:
         run_command(command, timeout_s, log_path, env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
@@ -153,12 +163,14 @@ def counts_from_log(log_path: str) -> dict[str, int] | None:
     """Passed, failed and skipped tests from pytest -v's result lines; None if there are none."""
     try:
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            outcomes = re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)", f.read(), flags=re.MULTILINE)
+            outcomes = re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)", f.read(),
+                                  flags=re.MULTILINE)
     except OSError:
         return None
     if not outcomes:
         return None
-    return {"tests_passed": outcomes.count("PASSED"), "tests_failed": outcomes.count("FAILED") + outcomes.count("ERROR"),
+    return {"tests_passed": outcomes.count("PASSED"),
+            "tests_failed": outcomes.count("FAILED") + outcomes.count("ERROR"),
             "tests_skipped": outcomes.count("SKIPPED")}
 
 
@@ -174,12 +186,14 @@ def _write_class(args: tuple[str, int, int, int, int]) -> None:
                      quality_range=(75, 95), seed=seed)
     for split in ("train", "val"):
         os.makedirs(os.path.join(root, split), exist_ok=True)
-        os.replace(os.path.join(scratch, split, "n00000000"), os.path.join(root, split, f"n{index:08d}"))
+        os.replace(os.path.join(scratch, split, "n00000000"),
+                   os.path.join(root, split, f"n{index:08d}"))
     shutil.rmtree(scratch)
 
 
 def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """JPEGs in work/images, written in parallel; lists and LMDBs in work/data by the project's tools."""
+    """JPEGs in work/images, written in parallel; lists and LMDBs in work/data by the project's
+    tools."""
     start = time.perf_counter()
     images, data = os.path.join(work, "images"), os.path.join(work, "data")
     per_class = (-(-config["train_images"] // NUM_CLASSES), -(-config["val_images"] // NUM_CLASSES))
@@ -190,10 +204,12 @@ def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str,
                              mp_context=multiprocessing.get_context("forkserver")) as pool:
         list(pool.map(_write_class, [(images, i, *per_class, i) for i in range(NUM_CLASSES)]))
     deadline = Deadline(timeout_s - (time.perf_counter() - start))
-    run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "mk_img_list.py"), "--image_path", images,
+    run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "mk_img_list.py"),
+                 "--image_path", images,
                  "--output_path", data], deadline.left(), os.path.join(work, "mk_img_list.log"))
     for split in ("train", "val"):
-        run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "img2lmdb.py"), "--image_path", images,
+        run_checked([sys.executable, os.path.join(REPO_ROOT, "dataset", "img2lmdb.py"),
+                     "--image_path", images,
                      "--list_path", data, "--output_path", data, "--split", split,
                      "--workers", str(usable_cores())], deadline.left(),
                     os.path.join(work, f"pack_{split}.log"))
@@ -201,17 +217,21 @@ def build_data(work: str, config: dict[str, Any], timeout_s: float) -> dict[str,
             "data_seconds": round(time.perf_counter() - start, 1)}
 
 
-# ----------------------------------------------------------------------------- 3 and 5. the training loop
+# ----------------------------------------------------------------------------- 3 and 5. the
+# training loop
 
-def loop_overrides(data_path: str, output_dir: str, config: dict[str, Any], compile_setting: Any) -> list[str]:
+def loop_overrides(data_path: str, output_dir: str, config: dict[str, Any],
+                   compile_setting: Any) -> list[str]:
     """The training script's settings for the loop: real networks and sizes, nothing downloaded."""
     size = config["size"]
     return [f"data.data_path={data_path}", f"data.batch_size={config['batch']}",
             f"data.num_workers={config['workers']}", f"data.input_size=(3, {size}, {size})",
-            "model.teacher_weights=", "train_params.eval_teacher=False",  # random weights: same speed, offline
+            # random weights: same speed, offline
+            "model.teacher_weights=", "train_params.eval_teacher=False",
             f"train_params.amp={config['amp']}", f"train_params.epochs={config['epochs']}",
             f"train_params.max_steps_per_epoch={config['max_steps']}",
-            f"train_params.print_freq={config['print_freq']}", f"train_params.output_dir={output_dir}",
+            f"train_params.print_freq={config['print_freq']}",
+            f"train_params.output_dir={output_dir}",
             f"train_params.compile={compile_setting!r}", "dist.nprocs=1"]
 
 
@@ -223,7 +243,8 @@ def run_loop(name: str, work: str, data_path: str, config: dict[str, Any], compi
     output_dir = os.path.join(work, name)
     stopped = None
     try:
-        run_checked([sys.executable, TRAIN_SCRIPT, *loop_overrides(data_path, output_dir, config, compile_setting)],
+        run_checked([sys.executable, TRAIN_SCRIPT,
+                     *loop_overrides(data_path, output_dir, config, compile_setting)],
                     timeout_s, os.path.join(work, f"{name}.log"))
     except RuntimeError as exc:  # the epochs finished before it stopped still count
         stopped = exc
@@ -235,18 +256,23 @@ def run_loop(name: str, work: str, data_path: str, config: dict[str, Any], compi
     images = sum(r["images_per_second"] * r["epoch_seconds"] for r in records)
     peak = [r.get("peak_memory_gib") for r in records if r.get("peak_memory_gib") is not None]
     with open(os.path.join(output_dir, "log.txt"), encoding="utf-8") as log:
-        decoding = [line.split(":", 1)[1].strip() for line in log if line.startswith("JPEG decoding:")]
-    return {"jpeg_decoding": decoding[0] if decoding else None, "images_per_second": round(images / seconds, 1),
-            "data_wait_share": round(sum(r["data_wait_share"] * r["epoch_seconds"] for r in records) / seconds, 4),
+        decoding = [line.split(":", 1)[1].strip() for line in log
+                    if line.startswith("JPEG decoding:")]
+    return {"jpeg_decoding": decoding[0] if decoding else None,
+            "images_per_second": round(images / seconds, 1),
+            "data_wait_share": round(sum(r["data_wait_share"] * r["epoch_seconds"]
+                                         for r in records) / seconds, 4),
             "peak_memory_gib": round(max(peak), 2) if peak else None,
             "measured_steps": int(round(images / config["batch"])),
             **({"partial": f"{len(records)} epoch(s) measured, then {stopped}"} if stopped else {})}
 
 
-# ----------------------------------------------------------------------------- 4. the compute ceiling
+# ----------------------------------------------------------------------------- 4. the compute
+# ceiling
 
 class RepeatedBatch:
-    """One batch already on the device, given `steps` times: a loader that never makes the step wait."""
+    """One batch already on the device, given `steps` times: a loader that never makes the step
+    wait."""
 
     def __init__(self, batch: tuple[Any, Any], steps: int) -> None:
         self.batch, self.steps = batch, steps
@@ -313,15 +339,18 @@ def compute_ceiling(overrides: list[str], batches: list[int], steps: int, output
     return results
 
 
-def run_compute(work: str, data_path: str, config: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def run_compute(work: str, data_path: str, config: dict[str, Any],
+                timeout_s: float) -> dict[str, Any]:
     output_dir = os.path.join(work, "compute")
     result_path = os.path.join(work, "compute.json")
     overrides = loop_overrides(data_path, output_dir, config, False)
     stopped = None
     try:
         run_checked([sys.executable, os.path.abspath(__file__), "--compute-stage", json.dumps(
-            {"overrides": overrides, "batches": config["compute_batches"], "steps": config["compute_steps"],
-             "output_dir": output_dir, "result": result_path})], timeout_s, os.path.join(work, "compute.log"))
+            {"overrides": overrides, "batches": config["compute_batches"],
+             "steps": config["compute_steps"],
+             "output_dir": output_dir, "result": result_path})], timeout_s,
+             os.path.join(work, "compute.log"))
     except RuntimeError as exc:  # the batch sizes measured before it stopped still count
         stopped = exc
     if not os.path.isfile(result_path):
@@ -344,7 +373,8 @@ def environment() -> dict[str, Any]:
 
     shm = shm_bytes()
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
-                            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                            "cudnn": (torch.backends.cudnn.version()
+                                      if torch.backends.cudnn.is_available() else None),
                             "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable_cores(),
                             "shm_gib": round(shm / 2**30, 2) if shm is not None else None,
                             "gpus": 0, "device": "CPU"}
@@ -359,7 +389,8 @@ def environment() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the command
 
-RESULT_KEYS = ("device", "images_per_second", "compute_images_per_second", "data_wait_share", "peak_memory_gib",
+RESULT_KEYS = ("device", "images_per_second", "compute_images_per_second", "data_wait_share",
+               "peak_memory_gib",
                "compile_images_per_second", "tests_passed", "tests_failed", "cpu_cores_usable",
                "num_workers", "loop_share_of_compute", "shm_gib", "compile_skipped")
 # The compile stage's reserved share of the budget: a cold compile of three graphs takes minutes.
@@ -406,14 +437,16 @@ def check(args: argparse.Namespace, work: str, result: dict[str, Any]) -> None:
     config = settings(args.smoke)
     budget = args.budget_s if args.budget_s is not None else (1200.0 if args.smoke else 540.0)
     deadline = Deadline(budget)
-    result.update({"smoke": args.smoke, "batch_per_gpu": config["batch"], "image_size": config["size"],
+    result.update({"smoke": args.smoke, "batch_per_gpu": config["batch"],
+                   "image_size": config["size"],
                    "num_workers": resolved_workers(config["workers"]), "amp": config["amp"],
                    "compile_skipped": compile_unavailable(config["compile"])})
     env = run_stage("environment", result, environment)
     if env:
         result.update(env)
     if not args.smoke and result.get("gpus", 0) == 0:
-        result["errors"]["environment"] = "no CUDA device: the figures would be the CPU's; use --smoke on the CPU"
+        result["errors"]["environment"] = ("no CUDA device: the figures would be the CPU's; "
+                                           "use --smoke on the CPU")
         return
 
     # Each stage stops at its share of the budget, or at the budget's end less the compiled
@@ -429,16 +462,18 @@ def check(args: argparse.Namespace, work: str, result: dict[str, Any]) -> None:
     if data is None:
         return
     result["train_images"] = data["train_images"]
-    result.update(run_stage("loop", result, run_loop, "loop", work, data["data_path"], config, False,
-                            limit(0.2)) or {})
-    result.update(run_stage("compute", result, run_compute, work, data["data_path"], config, limit(0.15)) or {})
+    result.update(run_stage("loop", result, run_loop, "loop", work, data["data_path"], config,
+                            False, limit(0.2)) or {})
+    result.update(run_stage("compute", result, run_compute, work, data["data_path"], config,
+                            limit(0.15)) or {})
     if result.get("images_per_second") and result.get("compute_images_per_second"):
         result["loop_share_of_compute"] = round(
             result["images_per_second"] / result["compute_images_per_second"], 3)
     if result["compile_skipped"]:
         print(f"[gpu_check] compile_loop skipped: {result['compile_skipped']}", flush=True)
         return
-    compiled = run_stage("compile_loop", result, run_loop, "compile_loop", work, data["data_path"], config,
+    compiled = run_stage("compile_loop", result, run_loop, "compile_loop", work, data["data_path"],
+                         config,
                          config["compile"], deadline.left())
     if compiled:
         result.update({"compile_images_per_second": compiled["images_per_second"],
@@ -450,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compute-stage"]:  # the compute ceiling's own process (see run_compute)
         job = json.loads(argv[1])
-        compute_ceiling(job["overrides"], job["batches"], job["steps"], job["output_dir"], job["result"])
+        compute_ceiling(job["overrides"], job["batches"], job["steps"], job["output_dir"],
+                        job["result"])
         return 0
     args = parse_args(argv)
     # A SIGTERM (say, from `timeout`) unwinds like an error: the running stage's processes are

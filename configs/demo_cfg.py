@@ -21,7 +21,8 @@ overrides = {
     "model.num_classes": 10,
     "train_params.epochs": 2,
     "train_params.print_freq": 10,
-    "train_params.quiet": True,  # one line per epoch; the configuration and step lines go to log.txt
+    # one line per epoch; the configuration and step lines go to log.txt
+    "train_params.quiet": True,
     "train_params.eval_teacher": False,  # the table's first row already reports the teacher
     "train_params.output_dir": "./output/demo",
     "train_params.use_seed": True,
@@ -38,7 +39,8 @@ overrides = {
 # The rows of the table, trained in this order, each in <output_dir>/<name>. The student rows
 # distil from the teacher row's best checkpoint, and differ in distill.method alone. The teacher
 # is trained separately and for longer, as the paper's teacher is a fully trained model: a
-# ResNet-34 given the students' epochs ends below a ResNet-18 alone, and would have nothing to teach.
+# ResNet-34 given the students' epochs ends below a ResNet-18 alone, and would have nothing to
+# teach.
 runs = [
     dict(name="teacher", network="ResNet 34", method="Teacher", epochs_factor=2,
          overrides={"model.student": "resnet34", "distill.method": "none"}),

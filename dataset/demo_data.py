@@ -1,4 +1,5 @@
-"""ImageNet-layout trees of real images that installed packages ship, for tests, benchmarks and the demo.
+"""ImageNet-layout trees of real images that installed packages ship, for tests, benchmarks and the
+demo.
 
 scikit-learn bundles two colour photographs and 1,797 handwritten digits; nothing is downloaded.
 A tree can also be written as ImageNet's three official archives (``write_official_archives``),
@@ -26,7 +27,8 @@ def sample_photos() -> list[np.ndarray]:
     return [np.asarray(img) for img in load_sample_images().images]
 
 
-def random_photo(photos: list[np.ndarray], rng: np.random.Generator, side_range: tuple[int, int]) -> Image.Image:
+def random_photo(photos: list[np.ndarray], rng: np.random.Generator,
+                 side_range: tuple[int, int]) -> Image.Image:
     """A random crop of a random photo, resized so its longer side lies in side_range."""
     photo = photos[rng.integers(len(photos))]
     h, w = photo.shape[:2]
@@ -39,7 +41,8 @@ def random_photo(photos: list[np.ndarray], rng: np.random.Generator, side_range:
 
 
 def write_photo_tree(root: str, images_per_class: dict[str, int], num_classes: int = 4,
-                     side_range: tuple[int, int] = (96, 160), quality_range: tuple[int, int] = (75, 95),
+                     side_range: tuple[int, int] = (96, 160),
+                     quality_range: tuple[int, int] = (75, 95),
                      seed: int = 0) -> list[str]:
     """Write ``root/<split>/<wnid>/<wnid>_<i>.JPEG`` photos; returns the sorted class names."""
     rng = np.random.default_rng(seed)
@@ -56,7 +59,8 @@ def write_photo_tree(root: str, images_per_class: dict[str, int], num_classes: i
     return classes
 
 
-def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32, seed: int = 0) -> dict[str, int]:
+def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32,
+                      seed: int = 0) -> dict[str, int]:
     """scikit-learn's handwritten digits as RGB JPEGs in ``root/{train,val}/<digit>/``.
 
     The split is stratified and fixed by seed. Returns the number of images per split.
@@ -109,7 +113,8 @@ def prepare_demo_data(root: str) -> None:
                             f"{' '.join(argv)}; the tool's message above says why")
 
 
-SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+                 "wordnet_height",
                  "num_train_images")
 DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
 
@@ -149,7 +154,8 @@ def devkit_meta_mat(class_ids: dict[str, int], parents: dict[str, list[int]]) ->
     first in ID order, then non-leaf synsets (num_children > 0) numbered after them."""
     rows = [(class_id, wnid, f"class {wnid}", f"gloss of {wnid}", 0, np.zeros((1, 0)), 0, 1300)
             for wnid, class_id in sorted(class_ids.items(), key=lambda item: item[1])]
-    rows += [(len(class_ids) + k, wnid, "parent", "a parent synset", len(children), np.array(children), 2, 0)
+    rows += [(len(class_ids) + k, wnid, "parent", "a parent synset", len(children),
+              np.array(children), 2, 0)
              for k, (wnid, children) in enumerate(parents.items(), start=1)]
     synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
     for i, row in enumerate(rows):
@@ -164,7 +170,8 @@ def devkit_meta_mat(class_ids: dict[str, int], parents: dict[str, list[int]]) ->
 
 def write_devkit(path: str, class_ids: dict[str, int], ground_truth: list[int] | None,
                  with_meta: bool = True) -> None:
-    """ILSVRC2012_devkit_t12.tar.gz with data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt."""
+    """ILSVRC2012_devkit_t12.tar.gz with data/meta.mat and
+    data/ILSVRC2012_validation_ground_truth.txt."""
     files = {f"{DEVKIT_FOLDER}/COPYING": b"devkit"}
     if with_meta:
         parents = {"n09000001": [1, 2], "n09000002": [len(class_ids) + 1, 3]}
@@ -191,9 +198,11 @@ def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str,
               {f"{wnid}.tar": tar_bytes(folder_files(os.path.join(train, wnid))) for wnid in wnids})
     val_files = {}
     for wnid in sorted(os.listdir(val)):
-        val_files.update((name, (wnid, data)) for name, data in folder_files(os.path.join(val, wnid)).items())
+        val_files.update((name, (wnid, data))
+                         for name, data in folder_files(os.path.join(val, wnid)).items())
     names = sorted(val_files)
-    write_tar(os.path.join(out_dir, "ILSVRC2012_img_val.tar"), {name: val_files[name][1] for name in names})
+    write_tar(os.path.join(out_dir, "ILSVRC2012_img_val.tar"),
+              {name: val_files[name][1] for name in names})
     write_devkit(os.path.join(out_dir, "ILSVRC2012_devkit_t12.tar.gz"), class_ids,
                  [class_ids[val_files[name][0]] for name in names])
     return class_ids

@@ -1,4 +1,5 @@
-"""Reading image files: decoding to RGB, telling JPEGs that can be stored as they are, converting the rest.
+"""Reading image files: decoding to RGB, telling JPEGs that can be stored as they are, converting
+the rest.
 
 ImageNet is almost all RGB or greyscale JPEGs, which the packer keeps byte for byte (re-encoding
 is lossy and the slowest step); a PNG named .JPEG, CMYK JPEGs and anything else get converted
@@ -64,7 +65,8 @@ class JpegHeader:
 
 
 def parse_jpeg_header(data: bytes) -> JpegHeader | None:
-    """The frame header of a JPEG file, or None when data is not a well-formed JPEG up to its first scan."""
+    """The frame header of a JPEG file, or None when data is not a well-formed JPEG up to its first
+    scan."""
     if data[:2] != b"\xff\xd8":
         return None
     frame: tuple[int, int, int, int, int] | None = None
@@ -151,7 +153,8 @@ def _require_end(header: JpegHeader) -> None:
 
 
 def _decode_jpeg_bgr(data: bytes, header: JpegHeader, min_shorter_side: int) -> np.ndarray:
-    """Decode a storable JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps its shorter side >= min_shorter_side."""
+    """Decode a storable JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps its shorter
+    side >= min_shorter_side."""
     _require_end(header)
     shorter = min(header.height, header.width)
     scale = 8

@@ -46,11 +46,14 @@ def read_list(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
-        raise DataError(f"image list '{path}' not found; make it with dataset/mk_img_list.py") from None
+        raise DataError(f"image list '{path}' not found; "
+                        "make it with dataset/mk_img_list.py") from None
     except UnicodeDecodeError:
-        raise DataError(f"image list '{path}' is not UTF-8 text; remake it with dataset/mk_img_list.py") from None
+        raise DataError(f"image list '{path}' is not UTF-8 text; remake it with "
+                        "dataset/mk_img_list.py") from None
 
 
 def write_list(path: str, lines: list[str]) -> None:
-    """Replace the list at path atomically, so that an interrupted write never leaves half a list."""
+    """Replace the list at path atomically, so that an interrupted write never leaves half a
+    list."""
     atomic_write_text(path, "".join(line + "\n" for line in lines))

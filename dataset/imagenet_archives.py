@@ -74,8 +74,9 @@ def find_archives(image_path: str) -> Archives | None:
         return None
     for name, here in zip(names, present):
         if not here:
-            raise DataError(f"archive '{os.path.join(image_path, name)}' not found; put the three official "
-                               f"ImageNet files ({', '.join(names)}) side by side in '{image_path}'")
+            raise DataError(f"archive '{os.path.join(image_path, name)}' not found; put the three "
+                               f"official ImageNet files ({', '.join(names)}) side by side in "
+                               f"'{image_path}'")
     return Archives(*(os.path.join(image_path, name) for name in names))
 
 
@@ -103,7 +104,8 @@ def devkit_classes(devkit: str) -> dict[int, str]:
     data = _read_devkit_member(devkit, META_MAT)
     try:
         synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
-        classes = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+        classes = {int(s["ILSVRC2012_ID"]): str(s["WNID"])
+                   for s in synsets if int(s["num_children"]) == 0}
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise DataError(f"{META_MAT} in '{devkit}' is not the devkit's synset table ({exc}); "
                            f"download {DEVKIT} again") from None
@@ -115,8 +117,8 @@ def devkit_classes(devkit: str) -> dict[int, str]:
 def _check_wnid(name: str, where: str, suffix: str = "") -> str:
     """name, which must be a wnid; suffix completes it to the name of the file it came from."""
     if not _WNID.fullmatch(name):
-        raise DataError(f"'{name}{suffix}' in '{where}' is not named after a wnid (n01440764 and so on); "
-                           f"remove it or download the archive again")
+        raise DataError(f"'{name}{suffix}' in '{where}' is not named after a wnid (n01440764 and "
+                           "so on); remove it or download the archive again")
     return name
 
 
@@ -127,7 +129,8 @@ def _checked_name(member: tarfile.TarInfo, archive: str) -> str:
 
 
 def _check_end(f: BinaryIO, tar: tarfile.TarFile, path: str) -> None:
-    """A tar cut short exactly between two members reads as a shorter, valid one: its end marker tells."""
+    """A tar cut short exactly between two members reads as a shorter, valid one: its end marker
+    tells."""
     f.seek(tar.offset)
     if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
         raise _damaged(path, "it has no end-of-archive marker")
@@ -160,7 +163,8 @@ def _open_archive(path: str, buffering: int) -> BinaryIO:
 
 
 def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
-    """(wnid, where, end) of each inner tar of the train tar, with f at the inner tar's first header."""
+    """(wnid, where, end) of each inner tar of the train tar, with f at the inner tar's first
+    header."""
     for inner in _file_members(f, path, os.fstat(f.fileno()).st_size):
         wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
         f.seek(inner.offset_data)
@@ -168,9 +172,11 @@ def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
 
 
 def train_classes(path: str) -> list[str]:
-    """The sorted wnids of the train tar's inner tars: the label order, as the sorted train/ folders give it.
+    """The sorted wnids of the train tar's inner tars: the label order, as the sorted train/
+    folders give it.
 
-    Only the 1,000 outer headers are read, so this costs a thousand short reads, not a pass over the tar.
+    Only the 1,000 outer headers are read, so this costs a thousand short reads, not a pass over
+    the tar.
     """
     with _open_archive(path, 0) as f:
         return sorted(_check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
@@ -180,7 +186,8 @@ def train_classes(path: str) -> list[str]:
 def list_train_tar(path: str) -> list[str]:
     """Sorted ``wnid/file`` lines of the train tar's images, from the headers alone."""
     lines = []
-    with _open_archive(path, 0) as f:  # unbuffered: a header is one short read, the images are skipped
+    # unbuffered: a header is one short read, the images are skipped
+    with _open_archive(path, 0) as f:
         for wnid, where, end in _inner_tars(f, path):
             for member in _file_members(f, where, end):
                 name = _checked_name(member, where)
@@ -193,7 +200,8 @@ def list_val_tar(path: str) -> list[str]:
     """Sorted names of the validation tar's images, from the headers alone."""
     with _open_archive(path, 0) as f:
         members = _file_members(f, path, os.fstat(f.fileno()).st_size)
-        return sorted(name for name in (_checked_name(m, path) for m in members) if is_image_file(name))
+        names = (_checked_name(m, path) for m in members)
+        return sorted(name for name in names if is_image_file(name))
 
 
 def read_val_labels(labels_file: str, image_names: list[str], source: str,
@@ -210,19 +218,20 @@ def read_val_labels(labels_file: str, image_names: list[str], source: str,
     except FileNotFoundError:
         raise DataError(f"validation labels '{labels_file}' not found") from None
     except UnicodeDecodeError:
-        raise DataError(f"validation labels '{labels_file}' are not text; pass LOC_val_solution.csv "
-                           f"or the devkit's ground-truth file") from None
+        raise DataError(f"validation labels '{labels_file}' are not text; pass "
+                           "LOC_val_solution.csv or the devkit's ground-truth file") from None
     if text.startswith(KAGGLE_HEADER):
         by_name = _kaggle_labels(text, labels_file)
     else:
         if devkit is None:
-            raise DataError(f"'{labels_file}' is not Kaggle's CSV, so it is read as the devkit's ground-truth "
-                               f"file, which needs the devkit: add --devkit {DEVKIT}")
-        by_name = _ground_truth_labels(text, labels_file, image_names, source, devkit_classes(devkit))
+            raise DataError(f"'{labels_file}' is not Kaggle's CSV, so it is read as the devkit's "
+                               f"ground-truth file, which needs the devkit: add --devkit {DEVKIT}")
+        by_name = _ground_truth_labels(text, labels_file, image_names, source,
+                                       devkit_classes(devkit))
     for name in image_names:
         if name not in by_name:
-            raise DataError(f"validation image '{name}' in '{source}' has no label in '{labels_file}'; "
-                               f"pass the labels of these images")
+            raise DataError(f"validation image '{name}' in '{source}' has no label in "
+                               f"'{labels_file}'; pass the labels of these images")
     return {name: by_name[name] for name in image_names}
 
 
@@ -242,28 +251,33 @@ def _ground_truth_labels(text: str, labels_file: str, image_names: list[str], so
                          classes: dict[int, str]) -> dict[str, str]:
     ids = text.split()
     if len(ids) != len(image_names):
-        raise DataError(f"'{labels_file}' has {len(ids)} labels but '{source}' holds {len(image_names)} "
-                           f"validation images; pass the ground truth that belongs to these images")
+        raise DataError(f"'{labels_file}' has {len(ids)} labels but '{source}' holds "
+                           f"{len(image_names)} validation images; pass the ground truth that "
+                           "belongs to these images")
     by_name = {}
     for number, (name, class_id) in enumerate(zip(sorted(image_names), ids), start=1):
         if not class_id.isdigit() or int(class_id) not in classes:
-            raise DataError(f"line {number} of '{labels_file}' is '{class_id}', not an ILSVRC2012_ID of the devkit")
+            raise DataError(f"line {number} of '{labels_file}' is '{class_id}', not an "
+                            "ILSVRC2012_ID of the devkit")
         by_name[name] = classes[int(class_id)]
     return by_name
 
 
 def val_lines(names: list[str], wnid_by_name: dict[str, str]) -> list[str]:
-    """Sorted list lines for flat validation images, as if they had been sorted into class folders."""
+    """Sorted list lines for flat validation images, as if they had been sorted into class
+    folders."""
     return sorted(f"{wnid_by_name[name]}/{name}" for name in names)
 
 
 def archive_val_labels(archives: Archives, val_labels: str | None = None) -> dict[str, str]:
-    """Name -> wnid of every image in the validation tar: from val_labels, else the devkit's ground truth."""
+    """Name -> wnid of every image in the validation tar: from val_labels, else the devkit's ground
+    truth."""
     names = list_val_tar(archives.val)
     if val_labels is not None:
         return read_val_labels(val_labels, names, archives.val, archives.devkit)
     ground_truth = _read_devkit_member(archives.devkit, GROUND_TRUTH).decode("ascii", "replace")
-    return _ground_truth_labels(ground_truth, f"{archives.devkit}/{GROUND_TRUTH}", names, archives.val,
+    return _ground_truth_labels(ground_truth, f"{archives.devkit}/{GROUND_TRUTH}", names,
+                                archives.val,
                                 devkit_classes(archives.devkit))
 
 
@@ -296,7 +310,8 @@ def _read_wanted(f: BinaryIO, path: str, end: int, line_of: Callable[[str], str]
 
 
 def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once, front to back."""
+    """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once,
+    front to back."""
     with _open_archive(path, _STREAM_BUFFER) as f:
         for wnid, where, end in _inner_tars(f, path):
             yield from _read_wanted(f, where, end, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
@@ -304,7 +319,9 @@ def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple
 
 def stream_val_tar(path: str, line_by_name: dict[str, str],
                    wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted validation image, reading the tar once, front to back."""
+    """(list line, where, bytes) of each wanted validation image, reading the tar once, front to
+    back."""
     with _open_archive(path, _STREAM_BUFFER) as f:
-        yield from _read_wanted(f, path, os.fstat(f.fileno()).st_size, lambda name: line_by_name.get(name, ""),
+        yield from _read_wanted(f, path, os.fstat(f.fileno()).st_size,
+                                lambda name: line_by_name.get(name, ""),
                                 wanted)

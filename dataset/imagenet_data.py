@@ -54,7 +54,8 @@ COLOR_JITTER = 0.4
 RAND_SCALE_SIDES = (256, 480)
 
 
-def collate_uint8(batch: Sequence[tuple[torch.Tensor | np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_uint8(batch: Sequence[tuple[torch.Tensor | np.ndarray, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack uint8 images, 3 x H x W tensors as the transforms return them (or H x W x 3
     arrays, as a dataset without a transform gives them), into one N x 3 x H x W uint8 tensor,
     each written once into place: no float copy, no intermediate tensors."""
@@ -62,8 +63,8 @@ def collate_uint8(batch: Sequence[tuple[torch.Tensor | np.ndarray, int]]) -> tup
     for i, (image, _) in enumerate(batch):
         chw = torch.as_tensor(image)
         if chw.dtype != torch.uint8:
-            raise TypeError(f"collate_uint8 takes uint8 images, got {chw.dtype}; convert to float on the "
-                            "device (DevicePrefetcher), not in the loader")
+            raise TypeError(f"collate_uint8 takes uint8 images, got {chw.dtype}; convert to float "
+                            "on the device (DevicePrefetcher), not in the loader")
         if chw.shape[0] != 3:
             chw = chw.permute(2, 0, 1)
         if images is None:
@@ -137,9 +138,11 @@ class ImageNet12:
         self.min_scale = float(config.get("random_sized", {}).get("min_scale", 0.08))
         self.decoder = config.get("decoder", "auto")
         require_choice("data.decoder", self.decoder, DECODERS)
-        if self.decoder == "region" and self.augmentation == "random_sized" and jpeg_region.region_decoder() is None:
-            raise ConfigError(f"data.decoder='region' but JPEG decoding is {jpeg_region.describe()}; "
-                              "install a C compiler and libjpeg-turbo's headers, or set data.decoder='auto'")
+        if (self.decoder == "region" and self.augmentation == "random_sized"
+                and jpeg_region.region_decoder() is None):
+            raise ConfigError("data.decoder='region' but JPEG decoding is "
+                              f"{jpeg_region.describe()}; install a C compiler and libjpeg-turbo's "
+                              "headers, or set data.decoder='auto'")
         self.color = bool(config.get("color", False))
         self.train_list = _beside(trainFolder, config.get("train_list", "train_list.txt"))
         self.val_list = _beside(testFolder, config.get("val_list", "val_list.txt"))

@@ -9,8 +9,9 @@ be the split's image folder itself: the LMDB's two files sit beside the class fo
 
 The image path may instead hold ImageNet's three official archives (and no train/ folder): the
 images are then read from the archives, each read once, front to back, and labels number the
-train tar's inner tars (one per class) in sorted-wnid order. ``--val_labels`` packs a flat val/ folder (Kaggle's
-layout). Either way the LMDB is the one the sorted class folders would give, byte for byte.
+train tar's inner tars (one per class) in sorted-wnid order. ``--val_labels`` packs a flat val/
+folder (Kaggle's layout). Either way the LMDB is the one the sorted class folders would give, byte
+for byte.
 
 - Lossless: RGB and greyscale JPEGs are stored byte for byte; PNGs, CMYK JPEGs and other
   readable files become RGB JPEGs. Every image is checked to decode.
@@ -79,7 +80,8 @@ class _Task(NamedTuple):
 
 class _Outcome(NamedTuple):
     task: _Task
-    image_bytes: bytes | None  # what to store; None for a file kept as is that the worker did not send back
+    # what to store; None for a file kept as is that the worker did not send back
+    image_bytes: bytes | None
     kept_as_is: bool
     fingerprint: tuple[int, int] | None  # (size, modification time in ns) of a file kept as is
     error: str | None = None
@@ -103,7 +105,8 @@ class PackSummary:
 
 def find_list_file(list_dir: str, split: str) -> str:
     """``<split>_list.txt`` in list_dir, else the original tool's ``<split>_datalist``."""
-    candidates = [list_file_path(list_dir, split), os.path.join(list_dir, split + ORIGINAL_LIST_SUFFIX)]
+    candidates = [list_file_path(list_dir, split),
+                  os.path.join(list_dir, split + ORIGINAL_LIST_SUFFIX)]
     for path in candidates:
         if os.path.isfile(path):
             return path
@@ -112,7 +115,8 @@ def find_list_file(list_dir: str, split: str) -> str:
 
 
 def label_map(image_path: str, split: str) -> dict[str, int]:
-    """Class folder name -> label: its index among the sorted class folders of train/ (else of the split)."""
+    """Class folder name -> label: its index among the sorted class folders of train/ (else of the
+    split)."""
     train_dir = os.path.join(image_path, "train")
     source = train_dir if os.path.isdir(train_dir) else os.path.join(image_path, split)
     classes = class_folders(source)
@@ -121,8 +125,10 @@ def label_map(image_path: str, split: str) -> dict[str, int]:
     return {wnid: index for index, wnid in enumerate(classes)}
 
 
-def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_key_size: int) -> list[int]:
-    """The label of every list line, after checking the lines are unique, well formed and of a known class."""
+def list_labels(lines: list[str], labels: dict[str, int], list_file: str,
+                max_key_size: int) -> list[int]:
+    """The label of every list line, after checking the lines are unique, well formed and of a
+    known class."""
     seen: set[str] = set()
     result = []
     for number, line in enumerate(lines, start=1):
@@ -131,10 +137,11 @@ def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_ke
         if not wnid or not name:
             raise DataError(f"{where} is '{line}', not 'class_folder/file'")
         if wnid not in labels:
-            raise DataError(f"{where} names class '{wnid}', which is not among the {len(labels)} class "
-                            f"folders that number the labels (those of train/)")
+            raise DataError(f"{where} names class '{wnid}', which is not among the {len(labels)} "
+                            "class folders that number the labels (those of train/)")
         if line in seen:
-            raise DataError(f"{where} repeats '{line}'; remake the list with dataset/mk_img_list.py")
+            raise DataError(f"{where} repeats '{line}'; "
+                            "remake the list with dataset/mk_img_list.py")
         if len(encode_key(line)) > max_key_size:
             raise DataError(f"{where} is longer than LMDB's {max_key_size}-byte key limit")
         seen.add(line)
@@ -143,7 +150,8 @@ def list_labels(lines: list[str], labels: dict[str, int], list_file: str, max_ke
 
 
 def _read_with_fingerprint(path: str) -> tuple[bytes, tuple[int, int]]:
-    """A file's bytes and (size, modification time), from the one open file, so they belong together."""
+    """A file's bytes and (size, modification time), from the one open file, so they belong
+    together."""
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
         return f.read(), (stat.st_size, stat.st_mtime_ns)
@@ -165,9 +173,11 @@ def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept
     return prepare_bytes((task, data), shorter_side, quality, send_kept, fingerprint)
 
 
-def prepare_bytes(item: tuple[_Task, bytes], shorter_side: int | None, quality: int, send_kept: bool = False,
+def prepare_bytes(item: tuple[_Task, bytes], shorter_side: int | None, quality: int,
+                  send_kept: bool = False,
                   fingerprint: tuple[int, int] | None = None) -> _Outcome:
-    """Worker: check one image's bytes (read from an archive by the main process, which keeps them)."""
+    """Worker: check one image's bytes (read from an archive by the main process, which keeps
+    them)."""
     task, data = item
     try:
         image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
@@ -184,7 +194,8 @@ def _stored_bytes(outcome: _Outcome) -> bytes:
         return outcome.image_bytes
     data, fingerprint = _read_with_fingerprint(outcome.task.path)
     if fingerprint != outcome.fingerprint or len(data) != fingerprint[0]:
-        raise DataError(f"'{outcome.task.path}' changed while it was being packed; rerun the same command")
+        raise DataError(f"'{outcome.task.path}' changed while it was being packed; rerun the same "
+                        "command")
     return data
 
 
@@ -222,30 +233,36 @@ def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def _archive_items(archives: Archives, split: str, tasks: list[_Task]) -> Iterator[tuple[_Task, bytes]]:
-    """The tasks' images with their bytes, in the order of the archive, which is read once as a stream."""
+def _archive_items(archives: Archives, split: str,
+                   tasks: list[_Task]) -> Iterator[tuple[_Task, bytes]]:
+    """The tasks' images with their bytes, in the order of the archive, which is read once as a
+    stream."""
     pending = {task.line: task for task in tasks}
     if split == "train":
         archive, stream = archives.train, stream_train_tar(archives.train, pending.__contains__)
     else:
         line_by_name = {line.rpartition("/")[2]: line for line in pending}
-        archive, stream = archives.val, stream_val_tar(archives.val, line_by_name, pending.__contains__)
+        archive, stream = archives.val, stream_val_tar(archives.val, line_by_name,
+                                                       pending.__contains__)
     for line, where, data in stream:
         task = pending.pop(line, None)
         if task is not None:  # None: a second member of the same name
             yield task._replace(path=where), data
     if pending:
-        raise DataError(f"{len(pending)} list lines are not in '{archive}' (first: '{min(pending)}'); "
-                        f"download the archive again, or remake the list with dataset/mk_img_list.py")
+        raise DataError(f"{len(pending)} list lines are not in '{archive}' (first: "
+                        f"'{min(pending)}'); download the archive again, or remake the list with "
+                        "dataset/mk_img_list.py")
 
 
-def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: str, labels_source: str) -> None:
-    """The list's validation classes must be those of the labels: a stale list would store wrong labels."""
+def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: str,
+                     labels_source: str) -> None:
+    """The list's validation classes must be those of the labels: a stale list would store wrong
+    labels."""
     for number, line in enumerate(lines, start=1):
         wnid, _, name = line.partition("/")
         if wnid_by_name.get(name) != wnid:
-            raise DataError(f"line {number} of '{list_file}' ('{line}') does not match the labels of "
-                            f"{labels_source}; remake the list with dataset/mk_img_list.py")
+            raise DataError(f"line {number} of '{list_file}' ('{line}') does not match the labels "
+                            f"of {labels_source}; remake the list with dataset/mk_img_list.py")
 
 
 def _stored_mask(env: lmdb.Environment, keys: Iterable[bytes]) -> list[bool]:
@@ -266,8 +283,10 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def pack_split(image_path: str, list_path: str, output_path: str, split: str, image_size: int | None = None,
-               workers: int | None = None, skip_bad: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
+def pack_split(image_path: str, list_path: str, output_path: str, split: str,
+               image_size: int | None = None,
+               workers: int | None = None, skip_bad: bool = False,
+               commit_every: int = DEFAULT_COMMIT_EVERY,
                jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress: bool = True,
                initial_map_size: int = INITIAL_MAP_SIZE, fork_workers: bool = False,
                val_labels: str | None = None, devkit: str | None = None) -> PackSummary:
@@ -282,10 +301,11 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
     split_dir = os.path.join(image_path, split)
     archives = find_archives(image_path)
     if archives is not None and split not in ("train", "val"):
-        raise DataError(f"the official archives in '{image_path}' hold train and val, not '{split}'")
+        raise DataError(f"the official archives in '{image_path}' hold train and val, "
+                        f"not '{split}'")
     if archives is None and not os.path.isdir(split_dir):
-        raise DataError(f"image folder '{split_dir}' not found; --image_path must hold the {split}/ folder "
-                        f"or the official archives")
+        raise DataError(f"image folder '{split_dir}' not found; --image_path must hold the "
+                        f"{split}/ folder or the official archives")
     if image_size is not None and image_size <= 0:
         raise DataError(f"--image_size must be positive, not {image_size}")
     list_file = find_list_file(list_path, split)
@@ -294,16 +314,18 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
         raise DataError(f"image list '{list_file}' is empty; remake it with dataset/mk_img_list.py")
     flat = archives is None and split == "val" and val_labels is not None
     if archives is None and not flat and not class_folders(split_dir):
-        raise DataError(f"'{split_dir}' holds no class folders; for a flat validation folder pass --val_labels, "
-                        f"as to dataset/mk_img_list.py")
+        raise DataError(f"'{split_dir}' holds no class folders; for a flat validation folder pass "
+                        "--val_labels, as to dataset/mk_img_list.py")
     if archives is not None:
         labels = {wnid: index for index, wnid in enumerate(train_classes(archives.train))}
         if split == "val":
-            _check_val_lines(lines, archive_val_labels(archives, val_labels), list_file, f"'{archives.val}'")
+            _check_val_lines(lines, archive_val_labels(archives, val_labels), list_file,
+                             f"'{archives.val}'")
     else:
         labels = label_map(image_path, split)
         if flat:
-            _check_val_lines(lines, flat_val_labels(image_path, val_labels, devkit), list_file, f"'{val_labels}'")
+            _check_val_lines(lines, flat_val_labels(image_path, val_labels, devkit), list_file,
+                             f"'{val_labels}'")
     lmdb_path = os.path.join(output_path, split if image_size is None else f"{split}_{image_size}")
     summary = PackSummary(lmdb_path=lmdb_path, list_path=list_file, num_classes=len(labels))
     try:
@@ -314,22 +336,26 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
     try:
         line_labels = list_labels(lines, labels, list_file, env.max_key_size())
         stored = _stored_mask(env, (encode_key(line) for line in lines))
-        tasks = [_Task(line, os.path.join(split_dir, *(line.split("/")[-1:] if flat else line.split("/"))), label)
+        tasks = [_Task(line, os.path.join(split_dir, *(line.split("/")[-1:] if flat
+                                                       else line.split("/"))), label)
                  for line, label, done in zip(lines, line_labels, stored) if not done]
         summary.already_stored = len(lines) - len(tasks)
         if summary.already_stored:
-            print(f"{split}: {summary.already_stored} of {len(lines)} images already in '{lmdb_path}'; "
-                  f"packing the other {len(tasks)}", flush=True)
-        _pack_tasks(env, tasks, summary, workers=workers or default_workers(), image_size=image_size,
+            print(f"{split}: {summary.already_stored} of {len(lines)} images already in "
+                  f"'{lmdb_path}'; packing the other {len(tasks)}", flush=True)
+        _pack_tasks(env, tasks, summary, workers=workers or default_workers(),
+                    image_size=image_size,
                     jpeg_quality=jpeg_quality, skip_bad=skip_bad, commit_every=commit_every,
                     progress=progress, split=split, fork=fork_workers,
-                    archive_items=_archive_items(archives, split, tasks) if archives and tasks else None)
+                    archive_items=(_archive_items(archives, split, tasks)
+                                   if archives and tasks else None))
         if summary.skipped:
             _record_skipped(os.path.join(output_path, f"{split}_skipped.txt"), summary.skipped)
             skipped = set(summary.skipped)
             lines = [line for line in lines if line not in skipped]
             write_list(list_file, lines)
-        missing = [line for line, done in zip(lines, _stored_mask(env, map(encode_key, lines))) if not done]
+        stored = _stored_mask(env, map(encode_key, lines))
+        missing = [line for line, done in zip(lines, stored) if not done]
         if missing:
             raise DataError(f"check failed: {len(missing)} list lines are not in '{lmdb_path}' "
                             f"(first: '{missing[0]}'); rerun the same command")
@@ -342,7 +368,8 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str, im
 
 def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tuple[_Task, bytes]],
                       work: functools.partial, window: int) -> Iterator[_Outcome]:
-    """The workers' outcomes for images read from an archive, in archive order, with the bytes kept as is.
+    """The workers' outcomes for images read from an archive, in archive order, with the bytes kept
+    as is.
 
     The main process reads the next window of images while the workers check the last one, so
     reading the stream and decoding overlap, and at most two windows are held in memory. When
@@ -373,7 +400,8 @@ def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tu
             chunk, error = None, exc
         submitted = None
         if chunk is not None:
-            submitted = pool.map_async(work, chunk, chunksize=8) if pool is not None else list(map(work, chunk))
+            submitted = (pool.map_async(work, chunk, chunksize=8) if pool is not None
+                         else list(map(work, chunk)))
         if previous is not None:
             done_chunk, result = previous
             outcomes = result.get() if pool is not None else result
@@ -391,9 +419,11 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
                 progress: bool, split: str, fork: bool,
                 archive_items: Iterable[tuple[_Task, bytes]] | None = None) -> None:
     """Prepare the tasks' records in worker processes and commit them in batches: in list order
-    from image files, in archive order from archive_items (the tasks' images, read by this process)."""
+    from image files, in archive order from archive_items (the tasks' images, read by this
+    process)."""
     use_pool = workers > 1 and len(tasks) > 1
-    pool = _worker_context(fork).Pool(min(workers, len(tasks)), initializer=_init_worker) if use_pool else None
+    pool = (_worker_context(fork).Pool(min(workers, len(tasks)), initializer=_init_worker)
+            if use_pool else None)
     batch: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
     try:
@@ -403,16 +433,18 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
         else:
             work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality,
                                      send_kept=not use_pool)
-            outcomes = pool.imap(work, tasks, chunksize=16) if pool is not None else map(work, tasks)
+            outcomes = (pool.imap(work, tasks, chunksize=16) if pool is not None
+                        else map(work, tasks))
         for outcome in outcomes:
             bar.update()
             task = outcome.task
             if outcome.error is not None:
                 if outcome.missing:
-                    raise DataError(f"'{task.path}' (list line '{task.line}') not found; "
-                                    f"the list is out of date: remake it with dataset/mk_img_list.py")
+                    raise DataError(f"'{task.path}' (list line '{task.line}') not found; the list "
+                                    "is out of date: remake it with dataset/mk_img_list.py")
                 if not skip_bad:
-                    fix = "download the archive again" if archive_items is not None else "replace or delete it"
+                    fix = ("download the archive again" if archive_items is not None
+                           else "replace or delete it")
                     raise DataError(f"cannot read '{task.path}': {outcome.error}; {fix}, "
                                     f"or pass --skip_bad to leave it out")
                 summary.skipped.append(task.line)
@@ -436,52 +468,64 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image_path", required=True,
-                        help="folder holding the split folders (train/, val/), or the three official archives")
+                        help="folder holding the split folders (train/, val/), or the three "
+                             "official archives")
     parser.add_argument("--list_path", required=True, help="folder holding <split>_list.txt")
-    parser.add_argument("--output_path", required=True, help="the LMDB goes to <output_path>/<split>")
+    parser.add_argument("--output_path", required=True,
+                        help="the LMDB goes to <output_path>/<split>")
     parser.add_argument("--split", required=True, help="split folder to pack, e.g. train or val")
     parser.add_argument("--image_size", type=int, default=None,
                         help="resize the shorter side to this many pixels (LMDB <split>_<N>)")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes preparing images (default: all cores)")
     parser.add_argument("--skip_bad", action="store_true",
-                        help="leave unreadable images out (named in <output_path>/<split>_skipped.txt "
-                             "and removed from the list) instead of stopping; a missing file still stops "
-                             "the run, as it means the list is out of date")
+                        help="leave unreadable images out (named in "
+                             "<output_path>/<split>_skipped.txt and removed from the list) "
+                             "instead of stopping; a missing file still stops the run, as it "
+                             "means the list is out of date")
     parser.add_argument("--commit_every", type=int, default=DEFAULT_COMMIT_EVERY,
-                        help="images per LMDB transaction: the most that killing the packer can lose")
+                        help="images per LMDB transaction: the most that killing the packer can "
+                             "lose")
     parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="quality of the JPEGs written for converted or resized images")
     add_label_arguments(parser)
     args = parser.parse_args(argv)
     if args.workers < 1 or args.commit_every < 1 or not 1 <= args.jpeg_quality <= 100:
-        parser.error("--workers and --commit_every must be positive and --jpeg_quality within 1..100")
+        parser.error("--workers and --commit_every must be positive and --jpeg_quality within "
+                     "1..100")
     return args
 
 
 def main(argv: list[str] | None = None, fork_workers: bool = False) -> int:
-    """The command; fork_workers only where this process has not used OpenCV (see ``pack_split``)."""
+    """The command; fork_workers only where this process has not used OpenCV (see
+    ``pack_split``)."""
     args = parse_args(argv)
     try:
         summary = pack_split(args.image_path, args.list_path, args.output_path, args.split,
-                             image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad,
+                             image_size=args.image_size, workers=args.workers,
+                             skip_bad=args.skip_bad,
                              commit_every=args.commit_every, jpeg_quality=args.jpeg_quality,
-                             fork_workers=fork_workers, val_labels=args.val_labels, devkit=args.devkit)
+                             fork_workers=fork_workers, val_labels=args.val_labels,
+                             devkit=args.devkit)
     except (DataError, OSError, lmdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; the images packed so far are saved: rerun the same command to go on",
+        print("error: interrupted; the images packed so far are saved: rerun the same command to "
+              "go on",
               file=sys.stderr)
         return 130
     if summary.skipped:
         print(f"{args.split}: skipped {len(summary.skipped)} unreadable images, listed in "
-              f"'{os.path.join(args.output_path, args.split + '_skipped.txt')}' and removed from '{summary.list_path}'")
+              f"'{os.path.join(args.output_path, args.split + '_skipped.txt')}' and removed from "
+              f"'{summary.list_path}'")
     if summary.extra_entries > 0:
-        print(f"{args.split}: note: {summary.extra_entries} LMDB entries are not in the list (from an earlier list?)")
-    print(f"{args.split}: {summary.stored} images stored in '{summary.lmdb_path}', every list line checked "
-          f"({summary.packed} packed now, {summary.converted} of them converted to RGB JPEG; "
-          f"{summary.already_stored} already there; labels from {summary.num_classes} classes)")
+        print(f"{args.split}: note: {summary.extra_entries} LMDB entries are not in the list (from "
+              "an earlier list?)")
+    print(f"{args.split}: {summary.stored} images stored in '{summary.lmdb_path}', every list line "
+          f"checked ({summary.packed} packed now, {summary.converted} of them converted to RGB "
+          f"JPEG; {summary.already_stored} already there; labels from {summary.num_classes} "
+          "classes)")
     return 0
 
 

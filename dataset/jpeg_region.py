@@ -76,7 +76,8 @@ class RegionDecoder:
         out = np.empty(height * (x + width) * 3, dtype=np.uint8)
         info = (ctypes.c_int * 4)()
         message = ctypes.create_string_buffer(_MESSAGE_SIZE)
-        status = self._decode(data, len(data), scale, x, y, width, height, out.ctypes.data, out.size,
+        status = self._decode(data, len(data), scale, x, y, width, height, out.ctypes.data,
+                              out.size,
                               info, message, _MESSAGE_SIZE)
         if status == 1:
             raise RegionDecodeError(message.value.decode("utf-8", "replace") or "damaged JPEG data")
@@ -113,7 +114,8 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
     os.close(fd)
     try:
         try:
-            result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ljpeg"],
+            result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial,
+                                     str(source), "-ljpeg"],
                                     capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"building {source.name} took over {_BUILD_TIMEOUT_S} s") from None

@@ -1,4 +1,5 @@
-"""What the LMDB and the JPEG-folder datasets share: samples named by a list file, read, decoded, transformed.
+"""What the LMDB and the JPEG-folder datasets share: samples named by a list file, read, decoded,
+transformed.
 
 Subclasses say only where the bytes and the label of a sample come from (``read_raw``) and how
 to name a sample in an error (``where``).
@@ -19,7 +20,8 @@ from utils.errors import DataError
 
 
 def read_list(list_path: str) -> np.ndarray:
-    """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes array.
+    """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes
+    array.
 
     A Python list of 1.28M strings would be copied page by page into every forked loader
     worker as reference counts are touched; one numpy array is not.
@@ -31,7 +33,8 @@ def read_list(list_path: str) -> np.ndarray:
 
 
 def with_context(exc: DataError, context: str) -> DataError:
-    """exc with context in front of its message, of the same type where its constructor takes a message."""
+    """exc with context in front of its message, of the same type where its constructor takes a
+    message."""
     message = f"{context}: {exc}"
     try:
         return type(exc)(message)

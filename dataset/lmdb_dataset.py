@@ -1,4 +1,5 @@
-"""An ImageFolder-style dataset over an LMDB of the original WSLD format (ours or the original tool's).
+"""An ImageFolder-style dataset over an LMDB of the original WSLD format (ours or the original
+tool's).
 
 The environment is opened lazily, in whichever process first reads a sample, so the dataset
 works in the main process and in fork or spawn DataLoader workers.
@@ -24,14 +25,16 @@ _OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
 def open_lmdb_readonly(path: str) -> lmdb.Environment:
-    """This process's read-only, lock-free handle on the LMDB environment at path (any spelling of it)."""
+    """This process's read-only, lock-free handle on the LMDB environment at path (any spelling of
+    it)."""
     return _open_resolved(os.path.realpath(path))
 
 
 def require_lmdb(path: str, hint: str = "") -> None:
     """Raise DataError, saying how to build one, unless path holds an LMDB."""
     if not os.path.isfile(os.path.join(path, "data.mdb")):
-        raise DataError(f"no LMDB at '{path}' (data.mdb missing); build it with dataset/img2lmdb.py{hint}")
+        raise DataError(f"no LMDB at '{path}' (data.mdb missing); build it with "
+                        f"dataset/img2lmdb.py{hint}")
 
 
 def _open_resolved(real_path: str) -> lmdb.Environment:
@@ -48,19 +51,22 @@ def _open_resolved(real_path: str) -> lmdb.Environment:
         env.close()  # inherited through fork: closing only unmaps it in this process
         del _OPEN_ENVS[real_path]
     require_lmdb(real_path)
-    env = lmdb.open(real_path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048)
+    env = lmdb.open(real_path, readonly=True, lock=False, readahead=False, meminit=False,
+                    max_readers=2048)
     _OPEN_ENVS[real_path] = (os.getpid(), env)
     return env
 
 
 class LMDBDataset(ListDataset):
-    """The samples of a list, read from the LMDB at root; the label is the one stored in the record."""
+    """The samples of a list, read from the LMDB at root; the label is the one stored in the
+    record."""
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True) -> None:
         super().__init__(list_path, transform, target_transform, decode)
         self.root = root
-        self._real_root = os.path.realpath(root)  # the LMDB cache key, resolved once (see _open_resolved)
+        # the LMDB cache key, resolved once (see _open_resolved)
+        self._real_root = os.path.realpath(root)
 
     def where(self, index: int) -> str:
         return f"image '{self.name(index)}' in the LMDB at '{self.root}'"

@@ -34,19 +34,23 @@ from dataset.image_list import (  # noqa: E402
 )
 from utils.errors import DataError  # noqa: E402
 
-__all__ = ["add_label_arguments", "flat_val_labels", "list_flat_images", "list_images", "main", "make_lists",
+__all__ = ["add_label_arguments", "flat_val_labels", "list_flat_images", "list_images", "main",
+           "make_lists",
            "split_folders"]
 
 
 def split_folders(image_path: str) -> list[str]:
     """The names of the folders under image_path that hold class folders, sorted."""
     if not os.path.isdir(image_path):
-        raise DataError(f"image folder '{image_path}' not found; pass the folder that holds train/ and val/")
-    return [name for name in visible_subfolders(image_path) if visible_subfolders(os.path.join(image_path, name))]
+        raise DataError(f"image folder '{image_path}' not found; pass the folder that holds train/ "
+                        "and val/")
+    return [name for name in visible_subfolders(image_path)
+            if visible_subfolders(os.path.join(image_path, name))]
 
 
 def list_images(split_dir: str) -> list[str]:
-    """Sorted ``class/file`` paths (with '/' on every OS) of the image files under split_dir's class folders."""
+    """Sorted ``class/file`` paths (with '/' on every OS) of the image files under split_dir's
+    class folders."""
     lines = []
     for wnid in class_folders(split_dir):
         class_dir = os.path.join(split_dir, wnid)
@@ -57,7 +61,8 @@ def list_images(split_dir: str) -> list[str]:
                 if not is_image_file(name):
                     continue
                 if "\n" in name or "\r" in name:
-                    raise DataError(f"file name {os.path.join(folder, name)!r} has a line break; rename it")
+                    raise DataError(f"file name {os.path.join(folder, name)!r} has a line break; "
+                                    "rename it")
                 lines.append(f"{relative}/{name}")
     return sorted(lines)
 
@@ -65,12 +70,13 @@ def list_images(split_dir: str) -> list[str]:
 def list_flat_images(folder: str) -> list[str]:
     """Sorted names of the image files directly in folder (a flat validation folder)."""
     if not os.path.isdir(folder):
-        raise DataError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ folder "
-                             f"of images under --image_path")
+        raise DataError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ "
+                             "folder of images under --image_path")
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
     if not names:
-        raise DataError(f"no image files directly in '{folder}'; --val_labels is for a flat val/ folder")
+        raise DataError(f"no image files directly in '{folder}'; --val_labels is for a flat val/ "
+                        "folder")
     return names
 
 
@@ -86,9 +92,11 @@ def flat_val_labels(image_path: str, val_labels: str, devkit: str | None) -> dic
 
 def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
                devkit: str | None = None) -> dict[str, int]:
-    """Write one list per split (folder, or official archive); returns the number of images per split.
+    """Write one list per split (folder, or official archive); returns the number of images per
+    split.
 
-    Every list is worked out before any is written, so that an error leaves the old lists as they were.
+    Every list is worked out before any is written, so that an error leaves the old lists as they
+    were.
     """
     from dataset.imagenet_archives import archive_lists, find_archives, val_lines
 
@@ -113,16 +121,20 @@ def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     """--val_labels and --devkit, shared with the packer."""
     parser.add_argument("--val_labels", default=None,
-                        help="labels of a flat val/ folder: Kaggle's LOC_val_solution.csv, or the devkit's "
-                             "ILSVRC2012_validation_ground_truth.txt together with --devkit")
-    parser.add_argument("--devkit", default=None, help="ILSVRC2012_devkit_t12.tar.gz, for the ground-truth file's IDs")
+                        help="labels of a flat val/ folder: Kaggle's LOC_val_solution.csv, or the "
+                             "devkit's ILSVRC2012_validation_ground_truth.txt together with "
+                             "--devkit")
+    parser.add_argument("--devkit", default=None,
+                        help="ILSVRC2012_devkit_t12.tar.gz, for the ground-truth file's IDs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image_path", required=True,
-                        help="folder holding the split folders (train/, val/), or the three official archives")
-    parser.add_argument("--output_path", required=True, help="folder for the <split>_list.txt files")
+                        help="folder holding the split folders (train/, val/), or the three "
+                             "official archives")
+    parser.add_argument("--output_path", required=True,
+                        help="folder for the <split>_list.txt files")
     add_label_arguments(parser)
     return parser.parse_args(argv)
 

@@ -27,8 +27,10 @@ class DevicePrefetcher:
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         shape = (1, len(mean), 1, 1)
-        self.mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=self.device).view(shape)
-        self.std = torch.tensor([255.0 * s for s in std], dtype=torch.float32, device=self.device).view(shape)
+        self.mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32,
+                                 device=self.device).view(shape)
+        self.std = torch.tensor([255.0 * s for s in std], dtype=torch.float32,
+                                device=self.device).view(shape)
         # One side stream for every pass: the caching allocator reuses a freed block only on the
         # stream that allocated it, so a new stream per pass would strand each pass's buffers.
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None

@@ -1,4 +1,5 @@
-"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index) alone.
+"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index)
+alone.
 
 The sampler hands the dataset a ``SampleKey`` instead of a bare index; the dataset seeds the
 sample's own generator from it and the transforms draw from that generator. Nothing depends on

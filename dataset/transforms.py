@@ -177,7 +177,8 @@ def resize_region(image: np.ndarray, region: tuple[float, float, float, float], 
     if (ix0, iy0, ix1, iy1) == (x0, y0, x1, y1):
         return resize_antialiased(crop, height, width)
     box = (x0 - ix0, y0 - iy0, min(x1, ix1) - ix0, min(y1, iy1) - iy0)
-    resized = Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.Resampling.BILINEAR, box=box)
+    resized = Image.fromarray(np.ascontiguousarray(crop)).resize(
+        (width, height), Image.Resampling.BILINEAR, box=box)
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 
@@ -322,9 +323,11 @@ class RandomResizedCropFlip(RandomTransform):
 
     def _render(self, source: _Source, box: Box, flip: bool) -> torch.Tensor:
         out_h, out_w = self.size
-        factor = jpeg_reduction(box.width, box.height, out_w, out_h, RANDOM_CROP_MARGIN) if source.is_jpeg else 1
+        factor = (jpeg_reduction(box.width, box.height, out_w, out_h, RANDOM_CROP_MARGIN)
+                  if source.is_jpeg else 1)
         decoded = _decode(source, factor, box, self.region)
-        return _finish(resize_region(decoded.image, decoded.region(box), out_h, out_w), flip, decoded.bgr)
+        return _finish(resize_region(decoded.image, decoded.region(box), out_h, out_w), flip,
+                       decoded.bgr)
 
 
 def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int, size: SizeHW,
@@ -347,7 +350,8 @@ class RandomScaleCropFlip(RandomTransform):
                  flip_p: float = 0.5) -> None:
         self.size = as_size(size)
         if not max(self.size) <= min_side <= max_side:
-            raise ConfigError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= max_side {max_side}")
+            raise ConfigError(f"rand_scale needs crop size {self.size} <= min_side {min_side} <= "
+                              f"max_side {max_side}")
         self.min_side, self.max_side, self.flip_p = min_side, max_side, flip_p
 
     def __call__(self, sample: Sample, rng: Rng = random) -> torch.Tensor:
@@ -355,7 +359,8 @@ class RandomScaleCropFlip(RandomTransform):
         shorter = rng.randint(self.min_side, self.max_side)
         new_w, new_h = shorter_side_size(source.width, source.height, shorter)
         top, left = rng.randint(0, new_h - self.size[0]), rng.randint(0, new_w - self.size[1])
-        return _resize_shorter_and_crop(source, shorter, top, left, self.size, rng.random() < self.flip_p)
+        return _resize_shorter_and_crop(source, shorter, top, left, self.size,
+                                        rng.random() < self.flip_p)
 
 
 class ResizeCenterCrop:
@@ -412,9 +417,11 @@ class ColorJitter(RandomTransform):
     """torchvision's ColorJitter(brightness, contrast, saturation) on a 3 x H x W RGB uint8
     tensor (or array): each factor uniform in [max(0, 1 - v), 1 + v], applied in a random order."""
 
-    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4) -> None:
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.4) -> None:
         self.adjustments = [(fn, (max(0.0, 1.0 - v), 1.0 + v))
-                            for fn, v in ((adjust_brightness, brightness), (adjust_contrast, contrast),
+                            for fn, v in ((adjust_brightness, brightness),
+                                          (adjust_contrast, contrast),
                                           (adjust_saturation, saturation)) if v > 0]
 
     def __call__(self, image: torch.Tensor | np.ndarray, rng: Rng = random) -> torch.Tensor:

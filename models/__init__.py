@@ -59,7 +59,8 @@ def official_weights_path(name: str) -> str:
     return official_checkpoint(official.url)
 
 
-def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int = 1000,
+                weights: PathOrState | None = None) -> nn.Module:
     """Build a network and load its weights.
 
     weights: None or '' for random initialisation; 'torchvision' for the official ImageNet
@@ -72,8 +73,9 @@ def build_model(name: str, num_classes: int = 1000, weights: PathOrState | None 
     if num_classes < 1:
         raise ConfigError(f"num_classes must be positive, got {num_classes}")
     if weights == OFFICIAL_WEIGHTS and num_classes != 1000:
-        raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes is {num_classes}; "
-                         "train this model from scratch or pass a local weights file")
+        raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes is "
+                         f"{num_classes}; train this model from scratch or pass a local weights "
+                         "file")
     if weights == OFFICIAL_WEIGHTS:
         weights = official_weights_path(name)  # fetched (or found cached) before the model is built
     model = constructor(num_classes=num_classes)

@@ -1,4 +1,5 @@
-"""Loading weights safely: local checkpoints in their common forms, and torchvision's official files.
+"""Loading weights safely: local checkpoints in their common forms, and torchvision's official
+files.
 
 Every file goes through ``torch.load(weights_only=True)``: only tensors and plain containers are
 unpickled, so a checkpoint that would run code is refused before any of it runs. Keys must match
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from utils.errors import DataError, first_line
 
-# Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel, torch.compile.
+# Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel,
+# torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Keys under which training scripts nest the state dict beside the optimizer, epoch, ...
 NESTING_KEYS = ("state_dict", "model")
@@ -44,9 +46,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         blocked = _blocked_global(str(exc))
         if blocked is not None:
             raise DataError(
-                f"refused to load '{path}': it holds a Python object ({blocked}) that could run code when "
-                "unpickled; load it only if you trust it and re-save just the tensors with "
-                "torch.save(model.state_dict(), path)") from None
+                f"refused to load '{path}': it holds a Python object ({blocked}) that could run "
+                "code when unpickled; load it only if you trust it and re-save just the tensors "
+                "with torch.save(model.state_dict(), path)") from None
         raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
                            f"({first_line(exc)}); is the file complete?") from None
     except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
@@ -76,13 +78,14 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
             break
         state = nested
     if not isinstance(state, Mapping) or not state:
-        raise DataError(f"{source} holds no state dict (found {type(state).__name__}); expected tensors "
-                           f"by parameter name, or a dict with one under {' or '.join(map(repr, NESTING_KEYS))}")
+        raise DataError(f"{source} holds no state dict (found {type(state).__name__}); expected "
+                           "tensors by parameter name, or a dict with one under "
+                           f"{' or '.join(map(repr, NESTING_KEYS))}")
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise DataError(f"{source} is not a state dict: {len(not_tensors)} entries are not tensors "
-                           f"({_listed(not_tensors)}); expected tensors by parameter name, or a dict "
-                           f"with them under {' or '.join(map(repr, NESTING_KEYS))}")
+                           f"({_listed(not_tensors)}); expected tensors by parameter name, or a "
+                           f"dict with them under {' or '.join(map(repr, NESTING_KEYS))}")
     state = {str(k): v for k, v in state.items()}
     stripped = True
     while stripped:
@@ -96,11 +99,15 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
 
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    return shown + (f", ... ({len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
+    if len(keys) > MAX_LISTED_KEYS:
+        shown += f", ... ({len(keys) - MAX_LISTED_KEYS} more)"
+    return shown
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str, name: str = "") -> None:
-    """Raise DataError, listing the differences, unless state fits model key for key and shape for shape."""
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
+                     name: str = "") -> None:
+    """Raise DataError, listing the differences, unless state fits model key for key and shape for
+    shape."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -114,7 +121,8 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys ({_listed(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shapes differ, checkpoint vs model ({_listed(mismatched)})")
+        problems.append(f"{len(mismatched)} shapes differ, checkpoint vs model "
+                        f"({_listed(mismatched)})")
     target = name or type(model).__name__
     raise DataError(f"{source} does not fit {target}: {'; '.join(problems)}; "
                        "check the model name and cfg.model.num_classes")

@@ -1,1 +1,2 @@
-"""Helpers shared by the training script: configuration, distributed setup, checkpoints, metrics, logs."""
+"""Helpers shared by the training script: configuration, distributed setup, checkpoints, metrics,
+logs."""

@@ -2,7 +2,8 @@
 
 Every file is written through ``utils.files.atomic_write``, so a crash or a kill at any moment
 leaves either the previous complete file or the new complete file. Everything stored is
-tensors and plain containers, numbers and strings, so ``torch.load(path, weights_only=True)`` reads it without running any pickled code.
+tensors and plain containers, numbers and strings, so ``torch.load(path, weights_only=True)`` reads
+it without running any pickled code.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def checkpoint_space_warning(output_dir: str, model: torch.nn.Module) -> str | N
 
 
 def save_checkpoint(state: Mapping[str, Any], output_dir: str, is_best: bool) -> str:
-    """Write ``checkpoint.pth.tar`` and, for the best epoch so far, the same bytes as ``model_best.pth.tar``.
+    """Write ``checkpoint.pth.tar`` and, for the best epoch so far, the same bytes as
+    ``model_best.pth.tar``.
 
     The best file is written first: a crash between the two writes then leaves the previous
     epoch's checkpoint, whose resumed run trains this epoch again and rewrites the best file.
@@ -92,7 +94,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise DataError(f"checkpoint '{path}' not found; check the path (or train first)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError) as exc:
         raise DataError(f"cannot read checkpoint '{path}' ({first_line(exc)}); it may be truncated "
                               f"or not a PyTorch file: point to a complete one") from None
     if not isinstance(obj, Mapping):
@@ -147,7 +150,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
                          npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if ("cuda" in state and torch.cuda.is_available()
+            and len(state["cuda"]) == torch.cuda.device_count()):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -34,8 +34,8 @@ def backend_of(setting: bool | str) -> str | None:
     if isinstance(setting, str) and setting in torch._dynamo.list_backends(exclude_tags=()):
         return setting
     names = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
-    raise ConfigError(f"train_params.compile must be True, False or a torch.compile backend ({names}), "
-                     f"got {setting!r}")
+    raise ConfigError("train_params.compile must be True, False or a torch.compile backend "
+                     f"({names}), got {setting!r}")
 
 
 def compile_in_place(networks: list[nn.Module | None], backend: Any = "inductor") -> None:

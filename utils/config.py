@@ -67,7 +67,8 @@ def flat_keys(cfg: Mapping, prefix: str = "") -> Iterator[str]:
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal when the text is one (``0.1``, ``True``, ``[1, 2]``, ``None``), else the string."""
+    """A Python literal when the text is one (``0.1``, ``True``, ``[1, 2]``, ``None``), else the
+    string."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -83,8 +84,8 @@ def set_by_path(cfg: AttrDict, dotted: str, value: Any) -> None:
             raise ConfigError(_unknown_key_message(cfg, dotted))
         if depth == len(parts) - 1:
             if isinstance(node[part], Mapping) and not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys instead, "
-                                  f"e.g. {dotted}.{next(iter(node[part]), 'key')}=...")
+                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys "
+                                  f"instead, e.g. {dotted}.{next(iter(node[part]), 'key')}=...")
             if isinstance(node[part], tuple) and isinstance(value, list):
                 value = tuple(value)
             node[part] = value
@@ -127,7 +128,8 @@ def apply_overrides(cfg: AttrDict, overrides: Iterable[str]) -> AttrDict:
 def load_config_module(path: str) -> ModuleType:
     """Execute a config module (a .py file the user writes, as in the original) and return it."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; pass a path to a .py file defining cfg")
+        raise ConfigError(f"config file '{path}' does not exist; pass a path to a .py file "
+                          "defining cfg")
     spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(os.path.abspath(path)))}", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"config file '{path}' is not a Python module")

@@ -38,7 +38,8 @@ from utils.errors import UserError
 from utils.files import atomic_write_text
 from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_cfg.py")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
 # Written beside the teacher's checkpoint once its training has finished: the configuration it
 # was trained with. Absent or different, the teacher is trained again.
@@ -104,7 +105,8 @@ def run_configs(cfg_path: str, overrides: Sequence[str],
         cfg = apply_mapping(copy.deepcopy(defaults), run["overrides"])
         apply_overrides(cfg, overrides)  # the user's word comes last
         if isinstance(cfg.train_params.epochs, int):  # else check_config names the bad value
-            cfg.train_params.epochs = math.ceil(cfg.train_params.epochs * run.get("epochs_factor", 1))
+            factor = run.get("epochs_factor", 1)
+            cfg.train_params.epochs = math.ceil(cfg.train_params.epochs * factor)
         if cfg.dist.nprocs == 0 and not torch.cuda.is_available():
             cfg.dist.nprocs = CPU_PROCESSES
         root = cfg.train_params.output_dir
@@ -118,7 +120,8 @@ def run_configs(cfg_path: str, overrides: Sequence[str],
 
 def best_result(output_dir: str) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of the epoch with the lowest validation top-1 error."""
-    records = [r for r in read_metrics(os.path.join(output_dir, METRICS_NAME)) if r.get("val_top1_err") is not None]
+    records = [r for r in read_metrics(os.path.join(output_dir, METRICS_NAME))
+               if r.get("val_top1_err") is not None]
     if not records:
         raise UserError(f"no validation results in {output_dir}/{METRICS_NAME}")
     best = min(records, key=lambda r: r["val_top1_err"])
@@ -170,7 +173,8 @@ def train_teacher(train: Callable[[AttrDict], None], cfg: AttrDict) -> None:
     The record goes first, so a run stopped halfway through is never taken for a finished one.
     """
     record = os.path.join(cfg.train_params.output_dir, TEACHER_RECORD)
-    trained_with = json.dumps(_as_json(cfg), indent=2) + "\n"  # as asked for, before train() sees it
+    # as asked for, before train() sees it
+    trained_with = json.dumps(_as_json(cfg), indent=2) + "\n"
     if os.path.exists(record):
         os.remove(record)
     train(cfg)
@@ -193,7 +197,8 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
     for index, (run, cfg) in enumerate(configs):
         output_dir = cfg.train_params.output_dir
         epochs = cfg.train_params.epochs
-        print(f"==> {run['network']} {run['method']}: {epochs} epoch{'' if epochs == 1 else 's'}", flush=True)
+        print(f"==> {run['network']} {run['method']}: {epochs} epoch{'' if epochs == 1 else 's'}",
+              flush=True)
         run_start = time.time()
         reused = index == 0 and cached_teacher(cfg)
         if reused:
@@ -204,7 +209,8 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
         else:
             train(cfg)
         top1, top5 = best_result(output_dir)
-        print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, {BEST_NAME})",
+        print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, "
+              f"{BEST_NAME})",
               flush=True)
         seconds = None if reused else time.time() - run_start
         rows.append(DemoRow(run["network"], run["method"], top1, top5, seconds,

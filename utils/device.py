@@ -44,7 +44,8 @@ def check_amp(setting: str) -> None:
 
 def choose_precision(setting: str, device: torch.device) -> Precision:
     """train_params.amp for this device: 'auto' is bf16 on CUDA capability >= 8.0, fp16 (with the
-    grad scaler) below it, full precision on the CPU; 'bf16', 'fp16' and 'off' are taken as given."""
+    grad scaler) below it, full precision on the CPU; 'bf16', 'fp16' and 'off' are taken as
+    given."""
     if device.type != "cuda":
         if setting == "auto":
             return Precision(None, f"train_params.amp='auto' on {device.type}")
@@ -54,7 +55,8 @@ def choose_precision(setting: str, device: torch.device) -> Precision:
     has_bf16_convolutions = (major, minor) >= BF16_CAPABILITY
     if setting == "auto":
         if has_bf16_convolutions:
-            return Precision(torch.bfloat16, f"train_params.amp='auto': {gpu} runs bf16 convolutions")
+            return Precision(torch.bfloat16,
+                             f"train_params.amp='auto': {gpu} runs bf16 convolutions")
         return Precision(torch.float16, f"train_params.amp='auto': {gpu} has no bf16 convolutions "
                                         "in cuDNN, so fp16 with a grad scaler")
     warning = ""

@@ -91,7 +91,8 @@ def local_world_size(world_size: int) -> int:
     """
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
-    if os.environ.get("SLURM_LOCALID") is not None and os.environ["SLURM_LOCALID"] == os.environ.get("LOCAL_RANK"):
+    local_id = os.environ.get("SLURM_LOCALID")
+    if local_id is not None and local_id == os.environ.get("LOCAL_RANK"):
         if os.environ.get("SLURM_NTASKS_PER_NODE", "").isdigit():
             return int(os.environ["SLURM_NTASKS_PER_NODE"])
         tasks = _slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""),
@@ -103,7 +104,8 @@ def local_world_size(world_size: int) -> int:
 
 
 def _slurm_tasks_on_node(tasks_per_node: str, node_id: str) -> int:
-    """Node node_id's entry of SLURM's compressed task list, e.g. '8(x2),4' -> 8, 8, 4; 0 if unknown."""
+    """Node node_id's entry of SLURM's compressed task list, e.g. '8(x2),4' -> 8, 8, 4; 0 if
+    unknown."""
     if not node_id.isdigit():
         return 0
     counts: list[int] = []
@@ -457,7 +459,8 @@ def loader_workers_per_process(setting: int | str, local_world_size: int) -> int
     """Each process's data-loading workers from data.num_workers.
 
     'auto': the process's share of the machine's cores, less one for the training loop itself
-    (two when the share is over 8: the loop and its pin-memory thread), at least one. A number: the machine's total, divided evenly among its processes.
+    (two when the share is over 8: the loop and its pin-memory thread), at least one. A number: the
+    machine's total, divided evenly among its processes.
     """
     if not (setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool)
                                   and setting >= 0)):

@@ -23,7 +23,8 @@ CURVES_NAME = "curves.png"
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The epoch records of a metrics.jsonl file ([] when there is none); a torn last line is dropped."""
+    """The epoch records of a metrics.jsonl file ([] when there is none); a torn last line is
+    dropped."""
     if not os.path.isfile(path):
         return []
     records = []
@@ -101,7 +102,8 @@ class RunLogger:
         self._log_file = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
-            self._log_file = open(os.path.join(output_dir, LOG_NAME), "a", encoding="utf-8")  # noqa: SIM115
+            log_path = os.path.join(output_dir, LOG_NAME)
+            self._log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
 
     @property
     def metrics_path(self) -> str:
@@ -125,7 +127,8 @@ class RunLogger:
             self._log_file.flush()
 
     def start_metrics(self, completed_epochs: int) -> None:
-        """Keep only the records of epochs 1..completed_epochs, the ones a resumed run will not redo."""
+        """Keep only the records of epochs 1..completed_epochs, the ones a resumed run will not
+        redo."""
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", 0) <= completed_epochs]

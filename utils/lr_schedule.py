@@ -57,4 +57,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Mapping[str, An
     """cfg.optim's schedule for optimizer (check_schedule has passed). A partial, not a
     callable object: LambdaLR stores such an object's attributes in its state, and a
     checkpoint must hold only tensors and plain values."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_factor, optim_cfg, epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             functools.partial(_factor, optim_cfg, epochs))
