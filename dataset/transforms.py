@@ -1,26 +1,17 @@
-"""Training and validation augmentations that decode each JPEG once, at reduced size where they can.
+"""Training and validation augmentations that decode each JPEG once, at reduced size where they
+can.
 
-The transforms reproduce torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip``, random
-shorter-side scaling + ``RandomCrop``, ``Resize`` + ``CenterCrop`` and ``ColorJitter``
-(brightness, contrast, saturation): the same random parameters, drawn from the same
-distributions, and the same antialiased bilinear filter. What they save is work:
+torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip``, shorter-side scaling +
+``RandomCrop``, ``Resize`` + ``CenterCrop`` and ``ColorJitter``, with the same random parameters
+and the same antialiased bilinear filter, but less work: the crop is chosen from the JPEG header
+first, the image is decoded with DCT scaling (1/2, 1/4, 1/8) when the crop keeps enough pixels
+per output pixel, and only the crop's window where libjpeg-turbo's region decoder could be built
+(``dataset.jpeg_region``). Images stay uint8; the one resize runs on the crop only.
 
-* Given the file bytes, the size comes from the JPEG header, the crop is chosen first, and the
-  image is decoded with DCT scaling (1/2, 1/4, 1/8) when the crop keeps enough pixels per output
-  pixel (1.25 for random crops, 1.5 for whole-image resizes): a 1600 px photo cropped to 1400 px
-  for a 224 px output is decoded at 400 px.
-* A random crop's JPEG is decoded only where the crop is (``dataset.jpeg_region``, libjpeg-turbo)
-  when that decoder could be built; otherwise OpenCV decodes the whole image. Both give the
-  crop's pixels exactly as a whole-image decode does.
-* Images stay uint8 throughout. The one resize runs on the crop only, with torch's vectorised
-  uint8 kernel, which implements PIL's filter (PIL itself resamples the rare sub-pixel boxes
-  that a scaled decode leaves); the mirror and the BGR -> RGB swap happen on the small output.
-
-Every transform returns a 3 x H x W RGB uint8 tensor, contiguous: what the collate function
-copies into the batch as it is, and what ``torchvision.transforms.v2`` transforms take, so any of
-them can follow the crop (``RandomChain``). Random draws come from the ``rng`` a call is given
-(the training data hands each sample its own, see ``dataset.sampling``), else from Python's
-``random`` module.
+Every transform returns a contiguous 3 x H x W RGB uint8 tensor, which the collate function
+copies as it is and ``torchvision.transforms.v2`` transforms take (``RandomChain``). Random draws
+come from the ``rng`` a call is given (each sample's own, see ``dataset.sampling``), else from
+Python's ``random`` module.
 """
 
 from __future__ import annotations
@@ -75,10 +66,6 @@ def as_size(size: int | Sequence[int]) -> SizeHW:
     return height, width
 
 
-# ---------------------------------------------------------------------------------------------
-# Random parameters, drawn as torchvision draws them (from Python's random module).
-
-
 def sample_resized_crop_box(width: int, height: int, scale: Sequence[float],
                             ratio: Sequence[float], rng: Rng = random) -> Box:
     """torchvision RandomResizedCrop's box: ten tries of area and log-ratio sampling, then a
@@ -107,10 +94,6 @@ def shorter_side_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     if width <= height:
         return shorter, int(shorter * height / width)
     return int(shorter * width / height), shorter
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding and resampling.
 
 
 def image_header(data: bytes) -> tuple[int, int, bool] | None:
@@ -185,8 +168,7 @@ def resize_region(image: np.ndarray, region: tuple[float, float, float, float], 
 def _finish(image: torch.Tensor, flip: bool, bgr: bool) -> torch.Tensor:
     """3 x H x W -> RGB, mirrored if asked, contiguous (one copy at most)."""
     dims = ([0] if bgr else []) + ([2] if flip else [])
-    out = image.flip(dims) if dims else image
-    return out.contiguous()
+    return (image.flip(dims) if dims else image).contiguous()
 
 
 class _Source(NamedTuple):
@@ -265,10 +247,6 @@ def _decode(source: _Source, factor: int, box: Box | None = None, region: bool =
     return _Decoded(image, width / source.width, height / source.height, True)
 
 
-# ---------------------------------------------------------------------------------------------
-# The augmentations.
-
-
 class RandomTransform:
     """A transform that draws its random parameters from the generator it is called with,
     ``transform(sample, rng)``, so that ``apply_transform`` can hand it a sample's own."""
@@ -280,11 +258,9 @@ class RandomTransform:
 def apply_transform(transform: Callable[..., Any], sample: Any, rng: Rng) -> Any:
     """``transform`` applied to sample, every random draw in it coming from rng.
 
-    Ours (RandomTransforms) are handed rng. Any other callable, such as a
-    ``torchvision.transforms.v2`` transform or ``v2.Compose``, takes the sample alone: it runs
-    with the process's generators, torch's and Python's, seeded from rng and restored
-    afterwards. So its draws, and those of our transforms that it calls without a generator,
-    depend on the sample alone, not on the loader worker that runs it or what ran there before.
+    Ours are handed rng. Any other callable (a ``torchvision.transforms.v2`` transform,
+    ``v2.Compose``) runs with torch's and Python's generators seeded from rng and restored
+    afterwards, so its draws depend on the sample alone, not on the worker that runs it.
     """
     if isinstance(transform, RandomTransform):
         return transform(sample, rng)
@@ -376,10 +352,6 @@ class ResizeCenterCrop:
         top = int(round((new_h - self.size[0]) / 2.0))
         left = int(round((new_w - self.size[1]) / 2.0))
         return _resize_shorter_and_crop(source, self.shorter, top, left, self.size, flip=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Colour jitter on the small 3 x H x W uint8 output, with PIL's ImageEnhance arithmetic.
 
 
 def _planes(image: np.ndarray) -> np.ndarray:
