@@ -4,27 +4,22 @@
         --output_path /path/to/imagenet --split train
 
 Reads ``<list_path>/<split>_list.txt`` (or the original's ``<split>_datalist``) and writes the
-LMDB ``<output_path>/<split>`` (``<split>_<N>`` with ``--image_size N``). The output folder may
-be the split's image folder itself: the LMDB's two files sit beside the class folders.
+LMDB ``<output_path>/<split>`` (``<split>_<N>`` with ``--image_size N``), which may sit beside
+the class folders. The images may also come from ImageNet's three official archives, each read
+once, front to back, or from a flat val/ folder (``--val_labels``, Kaggle's layout): the LMDB is
+the one the sorted class folders would give, byte for byte.
 
-The image path may instead hold ImageNet's three official archives (and no train/ folder): the
-images are then read from the archives, each read once, front to back, and labels number the
-train tar's inner tars (one per class) in sorted-wnid order. ``--val_labels`` packs a flat val/
-folder (Kaggle's layout). Either way the LMDB is the one the sorted class folders would give, byte
-for byte.
+- Lossless: RGB and greyscale JPEGs are stored byte for byte; other readable files become RGB
+  JPEGs. Every image is checked to decode.
+- Labels are the indices of the sorted class folders of ``<image_path>/train``, as torchvision's
+  ImageFolder and the pretrained teachers number them, so a split that lacks a class never
+  shifts the labels.
+- Parallel, committed in batches, restartable (a rerun skips the keys already stored), and every
+  list line is checked to be in the LMDB at the end.
 
-- Lossless: RGB and greyscale JPEGs are stored byte for byte; PNGs, CMYK JPEGs and other
-  readable files become RGB JPEGs. Every image is checked to decode.
-- Labels are the indices of the sorted class folders of ``<image_path>/train`` (of the split
-  itself when there is no train folder), as torchvision's ImageFolder and the official
-  pretrained teachers number them, so a split that lacks a class never shifts the labels.
-- Parallel, committed in batches, restartable: a rerun skips the keys already stored. At the end
-  every list line is checked to be in the LMDB.
-
-Called from Python (``main`` or ``pack_split``), the packer starts its workers as fresh
-processes (forkserver, or spawn where there is none), so the calling program needs the usual
-``if __name__ == "__main__":`` guard. Run as a command, it forks them: nothing in the command's
-process has used OpenCV before, and the workers start without importing anything again.
+Called from Python, the packer starts its workers as fresh processes, so the caller needs the
+usual ``if __name__ == "__main__":`` guard; run as a command, it forks them (see
+``_worker_context``).
 """
 
 from __future__ import annotations
@@ -150,8 +145,7 @@ def list_labels(lines: list[str], labels: dict[str, int], list_file: str,
 
 
 def _read_with_fingerprint(path: str) -> tuple[bytes, tuple[int, int]]:
-    """A file's bytes and (size, modification time), from the one open file, so they belong
-    together."""
+    """A file's bytes and (size, mtime), from the one open file, so they belong together."""
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
         return f.read(), (stat.st_size, stat.st_mtime_ns)
@@ -160,9 +154,8 @@ def _read_with_fingerprint(path: str) -> tuple[bytes, tuple[int, int]]:
 def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept: bool) -> _Outcome:
     """Worker: read and check one image file, converting it when it cannot be stored as is.
 
-    A file kept as is is not sent back unless send_kept: piping every file through to the main
-    process costs more than the main process reading it again from the page cache, and the
-    fingerprint tells the main process if the file changed in between.
+    A file kept as is is sent back only if send_kept: the main process reading it again from the
+    page cache is cheaper than the pipe, and the fingerprint says if it changed in between.
     """
     try:
         data, fingerprint = _read_with_fingerprint(task.path)
@@ -174,10 +167,8 @@ def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept
 
 
 def prepare_bytes(item: tuple[_Task, bytes], shorter_side: int | None, quality: int,
-                  send_kept: bool = False,
-                  fingerprint: tuple[int, int] | None = None) -> _Outcome:
-    """Worker: check one image's bytes (read from an archive by the main process, which keeps
-    them)."""
+                  send_kept: bool = False, fingerprint: tuple[int, int] | None = None) -> _Outcome:
+    """Worker: check one image's bytes, read from an archive by the main process."""
     task, data = item
     try:
         image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
@@ -209,11 +200,9 @@ def _init_worker() -> None:
 def _worker_context(fork: bool = False) -> multiprocessing.context.BaseContext:
     """Start workers from a fresh interpreter, unless fork says the caller may be forked.
 
-    A forked child inherits OpenCV's thread pool as the caller left it: if the caller had used
-    it (any cv2.resize of a large image), the child's copy names threads that were not copied,
-    and reconfiguring it (cv2.setNumThreads) waits forever on their condition variable. Only a
-    caller that knows it has not used OpenCV (this file run as a command) may fork. This module
-    imports no torch, so a fresh worker costs about a third of a second, once.
+    A forked child inherits OpenCV's thread pool with threads that were not copied, and
+    cv2.setNumThreads then waits forever: only a caller that has not used OpenCV (this file run
+    as a command) may fork. A fresh worker costs about a third of a second, once (no torch).
     """
     methods = multiprocessing.get_all_start_methods()
     if fork and "fork" in methods:
@@ -284,19 +273,17 @@ def default_workers() -> int:
 
 
 def pack_split(image_path: str, list_path: str, output_path: str, split: str,
-               image_size: int | None = None,
-               workers: int | None = None, skip_bad: bool = False,
-               commit_every: int = DEFAULT_COMMIT_EVERY,
+               image_size: int | None = None, workers: int | None = None,
+               skip_bad: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
                jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress: bool = True,
                initial_map_size: int = INITIAL_MAP_SIZE, fork_workers: bool = False,
                val_labels: str | None = None, devkit: str | None = None) -> PackSummary:
     """Pack the images that split's list names into ``<output_path>/<split>[_<image_size>]``.
 
-    The images come from the split's folder, or from the official archives when image_path
-    holds them (see ``find_archives``); val_labels (with devkit for the ground-truth file)
-    labels a flat val/ folder. Raises DataError for anything the user must fix; what was
-    committed before stays committed, so the same call resumes where it stopped. fork_workers:
-    fork the worker processes, for callers that have not used OpenCV (see ``_worker_context``).
+    The images come from the split's folder or the official archives (``find_archives``);
+    val_labels (devkit: the ground-truth file) labels a flat val/ folder. Raises DataError for
+    anything the user must fix; what was committed stays, so the same call resumes.
+    fork_workers: only for callers that have not used OpenCV (see ``_worker_context``).
     """
     split_dir = os.path.join(image_path, split)
     archives = find_archives(image_path)
@@ -368,13 +355,11 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
 
 def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tuple[_Task, bytes]],
                       work: functools.partial, window: int) -> Iterator[_Outcome]:
-    """The workers' outcomes for images read from an archive, in archive order, with the bytes kept
-    as is.
+    """The workers' outcomes for images read from an archive, in archive order.
 
-    The main process reads the next window of images while the workers check the last one, so
-    reading the stream and decoding overlap, and at most two windows are held in memory. When
-    the stream breaks off (a damaged archive), the images read before the damage are still
-    packed, then the error is raised.
+    This process reads the next window while the workers check the last one, so at most two
+    windows are in memory. A damaged archive's images before the damage are still packed, then
+    the error is raised.
     """
     def windows() -> Iterator[list[tuple[_Task, bytes]]]:
         current: list[tuple[_Task, bytes]] = []
@@ -484,8 +469,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "instead of stopping; a missing file still stops the run, as it "
                              "means the list is out of date")
     parser.add_argument("--commit_every", type=int, default=DEFAULT_COMMIT_EVERY,
-                        help="images per LMDB transaction: the most that killing the packer can "
-                             "lose")
+                        help="images per LMDB transaction: the most that killing the "
+                             "packer can lose")
     parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="quality of the JPEGs written for converted or resized images")
     add_label_arguments(parser)
@@ -497,23 +482,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, fork_workers: bool = False) -> int:
-    """The command; fork_workers only where this process has not used OpenCV (see
-    ``pack_split``)."""
+    """The command; fork_workers only where this process has not used OpenCV."""
     args = parse_args(argv)
     try:
         summary = pack_split(args.image_path, args.list_path, args.output_path, args.split,
                              image_size=args.image_size, workers=args.workers,
-                             skip_bad=args.skip_bad,
-                             commit_every=args.commit_every, jpeg_quality=args.jpeg_quality,
-                             fork_workers=fork_workers, val_labels=args.val_labels,
-                             devkit=args.devkit)
+                             skip_bad=args.skip_bad, commit_every=args.commit_every,
+                             jpeg_quality=args.jpeg_quality, fork_workers=fork_workers,
+                             val_labels=args.val_labels, devkit=args.devkit)
     except (DataError, OSError, lmdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; the images packed so far are saved: rerun the same command to "
-              "go on",
-              file=sys.stderr)
+        print("error: interrupted; the images packed so far are saved: rerun the same command "
+              "to go on", file=sys.stderr)
         return 130
     if summary.skipped:
         print(f"{args.split}: skipped {len(summary.skipped)} unreadable images, listed in "
