@@ -281,7 +281,7 @@ class DKDLoss(_DistillationLoss):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", dkd_alpha={self.dkd_alpha}, dkd_beta={self.dkd_beta}, "
-                f"warmup_epochs={self.warmup_epochs}")
+                                       f"warmup_epochs={self.warmup_epochs}")
 
 
 def _pearson_distance(a: Tensor, b: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ def labels_for(names: np.ndarray, classes: Sequence[str], list_path: str) -> np.
     unknown = [w.decode("utf-8") for w in wnids if w not in index]
     if unknown:
         raise DataError(f"list '{list_path}' names classes that are not class folders of the train "
-                         f"split (e.g. '{unknown[0]}'); remake it with dataset/mk_img_list.py")
+                        f"split (e.g. '{unknown[0]}'); remake it with dataset/mk_img_list.py")
     return np.array([index[w] for w in wnids], dtype=np.int32)[inverse.reshape(-1)]
 
 

@@ -16,8 +16,6 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 LIST_SUFFIX = "_list.txt"
 
 
-
-
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
@@ -32,7 +30,7 @@ def class_folders(split_dir: str) -> list[str]:
     """The sorted class folder names of a split: the order that defines the labels."""
     if not os.path.isdir(split_dir):
         raise DataError(f"image folder '{split_dir}' not found; point to the folder that holds "
-                             "the train/ and val/ class folders")
+                        "the train/ and val/ class folders")
     return visible_subfolders(split_dir)
 
 

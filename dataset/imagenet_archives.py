@@ -41,8 +41,6 @@ _WNID = re.compile(r"n\d{8}")
 _STREAM_BUFFER = 1 << 20  # read-ahead buffer of an archive read as a stream
 
 
-
-
 @dataclass(frozen=True)
 class Archives:
     """The paths of the three official files."""
@@ -75,8 +73,8 @@ def find_archives(image_path: str) -> Archives | None:
     for name, here in zip(names, present):
         if not here:
             raise DataError(f"archive '{os.path.join(image_path, name)}' not found; put the three "
-                               f"official ImageNet files ({', '.join(names)}) side by side in "
-                               f"'{image_path}'")
+                            f"official ImageNet files ({', '.join(names)}) side by side in "
+                            f"'{image_path}'")
     return Archives(*(os.path.join(image_path, name) for name in names))
 
 
@@ -108,7 +106,7 @@ def devkit_classes(devkit: str) -> dict[int, str]:
                    for s in synsets if int(s["num_children"]) == 0}
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise DataError(f"{META_MAT} in '{devkit}' is not the devkit's synset table ({exc}); "
-                           f"download {DEVKIT} again") from None
+                        f"download {DEVKIT} again") from None
     if not classes:
         raise DataError(f"{META_MAT} in '{devkit}' names no leaf synsets; download {DEVKIT} again")
     return classes
@@ -118,7 +116,7 @@ def _check_wnid(name: str, where: str, suffix: str = "") -> str:
     """name, which must be a wnid; suffix completes it to the name of the file it came from."""
     if not _WNID.fullmatch(name):
         raise DataError(f"'{name}{suffix}' in '{where}' is not named after a wnid (n01440764 and "
-                           "so on); remove it or download the archive again")
+                        "so on); remove it or download the archive again")
     return name
 
 
@@ -219,19 +217,19 @@ def read_val_labels(labels_file: str, image_names: list[str], source: str,
         raise DataError(f"validation labels '{labels_file}' not found") from None
     except UnicodeDecodeError:
         raise DataError(f"validation labels '{labels_file}' are not text; pass "
-                           "LOC_val_solution.csv or the devkit's ground-truth file") from None
+                        "LOC_val_solution.csv or the devkit's ground-truth file") from None
     if text.startswith(KAGGLE_HEADER):
         by_name = _kaggle_labels(text, labels_file)
     else:
         if devkit is None:
             raise DataError(f"'{labels_file}' is not Kaggle's CSV, so it is read as the devkit's "
-                               f"ground-truth file, which needs the devkit: add --devkit {DEVKIT}")
+                            f"ground-truth file, which needs the devkit: add --devkit {DEVKIT}")
         by_name = _ground_truth_labels(text, labels_file, image_names, source,
                                        devkit_classes(devkit))
     for name in image_names:
         if name not in by_name:
             raise DataError(f"validation image '{name}' in '{source}' has no label in "
-                               f"'{labels_file}'; pass the labels of these images")
+                            f"'{labels_file}'; pass the labels of these images")
     return {name: by_name[name] for name in image_names}
 
 
@@ -252,8 +250,8 @@ def _ground_truth_labels(text: str, labels_file: str, image_names: list[str], so
     ids = text.split()
     if len(ids) != len(image_names):
         raise DataError(f"'{labels_file}' has {len(ids)} labels but '{source}' holds "
-                           f"{len(image_names)} validation images; pass the ground truth that "
-                           "belongs to these images")
+                        f"{len(image_names)} validation images; pass the ground truth that "
+                        "belongs to these images")
     by_name = {}
     for number, (name, class_id) in enumerate(zip(sorted(image_names), ids), start=1):
         if not class_id.isdigit() or int(class_id) not in classes:
@@ -289,7 +287,7 @@ def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str
         wnid = line.partition("/")[0]
         if wnid not in classes:
             raise DataError(f"'{wnid}.tar' in '{archives.train}' is not one of the devkit's "
-                               f"{len(classes)} classes; remove it or download the archive again")
+                            f"{len(classes)} classes; remove it or download the archive again")
     wnid_by_name = archive_val_labels(archives, val_labels)
     return {"train": train, "val": val_lines(list(wnid_by_name), wnid_by_name)}
 

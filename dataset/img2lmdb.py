@@ -65,8 +65,6 @@ INITIAL_MAP_SIZE = 1 << 30  # doubled whenever a commit finds the map full
 DEFAULT_COMMIT_EVERY = 1000
 
 
-
-
 class _Task(NamedTuple):
     line: str
     path: str

@@ -22,8 +22,6 @@ from utils.errors import DataError
 _OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-
-
 def open_lmdb_readonly(path: str) -> lmdb.Environment:
     """This process's read-only, lock-free handle on the LMDB environment at path (any spelling of
     it)."""
@@ -77,7 +75,7 @@ class LMDBDataset(ListDataset):
             value = txn.get(key)
         if value is None:
             raise DataError(f"key '{key.decode('utf-8')}' is in the list but not in the LMDB at "
-                                     f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
+                            f"'{self.root}'; rerun dataset/img2lmdb.py for this list")
         return decode_record(value)
 
 

@@ -71,7 +71,7 @@ def list_flat_images(folder: str) -> list[str]:
     """Sorted names of the image files directly in folder (a flat validation folder)."""
     if not os.path.isdir(folder):
         raise DataError(f"validation folder '{folder}' not found; --val_labels needs the flat val/ "
-                             "folder of images under --image_path")
+                        "folder of images under --image_path")
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
     if not names:
@@ -111,7 +111,7 @@ def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
             lists["val"] = val_lines(list(wnid_by_name), wnid_by_name)
         if not lists:
             raise DataError(f"no split folders (folders of class folders such as train/n01440764/) "
-                                 f"under '{image_path}', nor the official archives")
+                            f"under '{image_path}', nor the official archives")
     os.makedirs(output_path, exist_ok=True)
     for split, lines in lists.items():
         write_list(list_file_path(output_path, split), lines)

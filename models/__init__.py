@@ -55,7 +55,7 @@ def official_weights_path(name: str) -> str:
     _, official = _architecture(name)
     if official is None:
         raise ConfigError(f"torchvision has no official weights for '{name}'; "
-                         "pass a local weights file instead")
+                          "pass a local weights file instead")
     return official_checkpoint(official.url)
 
 
@@ -74,8 +74,8 @@ def build_model(name: str, num_classes: int = 1000,
         raise ConfigError(f"num_classes must be positive, got {num_classes}")
     if weights == OFFICIAL_WEIGHTS and num_classes != 1000:
         raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes is "
-                         f"{num_classes}; train this model from scratch or pass a local weights "
-                         "file")
+                          f"{num_classes}; train this model from scratch or pass a local weights "
+                          "file")
     if weights == OFFICIAL_WEIGHTS:
         weights = official_weights_path(name)  # fetched (or found cached) before the model is built
     model = constructor(num_classes=num_classes)

@@ -50,10 +50,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
                 "code when unpickled; load it only if you trust it and re-save just the tensors "
                 "with torch.save(model.state_dict(), path)") from None
         raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
-                           f"({first_line(exc)}); is the file complete?") from None
+                        f"({first_line(exc)}); is the file complete?") from None
     except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
         raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
-                           f"({first_line(exc)}); is the file complete?") from None
+                        f"({first_line(exc)}); is the file complete?") from None
 
 
 def _blocked_global(message: str) -> str | None:
@@ -79,13 +79,13 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
         state = nested
     if not isinstance(state, Mapping) or not state:
         raise DataError(f"{source} holds no state dict (found {type(state).__name__}); expected "
-                           "tensors by parameter name, or a dict with one under "
-                           f"{' or '.join(map(repr, NESTING_KEYS))}")
+                        "tensors by parameter name, or a dict with one under "
+                        f"{' or '.join(map(repr, NESTING_KEYS))}")
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise DataError(f"{source} is not a state dict: {len(not_tensors)} entries are not tensors "
-                           f"({_listed(not_tensors)}); expected tensors by parameter name, or a "
-                           f"dict with them under {' or '.join(map(repr, NESTING_KEYS))}")
+                        f"({_listed(not_tensors)}); expected tensors by parameter name, or a "
+                        f"dict with them under {' or '.join(map(repr, NESTING_KEYS))}")
     state = {str(k): v for k, v in state.items()}
     stripped = True
     while stripped:
@@ -125,7 +125,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
                         f"({_listed(mismatched)})")
     target = name or type(model).__name__
     raise DataError(f"{source} does not fit {target}: {'; '.join(problems)}; "
-                       "check the model name and cfg.model.num_classes")
+                    "check the model name and cfg.model.num_classes")
 
 
 def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -> nn.Module:
@@ -163,6 +163,6 @@ def official_checkpoint(url: str) -> str:
         torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None)
     except Exception as exc:  # network, disk and hash errors alike mean: fetch it by hand
         raise DataError(f"cannot download the official weights {filename} ({first_line(exc)}); "
-                           f"download {url} elsewhere and put it in {folder} "
-                           "(set TORCH_HOME to use another cache)") from None
+                        f"download {url} elsewhere and put it in {folder} "
+                        "(set TORCH_HOME to use another cache)") from None
     return path

@@ -29,8 +29,6 @@ CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 
 
-
-
 class _ByteCounter(io.RawIOBase):
     """A write-only sink that keeps only the number of bytes written to it."""
 
@@ -97,7 +95,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError) as exc:
         raise DataError(f"cannot read checkpoint '{path}' ({first_line(exc)}); it may be truncated "
-                              f"or not a PyTorch file: point to a complete one") from None
+                        f"or not a PyTorch file: point to a complete one") from None
     if not isinstance(obj, Mapping):
         raise DataError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of tensors")
     return dict(obj)
@@ -122,7 +120,7 @@ def resolve_resume_path(if_resume: bool, resume_path: str, output_dir: str) -> s
         return candidate if os.path.isfile(candidate) else None
     if not os.path.isfile(resume_path):
         raise DataError(f"resume checkpoint '{resume_path}' not found; fix optim.resume_path "
-                              f"or use optim.resume_path=auto")
+                        f"or use optim.resume_path=auto")
     return resume_path
 
 

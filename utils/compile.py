@@ -35,7 +35,7 @@ def backend_of(setting: bool | str) -> str | None:
         return setting
     names = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
     raise ConfigError("train_params.compile must be True, False or a torch.compile backend "
-                     f"({names}), got {setting!r}")
+                      f"({names}), got {setting!r}")
 
 
 def compile_in_place(networks: list[nn.Module | None], backend: Any = "inductor") -> None:
@@ -57,4 +57,4 @@ def compile_failures_as_errors() -> Iterator[None]:
     except torch._dynamo.exc.TorchDynamoException as exc:
         cause = getattr(exc, "inner_exception", None) or exc
         raise ConfigError(f"torch.compile failed ({first_line(cause)}); "
-                           "train without it with train_params.compile=False") from None
+                          "train without it with train_params.compile=False") from None

@@ -22,8 +22,6 @@ from utils.errors import ConfigError
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-
-
 def fsync_dir(folder: str) -> None:
     """Make a rename in folder durable (not possible, nor needed, on every platform)."""
     try:
@@ -64,8 +62,8 @@ def disk_full_error(path: str, needed: int | None, written: int) -> ConfigError:
     folder = os.path.dirname(os.path.abspath(path))
     size = f"{needed} bytes" if needed is not None else f"more than {written} bytes"
     return ConfigError(f"no space left to write '{path}': it needs {size} and "
-                         f"{free_bytes(folder)} bytes are free there; free some space or "
-                         f"choose a folder on a larger disk")
+                       f"{free_bytes(folder)} bytes are free there; free some space or "
+                       f"choose a folder on a larger disk")
 
 
 def _create(path: str) -> IO[bytes]:
