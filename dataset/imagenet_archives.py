@@ -1,18 +1,14 @@
-"""ImageNet's official archives and validation label files, read in place.
+"""ImageNet's official archives and validation label files, read in place. The three files
+(which torchvision's ``ImageNet`` also expects side by side):
 
-The ImageNet site hands out three files, which torchvision's ``ImageNet`` also expects side by side:
-
-- ``ILSVRC2012_img_train.tar``: 1,000 inner tars ``<wnid>.tar`` of ``<wnid>_<number>.JPEG`` files;
+- ``ILSVRC2012_img_train.tar``: 1,000 inner tars ``<wnid>.tar`` of ``<wnid>_<number>.JPEG``;
 - ``ILSVRC2012_img_val.tar``: 50,000 flat ``ILSVRC2012_val_<number>.JPEG`` files;
-- ``ILSVRC2012_devkit_t12.tar.gz``: ``data/meta.mat`` (ILSVRC2012_ID -> wnid, in an order that
-  is not the sorted-wnid order) and ``data/ILSVRC2012_validation_ground_truth.txt`` (one ID per
-  validation image, in file-number order).
+- ``ILSVRC2012_devkit_t12.tar.gz``: ``data/meta.mat`` (ILSVRC2012_ID -> wnid, not in sorted-wnid
+  order) and ``data/ILSVRC2012_validation_ground_truth.txt`` (one ID per validation image).
 
 Kaggle's copy has extracted folders, a flat ``val/`` and ``LOC_val_solution.csv`` instead.
-
-Nothing is extracted to disk. Listing reads only the tar headers (seeking over the images).
-Packing reads each archive once, front to back, as one stream: every read lies after the last,
-and images already stored are skipped unread. Validation lines are those of images sorted into
+Nothing is extracted: listing reads the tar headers only, packing reads each archive once, front
+to back, skipping stored images unread. Validation lines read as if the images were sorted into
 class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
 """
 
@@ -60,9 +56,8 @@ def _has_subfolder(path: str) -> bool:
 def find_archives(image_path: str) -> Archives | None:
     """The official files in image_path, when it holds any of them and no extracted train/ tree.
 
-    None means the folder route. A train/ folder without subfolders is the LMDB packed from the
-    archives into the same folder, not an extracted tree. One file present and another missing
-    is an error, so that a half-finished download is named rather than mistaken for an empty tree.
+    None means the folder route (a train/ folder without subfolders is an LMDB packed there).
+    One file present and another missing is an error: a half-finished download is named.
     """
     if not os.path.isdir(image_path) or _has_subfolder(os.path.join(image_path, "train")):
         return None
@@ -127,19 +122,16 @@ def _checked_name(member: tarfile.TarInfo, archive: str) -> str:
 
 
 def _check_end(f: BinaryIO, tar: tarfile.TarFile, path: str) -> None:
-    """A tar cut short exactly between two members reads as a shorter, valid one: its end marker
-    tells."""
+    """A tar cut short between two members reads as a shorter, valid one: the end marker tells."""
     f.seek(tar.offset)
     if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
         raise _damaged(path, "it has no end-of-archive marker")
 
 
 def _file_members(f: BinaryIO, path: str, end: int) -> Iterator[tarfile.TarInfo]:
-    """The file members of the tar that starts at f's position, header by header, front to back.
+    """The file members of the tar at f's position, front to back; none may pass end.
 
-    The caller may read a member's data between two members: each header is read at its own
-    offset, so every read moves forward through the file. end: where this tar's bytes end (the
-    file's size, or the end of a tar inside a tar), which no member may pass.
+    Each header is read at its own offset, so the caller may read a member's data in between.
     """
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves f open
@@ -161,8 +153,7 @@ def _open_archive(path: str, buffering: int) -> BinaryIO:
 
 
 def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
-    """(wnid, where, end) of each inner tar of the train tar, with f at the inner tar's first
-    header."""
+    """(wnid, where, end) of each inner tar of the train tar, with f at its first header."""
     for inner in _file_members(f, path, os.fstat(f.fileno()).st_size):
         wnid = _check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
         f.seek(inner.offset_data)
@@ -170,22 +161,16 @@ def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
 
 
 def train_classes(path: str) -> list[str]:
-    """The sorted wnids of the train tar's inner tars: the label order, as the sorted train/
-    folders give it.
-
-    Only the 1,000 outer headers are read, so this costs a thousand short reads, not a pass over
-    the tar.
-    """
+    """The sorted wnids of the train tar's inner tars (the label order), from the 1,000 outer
+    headers alone."""
     with _open_archive(path, 0) as f:
-        return sorted(_check_wnid(inner.name.removeprefix("./").removesuffix(".tar"), path, ".tar")
-                      for inner in _file_members(f, path, os.fstat(f.fileno()).st_size))
+        return sorted(wnid for wnid, _, _ in _inner_tars(f, path))
 
 
 def list_train_tar(path: str) -> list[str]:
     """Sorted ``wnid/file`` lines of the train tar's images, from the headers alone."""
     lines = []
-    # unbuffered: a header is one short read, the images are skipped
-    with _open_archive(path, 0) as f:
+    with _open_archive(path, 0) as f:  # unbuffered: a header is one short read
         for wnid, where, end in _inner_tars(f, path):
             for member in _file_members(f, where, end):
                 name = _checked_name(member, where)
@@ -204,12 +189,8 @@ def list_val_tar(path: str) -> list[str]:
 
 def read_val_labels(labels_file: str, image_names: list[str], source: str,
                     devkit: str | None = None) -> dict[str, str]:
-    """Validation image name -> wnid, for every one of image_names (found in source).
-
-    labels_file is Kaggle's LOC_val_solution.csv (the wnid is the first word of each
-    PredictionString), or the devkit's ground-truth file (one ILSVRC2012_ID per image, in
-    file-number order), which needs the devkit's meta.mat to turn IDs into wnids.
-    """
+    """Validation image name -> wnid, for every one of image_names (found in source), from
+    Kaggle's LOC_val_solution.csv or the devkit's ground-truth file (IDs, read with devkit)."""
     try:
         with open(labels_file, encoding="utf-8") as f:
             text = f.read()
@@ -262,21 +243,18 @@ def _ground_truth_labels(text: str, labels_file: str, image_names: list[str], so
 
 
 def val_lines(names: list[str], wnid_by_name: dict[str, str]) -> list[str]:
-    """Sorted list lines for flat validation images, as if they had been sorted into class
-    folders."""
+    """Sorted list lines for flat validation images, as if sorted into class folders."""
     return sorted(f"{wnid_by_name[name]}/{name}" for name in names)
 
 
 def archive_val_labels(archives: Archives, val_labels: str | None = None) -> dict[str, str]:
-    """Name -> wnid of every image in the validation tar: from val_labels, else the devkit's ground
-    truth."""
+    """Name -> wnid of every validation tar image: from val_labels, else the devkit's."""
     names = list_val_tar(archives.val)
     if val_labels is not None:
         return read_val_labels(val_labels, names, archives.val, archives.devkit)
     ground_truth = _read_devkit_member(archives.devkit, GROUND_TRUTH).decode("ascii", "replace")
     return _ground_truth_labels(ground_truth, f"{archives.devkit}/{GROUND_TRUTH}", names,
-                                archives.val,
-                                devkit_classes(archives.devkit))
+                                archives.val, devkit_classes(archives.devkit))
 
 
 def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str, list[str]]:
@@ -308,8 +286,7 @@ def _read_wanted(f: BinaryIO, path: str, end: int, line_of: Callable[[str], str]
 
 
 def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted image, reading the tar and its inner tars once,
-    front to back."""
+    """(list line, where, bytes) of each wanted image, reading the tar once, front to back."""
     with _open_archive(path, _STREAM_BUFFER) as f:
         for wnid, where, end in _inner_tars(f, path):
             yield from _read_wanted(f, where, end, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
@@ -317,9 +294,7 @@ def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple
 
 def stream_val_tar(path: str, line_by_name: dict[str, str],
                    wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted validation image, reading the tar once, front to
-    back."""
+    """(list line, where, bytes) of each wanted validation image, reading the tar once."""
     with _open_archive(path, _STREAM_BUFFER) as f:
         yield from _read_wanted(f, path, os.fstat(f.fileno()).st_size,
-                                lambda name: line_by_name.get(name, ""),
-                                wanted)
+                                lambda name: line_by_name.get(name, ""), wanted)
