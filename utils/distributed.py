@@ -5,12 +5,9 @@ is. Under torchrun the process is already one of many and ``fn`` runs directly; 
 processes are spawned on this machine, rendezvous on a free localhost port, and the first one
 to fail stops the others, so a dead process never leaves its peers waiting on a collective.
 
-A process counts as started by torchrun (or any launcher that sets the same environment: a
-hand-written SLURM script, for one) when RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT are all set. The number of processes on this machine, which shares out its CPU cores
-and loader workers, comes from LOCAL_WORLD_SIZE; without it, from SLURM_NTASKS_PER_NODE or
-SLURM_TASKS_PER_NODE (with SLURM_NODEID) when SLURM_LOCALID equals LOCAL_RANK, else from the
-number of visible CUDA devices (see ``local_world_size``).
+A process counts as started by torchrun (or any launcher that sets the same environment, such as
+a SLURM script) when RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are all set; see
+``local_world_size`` for how many share this machine's cores and loader workers.
 
 SIGTERM and SIGUSR1 sent to the launching process are passed on to the spawned ones (see
 ``utils.preemption``); when they all stop with ``PREEMPTED_EXIT_CODE``, so does ``launch``.
@@ -104,8 +101,7 @@ def local_world_size(world_size: int) -> int:
 
 
 def _slurm_tasks_on_node(tasks_per_node: str, node_id: str) -> int:
-    """Node node_id's entry of SLURM's compressed task list, e.g. '8(x2),4' -> 8, 8, 4; 0 if
-    unknown."""
+    """Node node_id's entry of SLURM's task list ('8(x2),4' -> 8, 8, 4); 0 if unknown."""
     if not node_id.isdigit():
         return 0
     counts: list[int] = []
@@ -214,10 +210,8 @@ def _join(processes: list, channels: dict) -> tuple[list, dict[int, Report]]:
     """Wait for every process, reading their reports; returns the failed processes, in the
     order they ended, and the reports by rank.
 
-    A process that fails for itself (a report of USER or BUG, or an exit without one: a
-    signal) stops the others at once. One that fails only because a peer went away
-    (SECONDARY) leaves the others PEER_REPORT_S to end and report the cause; then they are
-    stopped. Exit 0 and PREEMPTED_EXIT_CODE are not failures, unless another one fails.
+    A process that fails for itself (USER, BUG, or a signal) stops the others at once; one that
+    fails for want of a peer (SECONDARY) leaves the others PEER_REPORT_S to report the cause.
     """
     reports: dict[int, Report] = {}
     failures: list = []
@@ -267,10 +261,8 @@ def _drain(channels: dict, reports: dict[int, Report]) -> None:
 
 
 def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
-    """The error of the first process that failed for itself; the first failure's otherwise.
-
-    A bug's traceback is printed here, once; a user error is its one line.
-    """
+    """The error of the first process that failed for itself, else of the first failure; a
+    bug's traceback is printed here, once."""
     def rank_of(process: Any) -> int:
         return int(process.name.removeprefix("rank"))
 
@@ -289,10 +281,8 @@ def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
 
 
 def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, channel: Any) -> None:
-    """A spawned process: run fn and send the launcher a Report of why it failed, if it did.
-
-    Nothing is printed here: the launcher shows one error for the whole job.
-    """
+    """A spawned process: run fn and send the launcher a Report of why it failed, if it did
+    (printing nothing: the launcher shows one error for the whole job)."""
     # Stopped by the parent because a peer failed: unwind, so half-written files are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report, code = None, 0
@@ -366,7 +356,7 @@ def init_process_group(proc: ProcessInfo, backend: str, timeout_s: float,
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
@@ -377,11 +367,11 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -392,12 +382,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy src's buffers (BatchNorm running statistics) to every process.
-
-    DDP sends rank 0's buffers at the start of each training forward, so after the last step
-    every process holds statistics updated by its own batch. Aligning them makes all processes
-    validate the model that rank 0 saves.
-    """
+    """Copy src's buffers (BatchNorm running statistics) to every process: after the last step
+    each holds statistics of its own batch, and all must validate the model rank 0 saves."""
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=src)
@@ -420,11 +406,8 @@ def usable_cores() -> int:
 
 
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
-    """The cores' worth of CPU time this process's cgroup allows; None without a quota.
-
-    cgroup v2 writes '<quota> <period>' (or 'max <period>') in cpu.max; v1 writes the two in
-    cpu/cpu.cfs_quota_us (-1 for none) and cpu/cpu.cfs_period_us.
-    """
+    """The cores' worth of CPU time this process's cgroup allows (v2's cpu.max, else v1's
+    cfs_quota_us / cfs_period_us); None without a quota."""
     def read(*names: str) -> list[str] | None:
         for name in names:
             try:
