@@ -1,13 +1,8 @@
-"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index)
-alone.
+"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index).
 
-The sampler hands the dataset a ``SampleKey`` instead of a bare index; the dataset seeds the
-sample's own generator from it and the transforms draw from that generator. Nothing depends on
-which loader worker runs a sample, or on what that worker ran before, so:
-
-* a seeded run gives the same batches for any ``data.num_workers``;
-* a run resumed in the middle of an epoch skips the steps already done (the epoch's
-  permutation is recomputed from the seed) and needs no worker state.
+The sampler hands the dataset a ``SampleKey``, from which the sample's own generator is seeded.
+Nothing depends on the loader worker, so a seeded run gives the same batches for any
+``data.num_workers``, and a run resumed mid-epoch recomputes the permutation and skips ahead.
 """
 
 from __future__ import annotations
@@ -34,13 +29,11 @@ def sample_generator(key: SampleKey) -> random.Random:
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's shuffled shard (the same permutation for a seed and an epoch), yielding
-    ``SampleKey``s and able to start part way into the epoch.
+    """DistributedSampler's shuffled shard, yielding ``SampleKey``s.
 
     ``set_epoch(epoch, skip)`` leaves out the first skip samples of this process's shard (the
-    steps done before an interruption times the per-process batch size); ``len()`` counts what is
-    left, so the loader's ``len()`` is the number of steps still to run. ``seed`` may be changed
-    before an epoch starts (a resumed run takes the one its checkpoint holds).
+    steps done before an interruption); ``len()`` counts what is left, so the loader's ``len()``
+    is the steps still to run. A resumed run sets ``seed`` to its checkpoint's.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0) -> None:

@@ -1,11 +1,9 @@
 """``train_params.compile``: torch.compile for the student and the teacher's forward.
 
-The networks are compiled in place (``nn.Module.compile``), not wrapped: their parameters,
-state-dict keys (torchvision's, no ``_orig_mod.`` prefix) and optimizer state stay what they are
-without compilation, so checkpoints load into torchvision models and a run resumes with
-compilation switched on or off. Compilation happens at the first forward of each new input
-shape or mode (training, evaluation), so its failures surface there, deep in training; they are
-turned into one line that says how to train without it.
+The networks are compiled in place (``nn.Module.compile``), not wrapped, so state-dict keys stay
+torchvision's (no ``_orig_mod.`` prefix) and a run resumes with compilation on or off. Failures
+surface at the first forward of each new shape or mode, deep in training, and become one line
+that says how to train without it.
 """
 
 from __future__ import annotations
@@ -21,10 +19,9 @@ from utils.errors import ConfigError, first_line
 
 
 def backend_of(setting: bool | str) -> str | None:
-    """The torch.compile backend a ``train_params.compile`` value asks for; None for no compilation.
+    """The torch.compile backend a ``train_params.compile`` value asks for; None for none.
 
-    True means torch's default (inductor, which generates code and needs a C++ compiler on the
-    CPU); a backend's name picks it, e.g. 'aot_eager' traces and runs the same graphs without
+    True is inductor (a C++ compiler on the CPU); 'aot_eager' traces the same graphs without
     generating code, a quick check of the path on any machine.
     """
     if setting is False:
@@ -47,11 +44,8 @@ def compile_in_place(networks: list[nn.Module | None], backend: Any = "inductor"
 
 @contextmanager
 def compile_failures_as_errors() -> Iterator[None]:
-    """Raise ConfigError, one line, for a failed compilation inside the block.
-
-    Only torch.compile raises TorchDynamoException (a backend's failure among them), so no
-    other error is relabelled. The backend's own exception, when there is one, names the cause.
-    """
+    """Raise ConfigError, one line, for a failed compilation inside the block (only
+    torch.compile raises TorchDynamoException, so no other error is relabelled)."""
     try:
         yield
     except torch._dynamo.exc.TorchDynamoException as exc:

@@ -1,9 +1,6 @@
-"""The one exception family for problems a user can fix, and how any exception is shown in one line.
-
-Code that validates user input (settings, paths, data files, checkpoints) raises a ``UserError``
-subclass whose message says what is wrong and what to do. The entry points turn only this type
-into ``error: <message>`` and exit status 2; every other exception is a bug somewhere and keeps
-its full traceback.
+"""The one exception family for problems a user can fix, and how any exception is shown in one
+line. The entry points turn a ``UserError`` into ``error: <message>`` and exit status 2; any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,11 +23,8 @@ class DataError(UserError):
 
 
 def one_line(exc: BaseException) -> str:
-    """exc's message on one line; its type's name when it has none.
-
-    A user error raised inside a DataLoader worker arrives with the worker's traceback as its
-    message; the user is shown only the original message, its last line.
-    """
+    """exc's message on one line (its type's name when it has none); of an error raised in a
+    DataLoader worker, only the original message, not the worker's traceback."""
     text = str(exc)
     if _WORKER_TRACEBACK in text:
         last = text.strip().splitlines()[-1]
