@@ -6,16 +6,12 @@
                           data_config=cfg.data)
     train_loader, val_loader = imagenet.getTrainTestLoader(batch_size_per_process)
 
-Loaders yield ``(images, labels)``: a uint8 N x 3 x H x W tensor and int64 labels. Images stay
-uint8 until ``dataset.prefetch_data.DevicePrefetcher`` normalises them on the training device, so
-the workers never build (or the pin-memory thread copy) a float batch four times the size.
+Loaders yield a uint8 N x 3 x H x W tensor and int64 labels; ``DevicePrefetcher`` normalises
+them on the device, so no worker builds a float batch four times the size.
 
-Under an initialised process group, each process reads its own shard: the training shard is
-reshuffled per epoch (call ``loader.sampler.set_epoch(epoch)``, in a single process too; see
-``dataset.sampling.EpochSampler`` for starting part way into one, and for the per-sample
-augmentation generators that make batches independent of the loader workers) and every rank
-takes the same number of steps; the validation shards are disjoint and cover the set
-exactly once, so summing counts over ranks gives exactly the single-process result.
+Under a process group each process reads its own shard: the training shard is reshuffled per
+epoch (``loader.sampler.set_epoch(epoch)``, see ``dataset.sampling``), the validation shards are
+disjoint and cover the set once, so counts summed over ranks are the single-process result.
 """
 
 from __future__ import annotations
@@ -96,9 +92,6 @@ class ShardSampler(Sampler[int]):
         return self.dataset_size // self.num_replicas
 
 
-def process_group_shape() -> tuple[int, int]:
-    """(world_size, rank) of the initialised process group; (1, 0) without one."""
-    return distributed.get_world_size(), distributed.get_rank()
 
 
 def open_split(data_type: str, root: str, list_path: str, transform: Callable,
@@ -200,8 +193,8 @@ class ImageNet12:
         persistent_workers=False starts fresh workers for every pass."""
         dataset = self.train_set()
         self.train_num_examples = len(dataset)
-        world_size, rank = process_group_shape()
-        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        sampler = EpochSampler(dataset, num_replicas=distributed.get_world_size(),
+                               rank=distributed.get_rank(), seed=self.seed)
         return self._loader(dataset, batch_size, sampler, drop_last=len(sampler) > batch_size,
                             persistent_workers=persistent_workers)
 
@@ -210,9 +203,9 @@ class ImageNet12:
         each pass and end with it, so they hold no cores while training runs between passes."""
         dataset = self.val_set()
         self.test_num_examples = len(dataset)
-        world_size, rank = process_group_shape()
-        return self._loader(dataset, batch_size, ShardSampler(len(dataset), world_size, rank),
-                            drop_last=False, persistent_workers=False)
+        sampler = ShardSampler(len(dataset), distributed.get_world_size(), distributed.get_rank())
+        return self._loader(dataset, batch_size, sampler, drop_last=False,
+                            persistent_workers=False)
 
     def getTrainTestLoader(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         return self.getTrainLoader(batch_size), self.getTestLoader(batch_size)
@@ -229,24 +222,16 @@ class ImageNet12:
 
 
 def one_opencv_thread_before_fork() -> None:
-    """OpenCV on one thread in this process, before it forks loader workers.
-
-    A forked worker cannot safely change OpenCV's thread count when the parent's thread pool
-    has run: the pool's threads stay behind, and the change can wait for them forever (4 forks
-    in 15 hung in a trial). Once the parent is at one thread, the worker's own setting is a
-    no-op. The process that owns the loaders decodes nothing itself.
-    """
+    """OpenCV on one thread in this process, before it forks loader workers: a forked worker
+    changing the thread count of a pool that has run can wait forever (4 forks in 15 hung in a
+    trial); at one thread already, its own setting is a no-op."""
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
 
 
 def loader_worker_init(worker_id: int = 0) -> None:
-    """Set up one loader worker (the DataLoader's worker_init_fn, training's and validation's).
-
-    A worker gets one core's worth of work, so OpenCV runs one thread in it: its default of a
-    thread per core, in each of 14 workers on 16 cores, oversubscribes the machine (a spawned
-    or forkserver worker starts at that default). Signals as ``loader_worker_signals`` says.
-    """
+    """The DataLoader's worker_init_fn: one OpenCV thread per worker (its default of one per
+    core, in every worker, oversubscribes the machine), signals as ``loader_worker_signals``."""
     cv2.setNumThreads(1)
     loader_worker_signals(worker_id)
 
