@@ -285,7 +285,7 @@ class RepeatedBatch:
             yield self.batch
 
 
-def compute_ceiling(overrides: list[str], batches: list[int], steps: int, output_dir: str,
+def compute_ceiling(overrides: list[str], batches: list[int], steps: int,
                     result_path: str) -> dict[str, Any]:
     """The training script's own step (train_one_epoch) on a batch already on the device.
 
@@ -348,9 +348,8 @@ def run_compute(work: str, data_path: str, config: dict[str, Any],
     try:
         run_checked([sys.executable, os.path.abspath(__file__), "--compute-stage", json.dumps(
             {"overrides": overrides, "batches": config["compute_batches"],
-             "steps": config["compute_steps"],
-             "output_dir": output_dir, "result": result_path})], timeout_s,
-             os.path.join(work, "compute.log"))
+             "steps": config["compute_steps"], "result": result_path})], timeout_s,
+            os.path.join(work, "compute.log"))
     except RuntimeError as exc:  # the batch sizes measured before it stopped still count
         stopped = exc
     if not os.path.isfile(result_path):
@@ -485,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compute-stage"]:  # the compute ceiling's own process (see run_compute)
         job = json.loads(argv[1])
-        compute_ceiling(job["overrides"], job["batches"], job["steps"], job["output_dir"],
-                        job["result"])
+        compute_ceiling(job["overrides"], job["batches"], job["steps"], job["result"])
         return 0
     args = parse_args(argv)
     # A SIGTERM (say, from `timeout`) unwinds like an error: the running stage's processes are
