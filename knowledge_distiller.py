@@ -40,10 +40,9 @@ WEIGHT_EPSILON = 1e-7
 def stable_log_softmax(logits: Tensor) -> Tensor:
     """``log_softmax`` over dim 1, accurate to relative rounding even for near-certain rows.
 
-    The usual ``x - max - log(sum(exp(x - max)))`` rounds ``sum`` to 1 when every other class
-    is far below the top one, so a confident network's loss of 1e-9 reads as 0 (and the WSLD
-    weight, a ratio of two such losses, can be wrong by 100%). Here the top class is left out
-    of the sum and ``log1p`` takes the remainder, so no term cancels.
+    The usual form rounds the sum to 1 when every other class is far below the top one, so a
+    loss of 1e-9 reads as 0 (and the WSLD weight, a ratio of two, is off by 100%). Here the top
+    class is left out of the sum and ``log1p`` takes the rest, so no term cancels.
     """
     top, top_index = logits.max(dim=1, keepdim=True)
     shifted = logits - top
@@ -52,11 +51,8 @@ def stable_log_softmax(logits: Tensor) -> Tensor:
 
 
 def hard_cross_entropy(log_probs: Tensor, label: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Per-sample cross-entropy with the label, smoothed toward the uniform distribution.
-
-    With smoothing eps the target is ``(1 - eps) * one_hot + eps / C`` (as torch and the
-    original's label-smoothing loss define it).
-    """
+    """Per-sample cross-entropy with the label; with smoothing eps the target is
+    ``(1 - eps) * one_hot + eps / C``, as torch and the original define it."""
     nll = -log_probs.gather(1, label.long().unsqueeze(1)).squeeze(1)
     if label_smoothing == 0.0:
         return nll
@@ -64,11 +60,8 @@ def hard_cross_entropy(log_probs: Tensor, label: Tensor, label_smoothing: float 
 
 
 def soft_cross_entropy(fc_s: Tensor, fc_t: Tensor, temperature: float) -> Tensor:
-    """Per-sample cross-entropy between the teacher's and the student's softened distributions.
-
-    The cross-entropy, not the KL divergence: it is the paper's ``soft_i`` and Hinton's soft
-    target loss; the two differ by the teacher's entropy, which has no gradient.
-    """
+    """Per-sample cross-entropy of the softened distributions: the paper's ``soft_i``, the KL
+    divergence plus the teacher's entropy, which has no gradient."""
     teacher_probs = F.softmax(fc_t / temperature, dim=1)
     return -(teacher_probs * stable_log_softmax(fc_s / temperature)).sum(dim=1)
 
@@ -204,11 +197,8 @@ class _DistillationLoss(_ClassificationLoss):
 
 
 class KDLoss(_DistillationLoss):
-    """Hinton's knowledge distillation: ``CE(s, y) + alpha * T^2 * mean_i soft_i``.
-
-    soft_i is the cross-entropy of the softened distributions; the official codes write the KL
-    divergence, whose value is lower by the teacher's entropy and whose gradient is the same.
-    """
+    """Hinton's knowledge distillation: ``CE(s, y) + alpha * T^2 * mean_i soft_i`` (see
+    ``soft_cross_entropy``: the KL divergence's gradient)."""
 
     def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
         s, t = self.soft_logits(fc_s, fc_t)
@@ -230,8 +220,8 @@ class WSLDLoss(KDLoss):
             return wsld_weights(hard_cross_entropy(log_probs_s.detach(), label), ce_t)
 
     def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
-        return self.sample_weights(log_probs_s, fc_t, label) * super().term(fc_s, fc_t, label,
-                                                                            log_probs_s)
+        weights = self.sample_weights(log_probs_s, fc_t, label)
+        return weights * super().term(fc_s, fc_t, label, log_probs_s)
 
     def _stats(self, ce_s: Tensor, ce_t: Tensor) -> dict[str, Tensor]:
         return {"weight_sum": wsld_weights(ce_s, ce_t).sum()}
@@ -317,11 +307,8 @@ class DISTLoss(_DistillationLoss):
 
 
 def build_loss(cfg: Mapping) -> nn.Module:
-    """The loss a whole configuration asks for, after checking every ``distill`` value once.
-
-    Reads ``distill.*``, ``model.num_classes`` and the label smoothing of ``optim``; the one
-    place where a bad value of these becomes a one-line ConfigError.
-    """
+    """The loss a whole configuration asks for (``distill.*``, ``model.num_classes``, the label
+    smoothing of ``optim``), after checking every ``distill`` value once."""
     d = cfg["distill"]
     require_choice("distill.method", d["method"], LOSS_METHODS)
     require_choice("distill.teacher_bn", d["teacher_bn"], TEACHER_BN_MODES)
