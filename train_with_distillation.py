@@ -3,8 +3,8 @@
     python3 train_with_distillation.py data.data_path=/data/imagenet          # every visible GPU
     torchrun --nproc_per_node=8 train_with_distillation.py data.data_path=/data/imagenet
     python3 train_with_distillation.py --cfg my_cfg.py optim.init_lr=0.2     # another config module
-    python3 train_with_distillation.py --evaluate output/resnet/model_best.pth.tar
-    data.data_path=...
+    python3 train_with_distillation.py --evaluate output/resnet/model_best.pth.tar \\
+        data.data_path=...
 
 Defaults come from imagenet_train_cfg.py; ``key.sub=value`` arguments override any key. The
 configuration is checked, and the data and weights looked for, before any process starts, so
