@@ -1,6 +1,6 @@
 """Faults injected into a training run's spawned processes (imported by them).
 
-``run(fault, proc, cfg)`` stands in for ``train_with_distillation.training_process``: it plants
+``run(fault, proc, cfg, loss)`` stands in for ``train_with_distillation.run_process``: it plants
 the fault in this process, then runs the real one. Faults: ``"disk_full"`` (process 0's file
 writes fail with ENOSPC after ``FULL_AFTER`` bytes), ``"user_error"`` and ``"bug"`` (process 1
 fails when it starts validating, while process 0 waits for it in a collective).
@@ -51,7 +51,7 @@ def _fail_in_validation(error: BaseException) -> None:
     train_with_distillation.validate = failing
 
 
-def run(fault: str, proc: Any, cfg: Any) -> None:
+def run(fault: str, proc: Any, cfg: Any, loss: Any) -> None:
     if fault == "disk_full" and proc.rank == 0:
         create = files._create
         files._create = lambda path: _FillingFile(create(path))
@@ -59,4 +59,4 @@ def run(fault: str, proc: Any, cfg: Any) -> None:
         _fail_in_validation(DataError(USER_MESSAGE))
     elif fault == "bug" and proc.rank == 1:
         _fail_in_validation(ValueError(BUG_MESSAGE))
-    train_with_distillation.training_process(proc, cfg)
+    train_with_distillation.run_process(proc, cfg, loss)
