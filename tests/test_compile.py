@@ -43,6 +43,7 @@ def test_backend_of_each_setting():
         backend_of("fastest")
 
 
+@pytest.mark.slow
 def test_compiled_network_computes_what_it_did_and_keeps_torchvision_keys():
     torch.manual_seed(0)
     eager = torchvision.models.resnet18(num_classes=NUM_CLASSES)
@@ -117,6 +118,7 @@ def plain_weights(data, tmp_path_factory) -> dict[str, torch.Tensor]:
     return final_weights(plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("eager", False), (False, "eager")], ids=["on-then-off", "off-then-on"])
 def test_run_resumes_across_compile_on_and_off(data, plain_weights, tmp_path, first, second):
     """Epoch 1 with one setting, epoch 2 resumed with the other: the run ends where a run

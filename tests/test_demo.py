@@ -140,6 +140,7 @@ def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp
     assert trained == ["teacher", "original", "proposed"]
 
 
+@pytest.mark.slow
 def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, capfd):
     """A tiny first demo (fresh data, one step per epoch, one process) prints the budgeted lines.
 

@@ -83,6 +83,7 @@ def truncate(path: str, fraction: float) -> tuple[int, int]:
     return int(size * fraction), size
 
 
+@pytest.mark.slow
 def test_start_up_checks_at_the_command_line(data, lmdb_copy, tmp_path, capsys):
     """Each bad input stops the run before training, with its one line and exit status 2: the
     first at the command line, the others through main() in this process (same path, faster)."""
@@ -129,6 +130,7 @@ def test_checks_name_what_is_wrong(data, lmdb_copy):
         check_class_count(4, "the list", num_classes=5, teacher_outputs=3)
 
 
+@pytest.mark.slow
 def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_path):
     """The file shrinks after the start-up check passed: the process reading it gets SIGBUS."""
     data_file = os.path.join(lmdb_copy, "train", "data.mdb")
@@ -147,6 +149,7 @@ def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_p
     print(line)
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -168,6 +171,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
     assert not any(name.endswith(".tmp") or name.startswith(".") for name in names), names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["user_error", "bug"])
 def test_one_failing_process_is_reported_once(fault, data, tmp_path):
     """Process 1 fails while process 0 waits for it: only process 1's error reaches the user."""

@@ -107,10 +107,12 @@ def _agree_one_poll_later(proc: distributed.ProcessInfo) -> None:
         distributed.cleanup()
 
 
+@pytest.mark.slow
 def test_every_process_acts_on_a_flag_at_the_same_later_poll():
     distributed.launch(_agree_one_poll_later, nprocs=2)
 
 
+@pytest.mark.slow
 def test_the_launcher_passes_signals_on_and_exits_as_preempted():
     with pytest.raises(Preempted):
         distributed.launch(_stop_on_signal, nprocs=2)
