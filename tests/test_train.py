@@ -205,12 +205,15 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
 # data.num_workers is shared by the 2 processes: 2 and 8 give each 1 and 4 loader workers.
 # dist.timeout_s=600 in these runs: a loaded test machine can take more than the default minute
 # to write a checkpoint while the other process waits for it.
+# The agreement polls at an epoch's first step and every 16 steps after it (3 steps an epoch
+# here), and at the first validation batch: a signal after step 1 stops the run there, with
+# the epoch's training kept.
 SIGNAL_POINTS = [
-    (("step", 1, 1), {}, (0, 1)),  # the first step
+    (("step", 1, 1), {}, (0, 1)),  # the first step: its own poll waits for the answer
     (("step", 1, 3), {"data__num_workers": 2}, (0, 3)),  # the last step of an epoch
     (("validation",), {}, (0, 3)),  # during validation, in a run resumed at the epoch's last step
     (("checkpoint_write",), {"data__num_workers": 8}, (1, 0)),  # twice, while the epoch's checkpoint is written
-    (("step", 2, 2), {}, (1, 3)),  # mid-epoch: the agreement acts one step later
+    (("step", 2, 2), {}, (1, 3)),  # mid-epoch: no poll until validation's first batch
 ]
 
 
