@@ -18,6 +18,7 @@ import signal
 from typing import Any
 
 import train_with_distillation
+from tests.signal_wait import wait_for_signal
 from utils import checkpoint as checkpoint_module
 from utils.logger import RunLogger
 from utils.preemption import Preemption
@@ -32,7 +33,7 @@ def agreement() -> Preemption:
 
 def signal_launcher_and_wait() -> None:
     os.kill(os.getppid(), signal.SIGUSR1)
-    if not agreement().requested.wait(WAIT_S):
+    if not wait_for_signal(agreement()):
         raise RuntimeError("the launcher did not pass SIGUSR1 on")
 
 

@@ -43,6 +43,7 @@ def test_backend_of_each_setting():
         backend_of("fastest")
 
 
+@pytest.mark.slow
 def test_compiled_network_computes_what_it_did_and_keeps_torchvision_keys():
     torch.manual_seed(0)
     eager = torchvision.models.resnet18(num_classes=NUM_CLASSES)
@@ -109,18 +110,26 @@ def final_weights(output_dir: str) -> dict[str, torch.Tensor]:
     return checkpoint["state_dict"]
 
 
+@pytest.fixture(scope="module")
+def plain_weights(data, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights of a 2-epoch run without compilation, which both orders are compared with."""
+    plain = str(tmp_path_factory.mktemp("plain"))
+    assert run(data, plain, False, epochs=2) == 0
+    return final_weights(plain)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("eager", False), (False, "eager")], ids=["on-then-off", "off-then-on"])
-def test_run_resumes_across_compile_on_and_off(data, tmp_path, first, second):
+def test_run_resumes_across_compile_on_and_off(data, plain_weights, tmp_path, first, second):
     """Epoch 1 with one setting, epoch 2 resumed with the other: the run ends where a run
     without compilation ends ('eager' captures the graphs and runs the same kernels)."""
-    resumed, plain = str(tmp_path / "resumed"), str(tmp_path / "plain")
+    resumed = str(tmp_path / "resumed")
     assert run(data, resumed, first, epochs=1) == 0
     assert run(data, resumed, second, epochs=2, resume=True) == 0
     records = read_metrics(os.path.join(resumed, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(0.0 <= r["data_wait_share"] <= 1.0 for r in records)  # the data wait of every epoch
-    assert run(data, plain, False, epochs=2) == 0
-    resumed_weights, plain_weights = final_weights(resumed), final_weights(plain)
+    resumed_weights = final_weights(resumed)
     for key, value in plain_weights.items():
         assert torch.equal(resumed_weights[key], value), key
 

@@ -230,6 +230,7 @@ def test_run_demo_trains_the_added_rows_and_tabulates_their_share(tmp_path, caps
     assert out[-2].endswith("| 0.250 |")
 
 
+@pytest.mark.slow
 def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, capfd):
     """A tiny first demo (fresh data, one step per epoch, one process) prints the budgeted lines.
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torchvision
 
+import train_with_distillation
 from dataset.checks import check_class_count, check_list_in_lmdb, check_lmdb_whole
 from tests import fault_hooks
 from tests.test_train import REPO_ROOT, data, overrides  # noqa: F401
@@ -48,6 +49,15 @@ def run_script(argv: list[str], program: str | None = None) -> subprocess.Comple
                           text=True, timeout=300)
 
 
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """The script's main(argv) in this process, for faults that stop it before any process
+    starts: the same status and console as at the command line, without a new interpreter."""
+    capsys.readouterr()
+    status = train_with_distillation.main(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, status, out, err)
+
+
 def one_error_line(proc: subprocess.CompletedProcess, status: int) -> str:
     """The single console line of a failed run, after checking its status and that no
     traceback nor any secondary error reached the console."""
@@ -73,8 +83,10 @@ def truncate(path: str, fraction: float) -> tuple[int, int]:
     return int(size * fraction), size
 
 
-def test_start_up_checks_at_the_command_line(data, lmdb_copy, tmp_path):
-    """Each bad input stops the run before training, with its one line and exit status 2."""
+@pytest.mark.slow
+def test_start_up_checks_at_the_command_line(data, lmdb_copy, tmp_path, capsys):
+    """Each bad input stops the run before training, with its one line and exit status 2: the
+    first at the command line, the others through main() in this process (same path, faster)."""
     out = str(tmp_path / "out")
     # A list remade after packing: a line the LMDB lacks.
     with open(os.path.join(lmdb_copy, "val_list.txt"), "a", encoding="utf-8") as f:
@@ -87,7 +99,7 @@ def test_start_up_checks_at_the_command_line(data, lmdb_copy, tmp_path):
 
     # An interrupted copy: data.mdb cut to a third (checked before the lists).
     kept, size = truncate(os.path.join(lmdb_copy, "train", "data.mdb"), 1 / 3)
-    line = one_error_line(run_script(overrides(data, out, data__data_path=lmdb_copy)), 2)
+    line = one_error_line(run_main(overrides(data, out, data__data_path=lmdb_copy), capsys), 2)
     assert line == (f"error: the LMDB at '{os.path.join(lmdb_copy, 'train')}' is truncated "
                     f"({kept} of {size} bytes): copy it again or rerun img2lmdb.py"), line
     print(line)
@@ -96,7 +108,7 @@ def test_start_up_checks_at_the_command_line(data, lmdb_copy, tmp_path):
     teacher = str(tmp_path / "teacher2.pth")
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), teacher)
     argv = overrides(data, out, model__num_classes=2, model__teacher_weights=teacher)
-    line = one_error_line(run_script(argv), 2)
+    line = one_error_line(run_main(argv, capsys), 2)
     assert re.fullmatch(r"error: the training list '.*train_list\.txt' has 4 classes but "
                         r"model\.num_classes is 2; set model\.num_classes=4 .*", line), line
     print(line)
@@ -118,6 +130,7 @@ def test_checks_name_what_is_wrong(data, lmdb_copy):
         check_class_count(4, "the list", num_classes=5, teacher_outputs=3)
 
 
+@pytest.mark.slow
 def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_path):
     """The file shrinks after the start-up check passed: the process reading it gets SIGBUS."""
     data_file = os.path.join(lmdb_copy, "train", "data.mdb")
@@ -136,6 +149,7 @@ def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_p
     print(line)
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -157,6 +171,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
     assert not any(name.endswith(".tmp") or name.startswith(".") for name in names), names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["user_error", "bug"])
 def test_one_failing_process_is_reported_once(fault, data, tmp_path):
     """Process 1 fails while process 0 waits for it: only process 1's error reaches the user."""

@@ -414,6 +414,7 @@ def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_shard_train_and_validation(data_roots, tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), data_roots, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

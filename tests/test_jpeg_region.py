@@ -478,6 +478,7 @@ def test_decoder_works_in_forked_dataloader_workers(decoder, photos):
 # Tests on a machine without the decoder.
 
 
+@pytest.mark.slow
 def test_tests_needing_the_decoder_skip_without_it_and_fail_where_it_is_required(tmp_path):
     """A machine with no C compiler on PATH (and nothing built yet): a test that needs the region
     decoder is skipped with describe()'s reason, its whole-image twin runs, and under

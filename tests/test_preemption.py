@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import linecache
 import os
 import signal
+import sys
 
 import pytest
 
+from tests.signal_wait import wait_for_signal
 from utils import distributed
 from utils.preemption import (
     PREEMPTED_EXIT_CODE,
@@ -22,11 +25,40 @@ def test_a_signal_stops_at_the_next_poll_and_a_second_changes_nothing():
     with Preemption() as agreement:
         assert agreement.poll() == Decision()
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert agreement.requested.wait(10)
+        assert wait_for_signal(agreement)
         os.kill(os.getpid(), signal.SIGTERM)  # a second signal: the process goes on
         assert agreement.poll() == Decision(stop=True)
         assert agreement.signal_name == "SIGUSR1"
     assert signal.getsignal(signal.SIGTERM) is before  # handlers put back
+
+
+def test_a_signal_at_any_point_of_the_wait_is_seen():
+    """The signal lands at each line that wait_for_signal runs before it blocks, in turn, in the
+    thread that waits: the handler runs there and the wait ends. (threading.Event.wait hangs
+    when a signal lands inside the Event's lock: the handler's set() waits for it forever.)"""
+    land_at, landed = 0, []
+    while not landed or landed[-1] == land_at - 1:  # until the lines before select() are done
+        seen: list[int] = []
+
+        def tracer(frame, event, arg, land_at=land_at, seen=seen):
+            if frame.f_code is not wait_for_signal.__code__:
+                return None
+            if event == "line":
+                text = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+                if len(landed) == land_at and (len(seen) == land_at or "select.select" in text):
+                    landed.append(len(seen))
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                seen.append(frame.f_lineno)
+            return tracer
+
+        with Preemption() as agreement:
+            sys.settrace(tracer)
+            try:
+                assert wait_for_signal(agreement, timeout_s=60), land_at
+            finally:
+                sys.settrace(None)
+        land_at += 1
+    assert len(landed) >= 5  # the set-up lines, the check and the select() itself
 
 
 def test_time_based_checkpoints_follow_the_clock():
@@ -46,13 +78,13 @@ def test_preempted_exits_with_the_documented_status():
 
 def _stop_on_signal(proc: distributed.ProcessInfo) -> None:
     """Rank 0 signals the launcher, which passes the signal on; both stop as preempted."""
-    distributed.init_process_group(proc, "gloo", timeout_s=30)
+    distributed.init_process_group(proc, "gloo", timeout_s=120)  # a bound, not a wait
     try:
         with Preemption() as agreement:
             distributed.barrier()  # every handler is in place
             if proc.rank == 0:
                 os.kill(os.getppid(), signal.SIGTERM)
-            assert agreement.requested.wait(30)
+            assert wait_for_signal(agreement)  # not requested.wait(): see wait_for_signal
             assert agreement.poll() == Decision(stop=True)
             raise Preempted("stopped")
     finally:
@@ -75,10 +107,12 @@ def _agree_one_poll_later(proc: distributed.ProcessInfo) -> None:
         distributed.cleanup()
 
 
+@pytest.mark.slow
 def test_every_process_acts_on_a_flag_at_the_same_later_poll():
     distributed.launch(_agree_one_poll_later, nprocs=2)
 
 
+@pytest.mark.slow
 def test_the_launcher_passes_signals_on_and_exits_as_preempted():
     with pytest.raises(Preempted):
         distributed.launch(_stop_on_signal, nprocs=2)

@@ -101,7 +101,9 @@ class Preemption:
         self.checkpoint_every_s = 60.0 * max(0.0, float(checkpoint_every_min))
         self.timeout_s = timeout_s
         self.log = log
-        self.requested = threading.Event()  # set by the handler; tests may wait on it
+        # Set by the handler. Another thread may wait on it; the main thread must not, as the
+        # handler runs there and set() would wait for the lock that Event.wait holds.
+        self.requested = threading.Event()
         self.signal_name = ""
         self.validation_polls = 0  # batches that every process's validation shard holds
         self._previous: dict[int, Any] = {}
