@@ -15,8 +15,7 @@ import lmdb
 
 from dataset.image_list import read_list
 from dataset.lmdb_dataset import open_lmdb_readonly, require_lmdb
-from utils.config import ConfigError
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from dataset.imagenet_data import ImageNet12

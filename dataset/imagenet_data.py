@@ -38,8 +38,8 @@ from dataset.transforms import (
     ResizeCenterCrop,
 )
 from utils import distributed
-from utils.config import ConfigError, require_choice
-from utils.errors import DataError
+from utils.config import require_choice
+from utils.errors import ConfigError, DataError
 from utils.preemption import loader_worker_signals
 
 DATA_TYPES = ("lmdb", "img")
