@@ -329,7 +329,9 @@ def build_loss(cfg: Mapping) -> nn.Module:
     base = (cfg["model"]["num_classes"], smoothing, d["ce_weight"])
     if d["method"] == "none":
         return CrossEntropyLoss(*base)
-    args = (d["temperature"], d["alpha"], *base, d["logit_standardization"])
+    # DKD's official loss has no weight beyond its own alpha and beta: distill.alpha is not its.
+    alpha = 1.0 if d["method"] == "dkd" else d["alpha"]
+    args = (d["temperature"], alpha, *base, d["logit_standardization"])
     if d["method"] == "dkd":
         dkd = d["dkd"]
         return DKDLoss(*args, dkd_alpha=dkd["alpha"], dkd_beta=dkd["beta"],

@@ -9,7 +9,6 @@ base = "../imagenet_train_cfg.py"
 overrides = {
     "distill.method": "dkd",
     "distill.temperature": 1.0,
-    "distill.alpha": 1.0,  # the official loss has no weight beyond DKD's own alpha and beta
     # distill.dkd keeps the defaults, which are this recipe's: alpha 1, beta 0.5, warm-up 1 epoch
     "data.batch_size": 512,
     "optim.init_lr": 0.2,

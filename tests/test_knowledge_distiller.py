@@ -519,7 +519,8 @@ def test_dkd_equals_the_papers_equation_and_the_official_arithmetic(case, alpha,
 def test_dkd_warms_up_by_epoch_from_one():
     _, s, t, label = CASES[0]
     dkd = build_loss(config("dkd", distill__dkd__warmup_epochs=4, distill__ce_weight=0.0))
-    full = paper_dkd(s.double(), t.double(), label, 1.0, 0.5, 2.0, ce_weight=0.0) * 2.5
+    # distill.alpha (2.5 by default) is not DKD's: its own weights are dkd.alpha and dkd.beta.
+    full = paper_dkd(s.double(), t.double(), label, 1.0, 0.5, 2.0, ce_weight=0.0)
     for epoch, factor in [(None, 0.25), (1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)]:
         if epoch is not None:  # a fresh loss is in epoch 1
             dkd.set_epoch(epoch)
