@@ -39,7 +39,8 @@ def test_backend_of_each_setting():
     assert backend_of(False) is None
     assert backend_of(True) == "inductor"
     assert backend_of("aot_eager") == "aot_eager"
-    with pytest.raises(ConfigError, match="train_params.compile must be True, False or a torch.compile backend"):
+    with pytest.raises(ConfigError,
+                       match="train_params.compile must be True, False or a torch.compile backend"):
         backend_of("fastest")
 
 
@@ -96,15 +97,17 @@ def run(data: dict[str, str], output_dir: str, compile_setting: object, epochs: 
     return train_with_distillation.main([
         f"data.data_path={data['images']}", "data.train_data_type=img", "data.val_data_type=img",
         "data.input_size=(3, 32, 32)", "data.batch_size=8", "data.num_workers=0",
-        f"model.num_classes={NUM_CLASSES}", "model.teacher=resnet18", f"model.teacher_weights={data['teacher']}",
-        f"train_params.epochs={epochs}", "train_params.use_seed=True", "train_params.eval_teacher=False",
+        f"model.num_classes={NUM_CLASSES}", "model.teacher=resnet18",
+        f"model.teacher_weights={data['teacher']}", f"train_params.epochs={epochs}",
+        "train_params.use_seed=True", "train_params.eval_teacher=False",
         "train_params.max_steps_per_epoch=2", f"train_params.output_dir={output_dir}",
         f"train_params.compile={compile_setting!r}", "optim.init_lr=0.01", "dist.nprocs=1",
         f"optim.if_resume={resume}", "optim.resume_path=auto"])
 
 
 def final_weights(output_dir: str) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT_NAME), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT_NAME), map_location="cpu",
+                            weights_only=True)
     student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     student.load_state_dict(checkpoint["state_dict"], strict=True)  # torchvision's keys
     return checkpoint["state_dict"]
@@ -119,7 +122,8 @@ def plain_weights(data, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [("eager", False), (False, "eager")], ids=["on-then-off", "off-then-on"])
+@pytest.mark.parametrize("first,second", [("eager", False), (False, "eager")],
+                         ids=["on-then-off", "off-then-on"])
 def test_run_resumes_across_compile_on_and_off(data, plain_weights, tmp_path, first, second):
     """Epoch 1 with one setting, epoch 2 resumed with the other: the run ends where a run
     without compilation ends ('eager' captures the graphs and runs the same kernels)."""

@@ -71,7 +71,8 @@ def test_later_override_wins(cfg):
 def test_unknown_key_names_the_nearest(cfg):
     with pytest.raises(ConfigError, match="unknown config key 'optim.init_l'.*'optim.init_lr'"):
         apply_overrides(cfg, ["optim.init_l=0.2"])
-    with pytest.raises(ConfigError, match="unknown config key 'data.batch_sise'.*'data.batch_size'"):
+    with pytest.raises(ConfigError,
+                       match="unknown config key 'data.batch_sise'.*'data.batch_size'"):
         apply_overrides(cfg, ["data.batch_sise=2"])
 
 

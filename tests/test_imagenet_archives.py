@@ -43,15 +43,18 @@ def imagenet(photo_tree, tmp_path_factory) -> dict:
         wnid, name = val_images[index]
         official = f"ILSVRC2012_val_{number:08d}.JPEG"
         os.makedirs(os.path.join(folders, "val", wnid), exist_ok=True)
-        shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(folders, "val", wnid, official))
-        shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(kaggle, "val", official))
+        shutil.copy(os.path.join(photo_tree, "val", wnid, name),
+                    os.path.join(folders, "val", wnid, official))
+        shutil.copy(os.path.join(photo_tree, "val", wnid, name),
+                    os.path.join(kaggle, "val", official))
         val_wnids.append(wnid)
         csv_rows.append(f"{official[:-5]},{wnid} 10 20 30 40 {wnid} 1 2 3 4")
     class_ids = write_official_archives(folders, archives)
 
     shutil.copytree(os.path.join(folders, "train"), os.path.join(kaggle, "train"))
     os.makedirs(os.path.join(kaggle, "test"))
-    shutil.copy(os.path.join(kaggle, "val", "ILSVRC2012_val_00000001.JPEG"), os.path.join(kaggle, "test"))
+    shutil.copy(os.path.join(kaggle, "val", "ILSVRC2012_val_00000001.JPEG"),
+                os.path.join(kaggle, "test"))
     csv_path = os.path.join(root, "LOC_val_solution.csv")
     with open(csv_path, "w") as f:
         f.write("\n".join(csv_rows) + "\n")
@@ -60,13 +63,14 @@ def imagenet(photo_tree, tmp_path_factory) -> dict:
     with open(ground_truth_path, "w") as f:
         f.write("".join(f"{class_id}\n" for class_id in ground_truth))
     return {"folders": folders, "archives": archives, "kaggle": kaggle, "csv": csv_path,
-            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT), "class_ids": class_ids,
-            "ground_truth_ids": ground_truth}
+            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT),
+            "class_ids": class_ids, "ground_truth_ids": ground_truth}
 
 
 def test_devkit_numbers_classes_in_its_own_order_and_has_parents(imagenet):
     class_ids = imagenet["class_ids"]
-    assert [class_ids[wnid] for wnid in sorted(class_ids)] != sorted(class_ids.values())  # not the label order
+    # not the label order
+    assert [class_ids[wnid] for wnid in sorted(class_ids)] != sorted(class_ids.values())
     assert devkit_classes(imagenet["devkit"]) == {class_id: wnid for wnid, class_id in class_ids.items()}
     with tarfile.open(imagenet["devkit"]) as devkit:
         meta = devkit.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()
@@ -114,7 +118,8 @@ def error_line(capsys) -> str:
 def test_archives_give_the_lists_and_lmdbs_of_the_sorted_folders(imagenet, from_folders, tmp_path):
     out = str(tmp_path)
     list_and_pack(imagenet["archives"], out, ("train", "val"), workers="2")
-    assert sorted(os.listdir(imagenet["archives"])) == sorted([TRAIN_TAR, VAL_TAR, DEVKIT])  # nothing extracted
+    # nothing extracted
+    assert sorted(os.listdir(imagenet["archives"])) == sorted([TRAIN_TAR, VAL_TAR, DEVKIT])
     for split in ("train", "val"):
         lines = read_list(os.path.join(out, f"{split}_list.txt"))
         assert lines == read_list(os.path.join(from_folders, f"{split}_list.txt"))
@@ -133,11 +138,13 @@ def test_flat_val_folder_with_val_labels_matches_the_sorted_folders(imagenet, fr
     for split in ("train", "val"):
         assert read_list(os.path.join(out, f"{split}_list.txt")) == read_list(
             os.path.join(from_folders, f"{split}_list.txt"))
-    assert not os.path.exists(os.path.join(out, "test_list.txt"))  # Kaggle's unlabelled test/ is not a split
+    # Kaggle's unlabelled test/ is not a split
+    assert not os.path.exists(os.path.join(out, "test_list.txt"))
     assert raw_lmdb(os.path.join(out, "val")) == raw_lmdb(os.path.join(from_folders, "val"))
 
 
-def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tmp_path, monkeypatch, capsys):
+def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tmp_path, monkeypatch,
+                                                      capsys):
     out = str(tmp_path)
     list_and_pack(imagenet["archives"], out, ("val",))
     env = lmdb.open(os.path.join(out, "val"))
@@ -148,10 +155,11 @@ def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tm
     env.close()
     decoded = []
     real_prepare = img2lmdb.prepare_for_storage
-    monkeypatch.setattr(img2lmdb, "prepare_for_storage", lambda data, *a: decoded.append(data) or real_prepare(data, *a))
+    monkeypatch.setattr(img2lmdb, "prepare_for_storage",
+                        lambda data, *a: decoded.append(data) or real_prepare(data, *a))
     capsys.readouterr()
-    assert img2lmdb.main(["--image_path", imagenet["archives"], "--list_path", out, "--output_path", out,
-                          "--split", "val", "--workers", "1"]) == 0
+    assert img2lmdb.main(["--image_path", imagenet["archives"], "--list_path", out, "--output_path",
+                          out, "--split", "val", "--workers", "1"]) == 0
     total = len(read_list(os.path.join(out, "val_list.txt")))
     assert len(decoded) == len(removed)
     assert f"{total - len(removed)} of {total} images already in" in capsys.readouterr().out
@@ -174,9 +182,10 @@ def test_skip_bad_leaves_out_a_damaged_image_of_the_archive(archives_copy, tmp_p
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
     bad = "n00000002/n00000002_3.JPEG"
-    damage_train_member(archives_copy, "n00000002", "n00000002_3.JPEG", lambda data: data[: len(data) // 3])
-    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
-            "--workers", "2", "--commit_every", "4"]
+    damage_train_member(archives_copy, "n00000002", "n00000002_3.JPEG",
+                        lambda data: data[: len(data) // 3])
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split",
+            "train", "--workers", "2", "--commit_every", "4"]
     assert img2lmdb.main(pack) == 2
     assert f"{TRAIN_TAR}/n00000002.tar/n00000002_3.JPEG" in error_line(capsys)
     assert img2lmdb.main([*pack, "--skip_bad"]) == 0
@@ -204,22 +213,25 @@ def test_a_damaged_inner_tar_stops_packing_and_a_rerun_finishes(imagenet, from_f
     with tarfile.open(train_tar) as outer:
         inner_tars = {m.name: outer.extractfile(m).read() for m in outer}
     inner = inner_tars["n00000002.tar"]
-    inner_tars["n00000002.tar"] = inner[: int(len(inner) * 0.6)]  # the outer tar is whole, the inner cut short
+    # the outer tar is whole, the inner cut short
+    inner_tars["n00000002.tar"] = inner[: int(len(inner) * 0.6)]
     write_tar(train_tar, inner_tars)
-    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
-            "--workers", "2", "--commit_every", "3"]
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split",
+            "train", "--workers", "2", "--commit_every", "3"]
     assert img2lmdb.main(pack) == 2
     assert f"{train_tar}/n00000002.tar" in error_line(capsys)
     stored, expected = raw_lmdb(os.path.join(out, "train")), raw_lmdb(os.path.join(from_folders, "train"))
-    assert {key.decode()[:9] for key in stored} >= {"n00000000", "n00000001"}  # the classes before the damage
+    # the classes before the damage
+    assert {key.decode()[:9] for key in stored} >= {"n00000000", "n00000001"}
     assert all(value == expected[key] for key, value in stored.items())
     shutil.copy(os.path.join(imagenet["archives"], TRAIN_TAR), train_tar)
     assert img2lmdb.main(pack) == 0
     assert raw_lmdb(os.path.join(out, "train")) == expected
 
 
-BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a wnid", "image without label",
-              "ground truth too short", "devkit without meta.mat", "train tar cut between members"]
+BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a wnid",
+              "image without label", "ground truth too short", "devkit without meta.mat",
+              "train tar cut between members"]
 
 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
@@ -275,15 +287,17 @@ def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_cop
 
 def test_commands_list_archives_and_check_them_before_writing(archives_copy, tmp_path):
     out = str(tmp_path / "out")
-    result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", archives_copy,
-                             "--output_path", out], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path",
+                             archives_copy, "--output_path", out], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     num_train = NUM_CLASSES * TRAIN_PER_CLASS + sum(name.startswith("train/") for name in ODD_FILES.values())
     assert f"train: {num_train} images" in result.stdout
     assert f"val: {NUM_CLASSES * VAL_PER_CLASS + 1} images" in result.stdout
     os.remove(os.path.join(archives_copy, DEVKIT))
-    result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy, "--list_path", out,
-                             "--output_path", out, "--split", "val"], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy,
+                             "--list_path", out, "--output_path", out, "--split", "val"],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and DEVKIT in result.stderr
     assert not os.path.exists(os.path.join(out, "val"))
@@ -314,6 +328,6 @@ def test_lists_and_lmdbs_may_sit_beside_the_archives(imagenet, from_folders, arc
 def test_a_flat_val_folder_without_val_labels_is_named(imagenet, tmp_path, capsys):
     out = str(tmp_path)
     assert make_lists(["--image_path", imagenet["kaggle"], "--output_path", out, "--val_labels", imagenet["csv"]]) == 0
-    assert img2lmdb.main(["--image_path", imagenet["kaggle"], "--list_path", out, "--output_path", out,
-                          "--split", "val"]) == 2
+    assert img2lmdb.main(["--image_path", imagenet["kaggle"], "--list_path", out, "--output_path",
+                          out, "--split", "val"]) == 2
     assert "--val_labels" in error_line(capsys)

@@ -112,9 +112,11 @@ def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tr
     truncate_file(os.path.join(tree_copy, "train", lines[bad]))
     assert pack(tree_copy, out, "train", "--commit_every", "4") == 2  # stops at the damaged file
     assert lines[bad] in error_line(capsys)
-    assert sorted(read_lmdb(os.path.join(out, "train"))) == lines[:bad]  # everything before it was kept
+    # everything before it was kept
+    assert sorted(read_lmdb(os.path.join(out, "train"))) == lines[:bad]
 
-    shutil.copy(os.path.join(photo_tree, "train", lines[bad]), os.path.join(tree_copy, "train", lines[bad]))
+    shutil.copy(os.path.join(photo_tree, "train", lines[bad]),
+                os.path.join(tree_copy, "train", lines[bad]))
     assert pack(tree_copy, out, "train", "--commit_every", "4") == 0
     assert f"{bad} of {len(lines)} images already in" in capsys.readouterr().out
     records = read_lmdb(os.path.join(out, "train"))
@@ -124,7 +126,8 @@ def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tr
 
 def test_final_check_catches_a_lost_entry(photo_tree, tmp_path, monkeypatch, capsys):
     real_write_batch = img2lmdb.write_batch
-    monkeypatch.setattr(img2lmdb, "write_batch", lambda env, batch: real_write_batch(env, batch[1:]))
+    monkeypatch.setattr(img2lmdb, "write_batch",
+                        lambda env, batch: real_write_batch(env, batch[1:]))
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
     assert pack(photo_tree, out, "val") == 2
@@ -135,8 +138,8 @@ def test_map_size_grows_as_needed(photo_tree, tmp_path):
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
     small = 64 * 1024
-    summary = img2lmdb.pack_split(photo_tree, out, out, "train", workers=1, commit_every=8, progress=False,
-                                  initial_map_size=small)
+    summary = img2lmdb.pack_split(photo_tree, out, out, "train", workers=1, commit_every=8,
+                                  progress=False, initial_map_size=small)
     lines = read_list(os.path.join(out, "train_list.txt"))
     assert summary.stored == summary.packed == len(lines)
     assert sorted(read_lmdb(summary.lmdb_path)) == lines
@@ -150,12 +153,14 @@ def test_original_list_name_and_lmdb_beside_the_class_folders(tree_copy, capsys)
     assert pack(tree_copy, tree_copy, "val") == 0
     assert os.path.isfile(os.path.join(tree_copy, "val", "data.mdb"))
     assert sorted(read_lmdb(os.path.join(tree_copy, "val"))) == read_list(os.path.join(tree_copy, "val_datalist"))
-    assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0  # LMDB files are not listed
+    # LMDB files are not listed
+    assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0
     assert read_list(os.path.join(tree_copy, "val_list.txt")) == read_list(os.path.join(tree_copy, "val_datalist"))
 
 
-@pytest.mark.parametrize("problem", ["no image folder", "no split folder", "no list", "missing file",
-                                     "truncated jpeg", "truncated png", "unknown class", "repeated line"])
+@pytest.mark.parametrize("problem", ["no image folder", "no split folder", "no list",
+                                     "missing file", "truncated jpeg", "truncated png",
+                                     "unknown class", "repeated line"])
 def test_bad_input_is_a_one_line_error(tree_copy, tmp_path, capsys, problem):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
@@ -216,8 +221,8 @@ def test_command_forks_its_workers_and_packs_every_image(photo_tree, tmp_path):
     assert img2lmdb._worker_context().get_start_method() == "forkserver"
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
-    command = [sys.executable, "dataset/img2lmdb.py", "--image_path", photo_tree, "--list_path", out,
-               "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
+    command = [sys.executable, "dataset/img2lmdb.py", "--image_path", photo_tree, "--list_path",
+               out, "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     records = read_lmdb(os.path.join(out, "val_40"))
@@ -254,8 +259,9 @@ sys.exit(img2lmdb.main(sys.argv[1:]))
 def test_workers_start_cleanly_after_the_caller_used_opencv_threads(photo_tree, tmp_path):
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
-    command = [sys.executable, "-c", _PACK_AFTER_OPENCV_POOL, "--image_path", photo_tree, "--list_path", out,
-               "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
+    command = [sys.executable, "-c", _PACK_AFTER_OPENCV_POOL, "--image_path", photo_tree,
+               "--list_path", out, "--output_path", out, "--split", "val", "--image_size", "40",
+               "--workers", "2"]
     # Its own session, so that a hang is ended with the workers, not left behind.
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -287,7 +293,8 @@ def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, cap
     assert sorted(read_lmdb(os.path.join(out, "train"))) == kept
     assert "skipped 2 unreadable images" in capsys.readouterr().out
 
-    assert pack(tree_copy, out, "train", "--skip_bad") == 0  # a rerun keeps the record of what was skipped
+    # a rerun keeps the record of what was skipped
+    assert pack(tree_copy, out, "train", "--skip_bad") == 0
     assert read_list(skipped_file) == sorted([truncated, garbage])
     assert f"{len(kept)} of {len(kept)} images already in" in capsys.readouterr().out
 
@@ -298,6 +305,7 @@ def test_a_file_changed_after_its_check_is_not_stored(tree_copy):
     outcome = img2lmdb.prepare_image(task, shorter_side=None, quality=95, send_kept=False)
     assert outcome.error is None and outcome.kept_as_is and outcome.image_bytes is None
     assert img2lmdb._stored_bytes(outcome) == file_bytes(path)
-    shutil.copy(os.path.join(tree_copy, ODD_FILES["grey"]), path)  # replaced between check and store
+    # replaced between check and store
+    shutil.copy(os.path.join(tree_copy, ODD_FILES["grey"]), path)
     with pytest.raises(img2lmdb.DataError, match="changed while it was being packed"):
         img2lmdb._stored_bytes(outcome)

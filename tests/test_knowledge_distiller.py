@@ -94,7 +94,8 @@ def logits_cases(n: int = 32, c: int = NUM_CLASSES, seed: int = 0):
         ("random", uniform(3), uniform(3), label),
         ("large", uniform(100), uniform(100), label),
         ("teacher certain and right", uniform(5), certain(100), label),
-        ("teacher certain, student certain and wrong", certain(100, right=False), certain(100), label),
+        ("teacher certain, student certain and wrong", certain(100, right=False), certain(100),
+         label),
         ("both certain and right", certain(30), certain(25), label),
         ("both near certain", certain(18), certain(20), label),  # CE ~ 1e-8: float32's blind spot
         ("student beats teacher", certain(12), uniform(1), label),
@@ -128,13 +129,15 @@ def assert_matches(loss, grad, expected_loss, expected_grad, temperature, alpha)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize(("temperature", "alpha", "smoothing"), [(2.0, 2.5, 0.0), (1.0, 1.0, 0.1), (4.0, 0.5, 0.0)])
+@pytest.mark.parametrize(("temperature", "alpha", "smoothing"),
+                         [(2.0, 2.5, 0.0), (1.0, 1.0, 0.1), (4.0, 0.5, 0.0)])
 def test_wsld_value_and_gradient_equal_the_papers_equation(case, temperature, alpha, smoothing):
     s, t, label = case_tensors(case)
     s.requires_grad_(True)
     loss = WSLDLoss(temperature, alpha, NUM_CLASSES, smoothing)(s, t, label)
     loss.backward()
-    assert_matches(loss, s.grad, *reference(s.detach(), t, label, temperature, alpha, smoothing), temperature, alpha)
+    assert_matches(loss, s.grad, *reference(s.detach(), t, label, temperature, alpha, smoothing),
+                   temperature, alpha)
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])
@@ -143,7 +146,8 @@ def test_kd_equals_hintons_loss_and_bounds_wsld(case):
     s.requires_grad_(True)
     kd = KDLoss(2.0, 2.5, NUM_CLASSES, 0.1)(s, t, label)
     kd.backward()
-    assert_matches(kd, s.grad, *reference(s.detach(), t, label, 2.0, 2.5, 0.1, weighted=False), 2.0, 2.5)
+    expected = reference(s.detach(), t, label, 2.0, 2.5, 0.1, weighted=False)
+    assert_matches(kd, s.grad, *expected, 2.0, 2.5)
     # The WSLD weights lie in [0, 1]: WSLD never exceeds KD.
     assert WSLDLoss(2.0, 2.5, NUM_CLASSES, 0.1)(s, t, label) <= kd
 
@@ -341,7 +345,8 @@ def test_plain_cross_entropy_never_runs_the_teacher():
 
 
 def test_ddp_sees_only_the_student(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
     try:
         distiller = make_distiller()
         teacher_before = copy.deepcopy(distiller.teacher.state_dict())
