@@ -51,7 +51,8 @@ def truncate_file(path: str, keep_fraction: float = 0.4) -> None:
 
 @pytest.fixture(scope="session")
 def photo_tree(tmp_path_factory) -> str:
-    """A read-only ImageNet-layout tree: train/ and val/ class folders of JPEG photos plus the odd files.
+    """A read-only ImageNet-layout tree: train/ and val/ class folders of JPEG photos plus the odd
+    files.
 
     Tests that change files work on a copy (see ``tree_copy``).
     """
@@ -99,7 +100,8 @@ def require_region_decoder() -> jpeg_region.RegionDecoder:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "region_decoder: needs the libjpeg-turbo region decoder "
-                                       "(skipped where it cannot be built, unless WSLD_REQUIRE_REGION_DECODER=1)")
+                                       "(skipped where it cannot be built, unless "
+                                       "WSLD_REQUIRE_REGION_DECODER=1)")
 
 
 def pytest_runtest_setup(item) -> None:

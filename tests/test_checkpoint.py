@@ -133,4 +133,5 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     np.random.seed(9)
     torch.manual_seed(9)
     restore_rng_state(load_checkpoint(path)["rng"])
-    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+    drawn = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    assert drawn == expected

@@ -58,7 +58,8 @@ def test_compiled_network_computes_what_it_did_and_keeps_torchvision_keys():
     out.square().sum().backward()
     torch.testing.assert_close(compiled.fc.weight.grad, eager.fc.weight.grad, rtol=1e-4, atol=1e-5)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix
-    torchvision.models.resnet18(num_classes=NUM_CLASSES).load_state_dict(compiled.state_dict(), strict=True)
+    plain = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    plain.load_state_dict(compiled.state_dict(), strict=True)
 
 
 def test_failed_compilation_is_one_line():
@@ -68,7 +69,8 @@ def test_failed_compilation_is_one_line():
         net(torch.randn(2, 3, 32, 32))
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("torch.compile failed (RuntimeError: no usable C++ compiler for this test)")
+    assert message.startswith("torch.compile failed "
+                              "(RuntimeError: no usable C++ compiler for this test)")
     assert message.endswith("train without it with train_params.compile=False")
 
 
@@ -93,7 +95,8 @@ def data(photo_tree, tmp_path_factory) -> dict[str, str]:
     return {"images": images, "teacher": teacher}
 
 
-def run(data: dict[str, str], output_dir: str, compile_setting: object, epochs: int, resume: bool = False) -> int:
+def run(data: dict[str, str], output_dir: str, compile_setting: object, epochs: int,
+        resume: bool = False) -> int:
     return train_with_distillation.main([
         f"data.data_path={data['images']}", "data.train_data_type=img", "data.val_data_type=img",
         "data.input_size=(3, 32, 32)", "data.batch_size=8", "data.num_workers=0",
@@ -141,7 +144,8 @@ def test_run_resumes_across_compile_on_and_off(data, plain_weights, tmp_path, fi
 def test_compile_failure_in_training_is_one_line_and_exit_2(data, tmp_path, capsys):
     assert run(data, str(tmp_path / "out"), FAILING_BACKEND, epochs=1) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: torch.compile failed (RuntimeError: no usable C++ compiler") and "\n" not in err, err
+    assert err.startswith("error: torch.compile failed (RuntimeError: no usable C++ compiler"), err
+    assert "\n" not in err, err
     assert "train_params.compile=False" in err
 
 

@@ -113,7 +113,8 @@ def test_config_module_in_full(tmp_path):
 
 
 def test_config_module_with_base_and_overrides(tmp_path):
-    (tmp_path / "base_cfg.py").write_text("cfg = {'data': {'batch_size': 256, 'num_workers': 32}}\n")
+    (tmp_path / "base_cfg.py").write_text(
+        "cfg = {'data': {'batch_size': 256, 'num_workers': 32}}\n")
     child = tmp_path / "child_cfg.py"
     child.write_text("base = 'base_cfg.py'\noverrides = {'data.batch_size': 64}\n")
     loaded = load_config_file(str(child))

@@ -29,7 +29,8 @@ CONSOLE_BUDGET = 80  # lines a whole first demo may print, data preparation incl
 
 def test_runs_train_teacher_then_students_that_distil_from_it():
     configs = run_configs(DEMO_CONFIG, ["train_params.output_dir=out", "train_params.epochs=1"])
-    methods = [(run["method"], cfg.model.student or cfg.net_type, cfg.distill.method) for run, cfg in configs]
+    methods = [(run["method"], cfg.model.student or cfg.net_type, cfg.distill.method)
+               for run, cfg in configs]
     assert methods == [("Teacher", "resnet34", "none"), ("Original", "resnet18", "none"),
                        ("Proposed", "resnet18", "wsld")]
     teacher_cfg = configs[0][1]
@@ -181,7 +182,8 @@ def no_data(root: str) -> None:
     """The data preparation, where the training is faked and reads none."""
 
 
-def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch, capsys):
+def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch,
+                                                                             capsys):
     same = [f"train_params.output_dir={tmp_path}"]
     changed = [*same, "optim.init_lr=0.02"]
 

@@ -53,14 +53,16 @@ def test_auto_is_bf16_from_capability_8_and_fp16_below(gpu, capability, dtype):
 
 def test_auto_is_full_precision_on_the_cpu():
     precision = choose_precision("auto", CPU)
-    assert precision.dtype is None and precision.describe() == "float32 (train_params.amp='auto' on cpu)"
+    assert precision.dtype is None
+    assert precision.describe() == "float32 (train_params.amp='auto' on cpu)"
 
 
 def test_bf16_asked_for_on_an_old_gpu_is_kept_with_a_one_line_warning(gpu):
     gpu(7, 0)
     precision = choose_precision("bf16", CUDA)
     assert precision.dtype == torch.bfloat16
-    assert "slow" in precision.warning and "7.0" in precision.warning and "\n" not in precision.warning
+    warning = precision.warning
+    assert "slow" in warning and "7.0" in warning and "\n" not in warning
     gpu(8, 6)
     assert not choose_precision("bf16", CUDA).warning
 
@@ -179,7 +181,8 @@ def test_optimizer_state_loads_across_sgd_kernels(saved_on, resumed_on, monkeypa
             if kernels == "foreach":
                 patch.setattr(device_module, "fused_sgd_unavailable", lambda params: "test")
             model = small_model()
-            return model, build_sgd(model.parameters(), default_cfg.optim, CPU if kernels == "cpu" else CUDA)[0]
+            device = CPU if kernels == "cpu" else CUDA
+            return model, build_sgd(model.parameters(), default_cfg.optim, device)[0]
 
     model, optimizer = build(saved_on)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

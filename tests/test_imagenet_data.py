@@ -79,7 +79,8 @@ def test_single_process_loaders(data_roots, data_type):
     assert (data.train_num_examples, data.test_num_examples) == (NUM_TRAIN, NUM_VAL)
     assert len(train_loader) == NUM_TRAIN // BATCH  # the last, partial batch is dropped
     for images, labels in train_loader:
-        assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, SIZE, SIZE) and images.is_contiguous()
+        assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, SIZE, SIZE)
+        assert images.is_contiguous()
         assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < NUM_CLASSES
     images, labels = collect(val_loader)
     assert images.shape == (NUM_VAL, 3, SIZE, SIZE) and images.dtype == torch.uint8
@@ -252,7 +253,8 @@ def test_validation_labels_of_jpeg_folders_come_from_the_train_split(data_roots,
     val_root = tmp_path / "val"
     shutil.copytree(os.path.join(data_roots["img"], "val", "n00000003"), val_root / "n00000003")
     list_path = tmp_path / "val_list.txt"
-    list_path.write_text("\n".join(f"n00000003/{name}" for name in sorted(os.listdir(val_root / "n00000003"))))
+    names = sorted(os.listdir(val_root / "n00000003"))
+    list_path.write_text("\n".join(f"n00000003/{name}" for name in names))
     classes = sorted(os.listdir(os.path.join(data_roots["img"], "train")))
     dataset = FolderDataset(str(val_root), str(list_path), classes=classes)
     assert {dataset[i][1] for i in range(len(dataset))} == {3}
@@ -317,8 +319,9 @@ def test_rand_scale_logs_the_decoder_it_uses(tmp_path, monkeypatch):
 
 def test_region_decoder_asked_for_but_unavailable_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(jpeg_region, "region_decoder", lambda: None)
-    monkeypatch.setattr(jpeg_region, "describe", lambda: "OpenCV, whole images (region decoding "
-                                                         "unavailable: no C compiler (cc or gcc) on PATH)")
+    monkeypatch.setattr(jpeg_region, "describe",
+                        lambda: "OpenCV, whole images (region decoding "
+                                "unavailable: no C compiler (cc or gcc) on PATH)")
     with pytest.raises(ConfigError, match="no C compiler.*data.decoder='auto'"):
         ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
                    data_config("img", decoder="region"))
@@ -372,7 +375,8 @@ def test_unreadable_image_names_its_file(data_roots, tmp_path):
 def test_shard_sampler_covers_every_index_once(size, world):
     shards = [list(ShardSampler(size, world, rank)) for rank in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(size))
-    assert [len(ShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]
+    lengths = [len(ShardSampler(size, world, rank)) for rank in range(world)]
+    assert lengths == [len(s) for s in shards]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
@@ -401,7 +405,8 @@ def test_collate_refuses_float_images():
 # Two processes: a gloo group started with spawn.
 
 
-def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str], out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str],
+               out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world_size)
     try:

@@ -1,4 +1,5 @@
-"""The packer: labels, losslessness, conversions, resizing, restarts, the final check and bad input."""
+"""The packer: labels, losslessness, conversions, resizing, restarts, the final check and bad
+input."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def test_image_size_resizes_the_shorter_side_into_its_own_lmdb(photo_tree, tmp_p
         assert label == int(line[1:9])
 
 
-def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tree_copy, tmp_path, capsys):
+def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tree_copy, tmp_path,
+                                                                  capsys):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
     lines = read_list(os.path.join(out, "train_list.txt"))
@@ -152,10 +154,11 @@ def test_original_list_name_and_lmdb_beside_the_class_folders(tree_copy, capsys)
     os.replace(os.path.join(tree_copy, "val_list.txt"), os.path.join(tree_copy, "val_datalist"))
     assert pack(tree_copy, tree_copy, "val") == 0
     assert os.path.isfile(os.path.join(tree_copy, "val", "data.mdb"))
-    assert sorted(read_lmdb(os.path.join(tree_copy, "val"))) == read_list(os.path.join(tree_copy, "val_datalist"))
+    datalist = os.path.join(tree_copy, "val_datalist")
+    assert sorted(read_lmdb(os.path.join(tree_copy, "val"))) == read_list(datalist)
     # LMDB files are not listed
     assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0
-    assert read_list(os.path.join(tree_copy, "val_list.txt")) == read_list(os.path.join(tree_copy, "val_datalist"))
+    assert read_list(os.path.join(tree_copy, "val_list.txt")) == read_list(datalist)
 
 
 @pytest.mark.parametrize("problem", ["no image folder", "no split folder", "no list",
@@ -216,7 +219,8 @@ def test_command_line_error_exit_code_and_no_traceback(tree_copy, tmp_path):
 
 def test_command_forks_its_workers_and_packs_every_image(photo_tree, tmp_path):
     """Run as a command, nothing has used OpenCV before the pool starts, so the workers are
-    forked (no second interpreter to start); they resize and check every image as spawned ones do."""
+    forked (no second interpreter to start); they resize and check every image as spawned ones
+    do."""
     assert img2lmdb._worker_context(fork=True).get_start_method() == "fork"
     assert img2lmdb._worker_context().get_start_method() == "forkserver"
     out = str(tmp_path)
@@ -233,7 +237,8 @@ def test_command_forks_its_workers_and_packs_every_image(photo_tree, tmp_path):
 
 # A program that used OpenCV's thread pool, waits until the pool's threads sleep on their condition
 # variable, then packs with two workers. A worker forked from it would inherit that pool and wait
-# forever in cv2.setNumThreads; it also checks the workers' module imports no torch (cheap to start).
+# forever in cv2.setNumThreads; it also checks the workers' module imports no torch (cheap to
+# start).
 _PACK_AFTER_OPENCV_POOL = """
 import os, sys
 import cv2, numpy as np
@@ -272,7 +277,8 @@ def test_workers_start_cleanly_after_the_caller_used_opencv_threads(photo_tree, 
         proc.communicate()
         pytest.fail("the packer's workers hung after the caller had used OpenCV's thread pool")
     assert proc.returncode == 0, err
-    assert sorted(read_lmdb(os.path.join(out, "val_40"))) == read_list(os.path.join(out, "val_list.txt"))
+    listed = read_list(os.path.join(out, "val_list.txt"))
+    assert sorted(read_lmdb(os.path.join(out, "val_40"))) == listed
 
 
 def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, capsys):
