@@ -1,5 +1,6 @@
 """ImageNet from its official archives and from Kaggle's layout: the same lists and the same LMDBs
-as from extracted, sorted class folders; restarts, --skip_bad and one-line errors for bad archives."""
+as from extracted, sorted class folders; restarts, --skip_bad and one-line errors for bad
+archives."""
 
 from __future__ import annotations
 

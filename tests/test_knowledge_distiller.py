@@ -51,7 +51,8 @@ def _decimal_rows(x: torch.Tensor) -> list[list[Decimal]]:
 
 
 def reference(s, t, label, temperature, alpha, smoothing=0.0, weighted=True):
-    """(loss, d loss / d s) of ``CE(s, y) + alpha T^2 mean_i w_i soft_i`` (w_i = 1 without weighting)."""
+    """(loss, d loss / d s) of ``CE(s, y) + alpha T^2 mean_i w_i soft_i`` (w_i = 1 without
+    weighting)."""
     with localcontext() as ctx:
         ctx.prec = DIGITS
         n, c = s.shape
@@ -300,7 +301,8 @@ def test_teacher_is_outside_parameters_state_dict_and_train_mode():
     distiller = make_distiller()
     teacher_params = {id(p) for p in distiller.teacher.parameters()}
     assert teacher_params.isdisjoint(id(p) for p in distiller.parameters())
-    assert {id(p) for p in distiller.parameters()} == {id(p) for p in distiller.student.parameters()}
+    student_ids = {id(p) for p in distiller.student.parameters()}
+    assert {id(p) for p in distiller.parameters()} == student_ids
     assert all(key.startswith("student.") for key in distiller.state_dict())
     assert not any(p.requires_grad for p in distiller.teacher.parameters())
     distiller.train()
@@ -313,7 +315,8 @@ def test_teacher_is_outside_parameters_state_dict_and_train_mode():
 def test_to_moves_the_teacher_with_the_student():
     distiller = make_distiller().to(torch.float64)
     assert all(p.dtype == torch.float64 for p in distiller.teacher.parameters())
-    assert all(b.dtype == torch.float64 for b in distiller.teacher.buffers() if b.is_floating_point())
+    assert all(b.dtype == torch.float64
+               for b in distiller.teacher.buffers() if b.is_floating_point())
     x, label = batch()
     fc_s, loss, _ = distiller(x.double(), label)
     assert fc_s.dtype == torch.float64 and torch.isfinite(loss)
@@ -328,7 +331,8 @@ def test_training_changes_the_student_and_never_the_teacher():
     for key, value in distiller.teacher.state_dict().items():  # parameters and BatchNorm buffers
         assert torch.equal(value, teacher_before[key]), key
     assert all(p.grad is None for p in distiller.teacher.parameters())
-    changed = [k for k, v in distiller.student.state_dict().items() if not torch.equal(v, student_before[k])]
+    changed = [k for k, v in distiller.student.state_dict().items()
+               if not torch.equal(v, student_before[k])]
     assert "1.running_mean" in changed and "5.weight" in changed
 
 

@@ -1,4 +1,5 @@
-"""The LMDB dataset: both the original tool's LMDBs and ours, missing keys, and use across processes."""
+"""The LMDB dataset: both the original tool's LMDBs and ours, missing keys, and use across
+processes."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def packed_val(photo_tree, tmp_path_factory) -> tuple[str, str]:
 
 
 def write_original_lmdb(photo_tree: str, root: str, lines: list[str], labels: list[int]) -> None:
-    """An LMDB exactly as the original tool wrote it: OpenCV-re-encoded JPEG + 2-byte little-endian label, msgpacked."""
+    """An LMDB exactly as the original tool wrote it: OpenCV-re-encoded JPEG + 2-byte
+    little-endian label, msgpacked."""
     env = lmdb.open(root, map_size=1 << 26)
     with env.begin(write=True) as txn:
         for line, label in zip(lines, labels):
@@ -102,7 +104,8 @@ def test_missing_key_error_names_the_key(packed_val, tmp_path):
     ds[0]
     with pytest.raises(DataError, match="n00000001/not_packed.JPEG") as info:
         ds[1]
-    assert isinstance(info.value, UserError) and "key 'n00000001/not_packed.JPEG'" in str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "key 'n00000001/not_packed.JPEG'" in str(info.value)
 
 
 def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
@@ -131,7 +134,8 @@ def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
         with pytest.raises(ImageDecodeError) as info:
             ds[1]
         message = str(info.value)
-        assert message.startswith(f"image 'n00000001/cut_short.JPEG' in the LMDB at '{damaged_root}': ")
+        assert message.startswith("image 'n00000001/cut_short.JPEG' "
+                                  f"in the LMDB at '{damaged_root}': ")
         assert "cannot decode image" in message and "\n" not in message
         with pytest.raises(DataError,
                            match=r"^image 'n00000002/not_a_record.JPEG' in the LMDB at .*: "):
@@ -167,7 +171,8 @@ def test_root_resolved_once_and_every_spelling_shares_one_handle(packed_val, tmp
 
 
 def all_items(loader: DataLoader) -> list[tuple[np.ndarray, int]]:
-    return [(sample.numpy() if isinstance(sample, torch.Tensor) else sample, int(target)) for sample, target in loader]
+    return [(sample.numpy() if isinstance(sample, torch.Tensor) else sample, int(target))
+            for sample, target in loader]
 
 
 @pytest.mark.parametrize("context, workers", [("fork", 2), ("spawn", 1)])

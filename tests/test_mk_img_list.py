@@ -1,4 +1,5 @@
-"""The list maker: one sorted ``wnid/file`` line per image file, per split folder, replaced on a rerun."""
+"""The list maker: one sorted ``wnid/file`` line per image file, per split folder, replaced on a
+rerun."""
 
 from __future__ import annotations
 

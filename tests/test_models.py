@@ -1,4 +1,5 @@
-"""Model construction and weight loading: official keys, checkpoint forms, unsafe and broken files."""
+"""Model construction and weight loading: official keys, checkpoint forms, unsafe and broken
+files."""
 
 from __future__ import annotations
 

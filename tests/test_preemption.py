@@ -1,4 +1,5 @@
-"""The signal handlers and the stop agreement in one process (the training tests run them in two)."""
+"""The signal handlers and the stop agreement in one process (the training tests run them in
+two)."""
 
 from __future__ import annotations
 
