@@ -50,7 +50,8 @@ NUM_CLASSES = 4
 
 @pytest.fixture(scope="session")
 def data(photo_tree, tmp_path_factory) -> dict[str, str]:
-    """The photo tree as JPEG folders and as LMDBs, each with its lists, and a teacher weights file."""
+    """The photo tree as JPEG folders and as LMDBs, each with its lists, and a teacher weights
+    file."""
     root = tmp_path_factory.mktemp("train_data")
     images = str(root / "images")
     shutil.copytree(photo_tree, images)
@@ -101,13 +102,16 @@ def full_run(data, tmp_path_factory) -> str:
 def test_run_writes_logs_metrics_and_checkpoints(full_run):
     log = read_log(full_run)
     assert '"batch_size": 8' in log  # the effective configuration
-    assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
-    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +data wait [\d.]+ ms/step \(\d+%\) +"
+    assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +"
+                     r"loss [\d.]+ +\(13 images\)", log)
+    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +"
+                     r"data wait [\d.]+ ms/step \(\d+%\) +"
                      r"loss [\d.]+ \([\d.]+\) +top-1 err [\d.]+ "
                      r"\([\d.]+\) +top-5 err [\d.]+ \([\d.]+\) .*ETA \d+:\d\d:\d\d", log)
     assert "Precision float32 (train_params.amp='auto' on cpu); optimizer SGD" in log
     assert "; 0 loader workers per process" in log
-    assert re.search(r"Validation epoch \[2/2\] +top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
+    assert re.search(r"Validation epoch \[2/2\] +top-1 err [\d.]+ +top-5 err [\d.]+ +"
+                     r"loss [\d.]+ +\(13 images\)", log)
 
     records = read_metrics(os.path.join(full_run, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]
@@ -151,7 +155,8 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
 @pytest.mark.slow
 def test_distributed_validation_equals_single_process_evaluation(full_run, data, capsys):
     base = overrides(data, full_run)
-    assert train_with_distillation.main(["--evaluate", os.path.join(full_run, CHECKPOINT_NAME), *base]) == 0
+    checkpoint = os.path.join(full_run, CHECKPOINT_NAME)
+    assert train_with_distillation.main(["--evaluate", checkpoint, *base]) == 0
     student = last_json_line(capsys.readouterr().out)
     assert train_with_distillation.main(["--evaluate", "teacher", *base]) == 0
     teacher = last_json_line(capsys.readouterr().out)
@@ -161,8 +166,8 @@ def test_distributed_validation_equals_single_process_evaluation(full_run, data,
     assert student["top1_err"] == last_epoch["val_top1_err"]
     assert student["top5_err"] == last_epoch["val_top5_err"]
     assert student["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-5)
-    logged = re.search(r"Teacher network performance: top-1 err ([\d.]+) +top-5 err ([\d.]+) +loss ([\d.]+)",
-                       read_log(full_run))
+    logged = re.search(r"Teacher network performance: top-1 err ([\d.]+) +"
+                       r"top-5 err ([\d.]+) +loss ([\d.]+)", read_log(full_run))
     assert [float(x) for x in logged.groups()] == pytest.approx(
         [teacher["top1_err"], teacher["top5_err"], teacher["loss"]], abs=1e-3)
 
@@ -178,7 +183,8 @@ def assert_same_weights(out: str, reference: str) -> None:
 
 
 def assert_same_records(out: str, reference: str) -> None:
-    """One metrics record, one validation line and the same best checkpoint per epoch as the reference."""
+    """One metrics record, one validation line and the same best checkpoint per epoch as the
+    reference."""
     records, expected = (read_metrics(os.path.join(d, METRICS_NAME)) for d in (out, reference))
     assert [r["epoch"] for r in records] == [r["epoch"] for r in expected]
     for record, want in zip(records, expected):
@@ -188,7 +194,8 @@ def assert_same_records(out: str, reference: str) -> None:
     log = read_log(out)
     for epoch in range(1, len(expected) + 1):
         assert len(re.findall(rf"Validation epoch \[{epoch}/", log)) == 1
-    best, best_expected = (torch.load(os.path.join(d, BEST_NAME), weights_only=True)["epoch"] for d in (out, reference))
+    best, best_expected = (torch.load(os.path.join(d, BEST_NAME), weights_only=True)["epoch"]
+                           for d in (out, reference))
     assert best == best_expected
 
 
@@ -212,7 +219,8 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
     assert "Resumed from" in read_log(out)
     records = read_metrics(os.path.join(out, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]  # epoch 2 is not recorded twice
-    assert records[1]["val_loss"] == pytest.approx(read_metrics(os.path.join(reference, METRICS_NAME))[1]["val_loss"])
+    expected = read_metrics(os.path.join(reference, METRICS_NAME))
+    assert records[1]["val_loss"] == pytest.approx(expected[1]["val_loss"])
 
 
 # (plan of the signal, config changes of that run, (epoch, step) of the checkpoint it leaves).
@@ -233,7 +241,8 @@ SIGNAL_POINTS = [
 
 
 @pytest.mark.slow
-def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full_run, data, tmp_path, monkeypatch):
+def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full_run, data,
+                                                                            tmp_path, monkeypatch):
     """SIGUSR1 sent to the launcher at each point of SIGNAL_POINTS in turn, each run resumed by
     the next: the weights, the metrics, the validation lines and the best checkpoint are those
     of the uninterrupted run (full_run, no loader workers)."""
@@ -260,7 +269,8 @@ def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full
 
 
 @pytest.mark.slow
-def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_run, data, tmp_path):
+def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_run, data,
+                                                                           tmp_path):
     """The user's view: SIGTERM to the launcher stops the job with status 75 and says so on the
     last line; a SIGKILL after a time-based checkpoint loses only the steps after it."""
     out = str(tmp_path / "out")
@@ -268,8 +278,10 @@ def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_
                      dist__timeout_s=600, optim__resume_path="auto",
                      train_params__checkpoint_every_min=1e-9)  # every step
 
-    def run_until(pattern: str, action: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:
-        """Start the job; act once when a line of its output starts with pattern; wait for its end."""
+    def run_until(pattern: str,
+                  action: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:
+        """Start the job; act once when a line of its output starts with pattern; wait for its
+        end."""
         proc = subprocess.Popen([sys.executable, "train_with_distillation.py", *argv],
                                 cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -315,7 +327,8 @@ def test_kd_on_image_folders_with_a_loader_worker_clipping_and_smoothing(data, t
 def test_student_alone_from_a_config_module_never_loads_a_teacher(data, tmp_path):
     config_module = tmp_path / "student_only_cfg.py"
     config_module.write_text(f"base = {os.path.join(REPO_ROOT, 'imagenet_train_cfg.py')!r}\n"
-                             "overrides = {'distill.method': 'none', 'train_params.eval_teacher': False}\n")
+                             "overrides = {'distill.method': 'none', "
+                             "'train_params.eval_teacher': False}\n")
     out = str(tmp_path / "out")
     argv = overrides(data, out, model__teacher_weights=str(tmp_path / "absent.pth"),
                      train_params__epochs=1, dist__nprocs=1)
@@ -359,7 +372,8 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
 def test_an_unseeded_run_draws_its_own_seed():
     cfg = copy.deepcopy(default_cfg)
     cfg.train_params.use_seed, cfg.train_params.seed = False, 3
-    drawn = {run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu")) for _ in range(3)}
+    drawn = {run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu"))
+             for _ in range(3)}
     assert len(drawn) == 3
     cfg.train_params.use_seed = True
     assert run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu")) == 3
@@ -367,12 +381,14 @@ def test_an_unseeded_run_draws_its_own_seed():
 
 @pytest.mark.parametrize("saved_fp16, resumed_fp16", [(False, True), (True, False), (True, True)])
 def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path):
-    """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the reverse."""
+    """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the
+    reverse."""
     def training_state(fp16: bool) -> tuple:
         student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
         scheduler = build_scheduler(optimizer, default_cfg.optim, epochs=100)
-        return student, optimizer, scheduler, torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=fp16)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=fp16)
+        return student, optimizer, scheduler, scaler
 
     student, optimizer, scheduler, scaler = training_state(saved_fp16)
     optimizer.step()
@@ -393,7 +409,8 @@ def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path)
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_all_processes_and_keeps_the_checkpoint(full_run, data, tmp_path):
-    """At the command line: one error line naming epoch and step, non-zero exit, the good checkpoint kept."""
+    """At the command line: one error line naming epoch and step, non-zero exit, the good
+    checkpoint kept."""
     out = tmp_path / "out"
     out.mkdir()
     good = out / CHECKPOINT_NAME
@@ -503,7 +520,8 @@ def test_evaluation_configures_the_backends_as_training_does(data, tmp_path, mon
     argv = overrides(data, str(tmp_path / "out"), data__num_workers="auto")
     assert train_with_distillation.main(["--evaluate", "teacher", *argv]) == 0
     assert last_json_line(capsys.readouterr().out)["images"] == 13
-    cfg = train_with_distillation.load_config(train_with_distillation.build_arg_parser().parse_args(argv))
+    args = train_with_distillation.build_arg_parser().parse_args(argv)
+    cfg = train_with_distillation.load_config(args)
     threads = torch.get_num_threads()
     try:
         configure_process(distributed.ProcessInfo(), torch.device("cpu"), cfg.train_params.use_seed,
@@ -524,11 +542,13 @@ def test_more_torchrun_processes_than_devices_is_a_config_error(monkeypatch):
 
 
 @pytest.mark.parametrize("local_rank", [0, 1])
-def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(local_rank, monkeypatch, tmp_path):
+def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(local_rank, monkeypatch,
+                                                                            tmp_path):
     """Eight processes of a machine must not all open the data and load the teacher at once:
     only local rank 0 checks, and the others wait for it at a barrier."""
-    for key, value in {"RANK": str(8 + local_rank), "WORLD_SIZE": "16",
-                       "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+    launcher = {"RANK": str(8 + local_rank), "WORLD_SIZE": "16", "LOCAL_RANK": str(local_rank),
+                "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for key, value in launcher.items():
         monkeypatch.setenv(key, value)
     calls: list[str] = []
     module = train_with_distillation

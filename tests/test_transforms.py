@@ -86,7 +86,8 @@ def chw(image: Image.Image) -> np.ndarray:
     return np.asarray(image).transpose(2, 0, 1)
 
 
-def crop_at(transform: RandomResizedCropFlip, sample: bytes | np.ndarray, box: Box, flip: bool) -> torch.Tensor:
+def crop_at(transform: RandomResizedCropFlip, sample: bytes | np.ndarray, box: Box,
+            flip: bool) -> torch.Tensor:
     """The transform's output for a given box and flip: its deterministic half."""
     return transform._render(transforms._inspect(sample), box, flip)
 
@@ -106,7 +107,8 @@ def mean_abs_diff(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
 
 def check_output(out: torch.Tensor, size: int = 224) -> np.ndarray:
     """What every transform returns (a contiguous 3 x size x size uint8 tensor), as an array."""
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.shape == (3, size, size)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
+    assert out.shape == (3, size, size)
     assert out.is_contiguous()
     return out.numpy()
 
@@ -133,10 +135,12 @@ def box_features(boxes: np.ndarray, width: int, height: int) -> dict[str, np.nda
 def test_crop_box_distribution_matches_torchvision(width, height):
     n = 4000
     random.seed(1)
-    ours = np.array([sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+    ours = np.array([sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3))
+                     for _ in range(n)])
     torch.manual_seed(1)
     image = torch.empty(1, height, width)
-    theirs = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    theirs = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+                       for _ in range(n)])
     assert ((ours[:, 2] > 0) & (ours[:, 0] + ours[:, 2] <= height)).all()
     assert ((ours[:, 3] > 0) & (ours[:, 1] + ours[:, 3] <= width)).all()
     # 1.95 * sqrt(2 / n) is the KS critical value at the 0.1 % level.
@@ -176,7 +180,8 @@ def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224)
 def test_random_resized_crop_matches_torchvision(photos, decodes, name, box, flip, factor, region):
     out = crop_at(RandomResizedCropFlip(224, region=region), photos[name], box, flip)
     out = check_output(out)
-    assert decodes == ({"window": [factor], "whole": []} if region else {"window": [], "whole": [factor]})
+    expected = {"window": [factor], "whole": []} if region else {"window": [], "whole": [factor]}
+    assert decodes == expected
     assert mean_abs_diff(out, torchvision_resized_crop(photos[name], box, flip)) <= TOLERANCE
 
 
@@ -220,7 +225,8 @@ def test_region_decoding_gives_the_whole_image_decode(photos, name):
     boxes = [Box(0, 0, height, width), Box(0, 0, 100, 120), Box(height - 90, width - 77, 90, 77),
              Box(16, 32, 200, 160), Box(17, 33, 201, 161), Box(7, width - 300, height - 7, 300)]
     random.seed(11)
-    boxes += [sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(20)]
+    boxes += [sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3))
+              for _ in range(20)]
     for box in boxes:
         region = crop_at(RandomResizedCropFlip(224, region=True), photos[name], box, False)
         whole = crop_at(RandomResizedCropFlip(224, region=False), photos[name], box, False)
@@ -270,7 +276,8 @@ def test_validation_resize_follows_the_crop_size():
     ("china", 256, 0, 0, False), ("china", 480, 200, 411, True),
     ("flower_1400", 300, 30, 170, True),
 ])
-def test_rand_scale_matches_torchvision_for_fixed_parameters(photos, name, shorter, top, left, flip):
+def test_rand_scale_matches_torchvision_for_fixed_parameters(photos, name, shorter, top, left,
+                                                             flip):
     out = scale_crop_at(RandomScaleCropFlip(224), photos[name], shorter, top, left, flip)
     out = check_output(out)
     resized = T.Resize(shorter)(pil_image(photos[name]))
