@@ -37,7 +37,8 @@ def write_odd_files(root: str) -> None:
     photo.convert("CMYK").save(os.path.join(root, ODD_FILES["cmyk"]), format="JPEG", quality=90)
     photo.convert("L").save(os.path.join(root, ODD_FILES["grey"]), format="JPEG", quality=90)
     photo.convert("L").save(os.path.join(root, ODD_FILES["grey_val"]), format="JPEG", quality=90)
-    photo.save(os.path.join(root, ODD_FILES["progressive"]), format="JPEG", quality=85, progressive=True)
+    photo.save(os.path.join(root, ODD_FILES["progressive"]), format="JPEG", quality=85,
+               progressive=True)
 
 
 def truncate_file(path: str, keep_fraction: float = 0.4) -> None:
@@ -50,12 +51,14 @@ def truncate_file(path: str, keep_fraction: float = 0.4) -> None:
 
 @pytest.fixture(scope="session")
 def photo_tree(tmp_path_factory) -> str:
-    """A read-only ImageNet-layout tree: train/ and val/ class folders of JPEG photos plus the odd files.
+    """A read-only ImageNet-layout tree: train/ and val/ class folders of JPEG photos plus the odd
+    files.
 
     Tests that change files work on a copy (see ``tree_copy``).
     """
     root = str(tmp_path_factory.mktemp("imagenet"))
-    write_photo_tree(root, {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS}, num_classes=NUM_CLASSES)
+    write_photo_tree(root, {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS},
+                     num_classes=NUM_CLASSES)
     write_odd_files(root)
     return root
 
@@ -97,7 +100,8 @@ def require_region_decoder() -> jpeg_region.RegionDecoder:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "region_decoder: needs the libjpeg-turbo region decoder "
-                                       "(skipped where it cannot be built, unless WSLD_REQUIRE_REGION_DECODER=1)")
+                                       "(skipped where it cannot be built, unless "
+                                       "WSLD_REQUIRE_REGION_DECODER=1)")
 
 
 def pytest_runtest_setup(item) -> None:

@@ -1,8 +1,8 @@
 """Signals sent at exact points of a training run, from inside it (imported by spawned processes).
 
-``run(plan, proc, cfg, loss)`` stands in for ``train_with_distillation.run_process``. In process 0 it sends
-SIGUSR1 to the launcher, which passes it on to every process, at the point the plan names, and
-waits until its own handler has seen the signal: the run then stops at that very point, not at
+``run(plan, proc, cfg, loss)`` stands in for ``train_with_distillation.run_process``. In process 0
+it sends SIGUSR1 to the launcher, which passes it on to every process, at the point the plan names,
+and waits until its own handler has seen the signal: the run then stops at that very point, not at
 whatever point the signal happens to reach it.
 
 Plans: ``("step", epoch, step)``, when the log line of that (1-based) step is written (needs
@@ -74,5 +74,7 @@ def _at_checkpoint_write() -> None:
 def run(plan: tuple, proc: Any, cfg: Any, loss: Any) -> None:
     if proc.is_main:
         kind, *where = plan
-        {"step": _at_step, "validation": _at_validation, "checkpoint_write": _at_checkpoint_write}[kind](*where)
+        hooks = {"step": _at_step, "validation": _at_validation,
+                 "checkpoint_write": _at_checkpoint_write}
+        hooks[kind](*where)
     train_with_distillation.run_process(proc, cfg, loss)

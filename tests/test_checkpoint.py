@@ -80,7 +80,8 @@ def test_a_crash_between_the_two_writes_keeps_the_previous_checkpoint(tmp_path, 
     monkeypatch.setattr("utils.checkpoint.atomic_copy", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"epoch": 2, "best_top1_err": 40.0}, out, is_best=True)
-    assert load_checkpoint(os.path.join(out, CHECKPOINT_NAME))["epoch"] == 1  # epoch 2 is trained again
+    # epoch 2 is trained again
+    assert load_checkpoint(os.path.join(out, CHECKPOINT_NAME))["epoch"] == 1
     assert load_checkpoint(os.path.join(out, BEST_NAME))["epoch"] == 2
     assert sorted(os.listdir(out)) == sorted([BEST_NAME, CHECKPOINT_NAME])
 
@@ -95,7 +96,8 @@ def test_load_rejects_missing_truncated_and_code_bearing_files(tmp_path):
         load_checkpoint(str(path))
     assert "\n" not in str(info.value)
     unsafe = tmp_path / "unsafe.pth"
-    torch.save({"obj": random.Random(0)}, str(unsafe))  # an arbitrary class: refused by weights_only
+    # an arbitrary class: refused by weights_only
+    torch.save({"obj": random.Random(0)}, str(unsafe))
     with pytest.raises(DataError, match="cannot read checkpoint"):
         load_checkpoint(str(unsafe))
     listing = tmp_path / "list.pth"
@@ -131,4 +133,5 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     np.random.seed(9)
     torch.manual_seed(9)
     restore_rng_state(load_checkpoint(path)["rng"])
-    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+    drawn = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    assert drawn == expected

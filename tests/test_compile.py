@@ -39,7 +39,8 @@ def test_backend_of_each_setting():
     assert backend_of(False) is None
     assert backend_of(True) == "inductor"
     assert backend_of("aot_eager") == "aot_eager"
-    with pytest.raises(ConfigError, match="train_params.compile must be True, False or a torch.compile backend"):
+    with pytest.raises(ConfigError,
+                       match="train_params.compile must be True, False or a torch.compile backend"):
         backend_of("fastest")
 
 
@@ -57,7 +58,8 @@ def test_compiled_network_computes_what_it_did_and_keeps_torchvision_keys():
     out.square().sum().backward()
     torch.testing.assert_close(compiled.fc.weight.grad, eager.fc.weight.grad, rtol=1e-4, atol=1e-5)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix
-    torchvision.models.resnet18(num_classes=NUM_CLASSES).load_state_dict(compiled.state_dict(), strict=True)
+    plain = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    plain.load_state_dict(compiled.state_dict(), strict=True)
 
 
 def test_failed_compilation_is_one_line():
@@ -67,7 +69,8 @@ def test_failed_compilation_is_one_line():
         net(torch.randn(2, 3, 32, 32))
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("torch.compile failed (RuntimeError: no usable C++ compiler for this test)")
+    assert message.startswith("torch.compile failed "
+                              "(RuntimeError: no usable C++ compiler for this test)")
     assert message.endswith("train without it with train_params.compile=False")
 
 
@@ -92,19 +95,22 @@ def data(photo_tree, tmp_path_factory) -> dict[str, str]:
     return {"images": images, "teacher": teacher}
 
 
-def run(data: dict[str, str], output_dir: str, compile_setting: object, epochs: int, resume: bool = False) -> int:
+def run(data: dict[str, str], output_dir: str, compile_setting: object, epochs: int,
+        resume: bool = False) -> int:
     return train_with_distillation.main([
         f"data.data_path={data['images']}", "data.train_data_type=img", "data.val_data_type=img",
         "data.input_size=(3, 32, 32)", "data.batch_size=8", "data.num_workers=0",
-        f"model.num_classes={NUM_CLASSES}", "model.teacher=resnet18", f"model.teacher_weights={data['teacher']}",
-        f"train_params.epochs={epochs}", "train_params.use_seed=True", "train_params.eval_teacher=False",
+        f"model.num_classes={NUM_CLASSES}", "model.teacher=resnet18",
+        f"model.teacher_weights={data['teacher']}", f"train_params.epochs={epochs}",
+        "train_params.use_seed=True", "train_params.eval_teacher=False",
         "train_params.max_steps_per_epoch=2", f"train_params.output_dir={output_dir}",
         f"train_params.compile={compile_setting!r}", "optim.init_lr=0.01", "dist.nprocs=1",
         f"optim.if_resume={resume}", "optim.resume_path=auto"])
 
 
 def final_weights(output_dir: str) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT_NAME), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT_NAME), map_location="cpu",
+                            weights_only=True)
     student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     student.load_state_dict(checkpoint["state_dict"], strict=True)  # torchvision's keys
     return checkpoint["state_dict"]
@@ -119,7 +125,8 @@ def plain_weights(data, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [("eager", False), (False, "eager")], ids=["on-then-off", "off-then-on"])
+@pytest.mark.parametrize("first,second", [("eager", False), (False, "eager")],
+                         ids=["on-then-off", "off-then-on"])
 def test_run_resumes_across_compile_on_and_off(data, plain_weights, tmp_path, first, second):
     """Epoch 1 with one setting, epoch 2 resumed with the other: the run ends where a run
     without compilation ends ('eager' captures the graphs and runs the same kernels)."""
@@ -137,7 +144,8 @@ def test_run_resumes_across_compile_on_and_off(data, plain_weights, tmp_path, fi
 def test_compile_failure_in_training_is_one_line_and_exit_2(data, tmp_path, capsys):
     assert run(data, str(tmp_path / "out"), FAILING_BACKEND, epochs=1) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: torch.compile failed (RuntimeError: no usable C++ compiler") and "\n" not in err, err
+    assert err.startswith("error: torch.compile failed (RuntimeError: no usable C++ compiler"), err
+    assert "\n" not in err, err
     assert "train_params.compile=False" in err
 
 

@@ -71,7 +71,8 @@ def test_later_override_wins(cfg):
 def test_unknown_key_names_the_nearest(cfg):
     with pytest.raises(ConfigError, match="unknown config key 'optim.init_l'.*'optim.init_lr'"):
         apply_overrides(cfg, ["optim.init_l=0.2"])
-    with pytest.raises(ConfigError, match="unknown config key 'data.batch_sise'.*'data.batch_size'"):
+    with pytest.raises(ConfigError,
+                       match="unknown config key 'data.batch_sise'.*'data.batch_size'"):
         apply_overrides(cfg, ["data.batch_sise=2"])
 
 
@@ -112,7 +113,8 @@ def test_config_module_in_full(tmp_path):
 
 
 def test_config_module_with_base_and_overrides(tmp_path):
-    (tmp_path / "base_cfg.py").write_text("cfg = {'data': {'batch_size': 256, 'num_workers': 32}}\n")
+    (tmp_path / "base_cfg.py").write_text(
+        "cfg = {'data': {'batch_size': 256, 'num_workers': 32}}\n")
     child = tmp_path / "child_cfg.py"
     child.write_text("base = 'base_cfg.py'\noverrides = {'data.batch_size': 64}\n")
     loaded = load_config_file(str(child))

@@ -29,12 +29,14 @@ CONSOLE_BUDGET = 80  # lines a whole first demo may print, data preparation incl
 
 def test_runs_train_teacher_then_students_that_distil_from_it():
     configs = run_configs(DEMO_CONFIG, ["train_params.output_dir=out", "train_params.epochs=1"])
-    methods = [(run["method"], cfg.model.student or cfg.net_type, cfg.distill.method) for run, cfg in configs]
+    methods = [(run["method"], cfg.model.student or cfg.net_type, cfg.distill.method)
+               for run, cfg in configs]
     assert methods == [("Teacher", "resnet34", "none"), ("Original", "resnet18", "none"),
                        ("Proposed", "resnet18", "wsld")]
     teacher_cfg = configs[0][1]
     assert teacher_cfg.train_params.eval_teacher is False
-    assert [cfg.train_params.epochs for _, cfg in configs] == [2, 1, 1]  # the user's count is the students'; the teacher trains twice as many
+    # the user's count is the students'; the teacher trains twice as many
+    assert [cfg.train_params.epochs for _, cfg in configs] == [2, 1, 1]
     for run, cfg in configs:
         assert cfg.train_params.output_dir == os.path.join("out", run["name"])
         assert cfg.model.num_classes == 10
@@ -180,7 +182,8 @@ def no_data(root: str) -> None:
     """The data preparation, where the training is faked and reads none."""
 
 
-def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch, capsys):
+def test_teacher_is_reused_only_when_trained_to_the_end_with_the_same_config(tmp_path, monkeypatch,
+                                                                             capsys):
     same = [f"train_params.output_dir={tmp_path}"]
     changed = [*same, "optim.init_lr=0.02"]
 
@@ -238,12 +241,14 @@ def test_demo_console_is_short_and_the_configuration_goes_to_files(tmp_path, cap
     stay within the budget.
     """
     out = tmp_path / "out"
-    tiny = [f"data.data_path={tmp_path / 'data'}", f"train_params.output_dir={out}", "train_params.epochs=1",
-            "train_params.max_steps_per_epoch=1", "dist.nprocs=1", "data.input_size=(3,16,16)"]
+    tiny = [f"data.data_path={tmp_path / 'data'}", f"train_params.output_dir={out}",
+            "train_params.epochs=1", "train_params.max_steps_per_epoch=1", "dist.nprocs=1",
+            "data.input_size=(3,16,16)"]
     assert train_with_distillation.main(["--demo", *tiny]) == 0
     captured = capfd.readouterr()
     lines = captured.out.splitlines()
-    printed = captured.out.count("\n") + captured.err.count("\n")  # a progress bar redrawn with \r is one line
+    # a progress bar redrawn with \r is one line
+    printed = captured.out.count("\n") + captured.err.count("\n")
     epoch_lines = [line for line in lines if line.startswith("Validation epoch")]
     tiny_epochs = [cfg.train_params.epochs for _, cfg in run_configs(DEMO_CONFIG, tiny)]
     assert len(epoch_lines) == sum(tiny_epochs) == 4

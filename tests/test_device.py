@@ -33,12 +33,14 @@ def gpu(monkeypatch):
     """Pretend CUDA device 0 has the compute capability the test sets: gpu(7, 0)."""
     def set_capability(major: int, minor: int) -> None:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{major}{minor}")
+        monkeypatch.setattr(torch.cuda, "get_device_name",
+                            lambda device=None: f"GPU sm_{major}{minor}")
     return set_capability
 
 
 @pytest.mark.parametrize("capability, dtype", [
-    ((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+    ((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+    ((9, 0), torch.bfloat16),
 ])
 def test_auto_is_bf16_from_capability_8_and_fp16_below(gpu, capability, dtype):
     gpu(*capability)
@@ -51,19 +53,22 @@ def test_auto_is_bf16_from_capability_8_and_fp16_below(gpu, capability, dtype):
 
 def test_auto_is_full_precision_on_the_cpu():
     precision = choose_precision("auto", CPU)
-    assert precision.dtype is None and precision.describe() == "float32 (train_params.amp='auto' on cpu)"
+    assert precision.dtype is None
+    assert precision.describe() == "float32 (train_params.amp='auto' on cpu)"
 
 
 def test_bf16_asked_for_on_an_old_gpu_is_kept_with_a_one_line_warning(gpu):
     gpu(7, 0)
     precision = choose_precision("bf16", CUDA)
     assert precision.dtype == torch.bfloat16
-    assert "slow" in precision.warning and "7.0" in precision.warning and "\n" not in precision.warning
+    warning = precision.warning
+    assert "slow" in warning and "7.0" in warning and "\n" not in warning
     gpu(8, 6)
     assert not choose_precision("bf16", CUDA).warning
 
 
-@pytest.mark.parametrize("setting, dtype", [("fp16", torch.float16), ("off", None), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("setting, dtype",
+                         [("fp16", torch.float16), ("off", None), ("bf16", torch.bfloat16)])
 def test_explicit_settings_are_taken_as_given(gpu, setting, dtype):
     gpu(9, 0)
     assert choose_precision(setting, CUDA).dtype == dtype
@@ -86,7 +91,8 @@ def test_sgd_on_cuda_is_fused_with_the_configured_settings():
 
 
 def test_sgd_falls_back_to_foreach_and_says_why(monkeypatch):
-    monkeypatch.setattr(device_module, "fused_sgd_unavailable", lambda params: "no fused kernels here")
+    monkeypatch.setattr(device_module, "fused_sgd_unavailable",
+                        lambda params: "no fused kernels here")
     optimizer, kernels = build_sgd(small_model().parameters(), default_cfg.optim, CUDA)
     group = optimizer.param_groups[0]
     assert group["foreach"] and not group["fused"]
@@ -166,7 +172,8 @@ def test_fused_sgd_with_unscaled_clipped_gradients():
                 torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("saved_on, resumed_on", [("fused", "foreach"), ("foreach", "fused"), ("cpu", "fused")])
+@pytest.mark.parametrize("saved_on, resumed_on",
+                         [("fused", "foreach"), ("foreach", "fused"), ("cpu", "fused")])
 def test_optimizer_state_loads_across_sgd_kernels(saved_on, resumed_on, monkeypatch, tmp_path):
     """Momentum comes back; the kernels stay those the resumed optimizer was built with."""
     def build(kernels: str) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -174,7 +181,8 @@ def test_optimizer_state_loads_across_sgd_kernels(saved_on, resumed_on, monkeypa
             if kernels == "foreach":
                 patch.setattr(device_module, "fused_sgd_unavailable", lambda params: "test")
             model = small_model()
-            return model, build_sgd(model.parameters(), default_cfg.optim, CPU if kernels == "cpu" else CUDA)[0]
+            device = CPU if kernels == "cpu" else CUDA
+            return model, build_sgd(model.parameters(), default_cfg.optim, device)[0]
 
     model, optimizer = build(saved_on)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -187,8 +195,10 @@ def test_optimizer_state_loads_across_sgd_kernels(saved_on, resumed_on, monkeypa
     load_optimizer_state(resumed, torch.load(path, weights_only=True))
     assert [(g["fused"], g["foreach"]) for g in resumed.param_groups] == built_with
     for p, q in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(optimizer.state[p]["momentum_buffer"], resumed.state[q]["momentum_buffer"])
-    scaled_step(resumed_model, resumed, torch.amp.GradScaler("cpu", init_scale=1024.0))  # an fp16 step runs
+        assert torch.equal(optimizer.state[p]["momentum_buffer"],
+                           resumed.state[q]["momentum_buffer"])
+    # an fp16 step runs
+    scaled_step(resumed_model, resumed, torch.amp.GradScaler("cpu", init_scale=1024.0))
 
 
 @pytest.fixture()
@@ -196,7 +206,8 @@ def backend_flags(monkeypatch):
     """Restore the global cuDNN and determinism settings a test changes."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.utils.deterministic.fill_uninitialized_memory)
     yield
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]

@@ -29,8 +29,10 @@ def test_a_failing_stage_is_recorded_and_the_next_ones_still_run(monkeypatch, ca
         raise OSError("No space left on device")
 
     ran = []
-    monkeypatch.setattr(gpu_check, "run_cuda_tests", lambda *args: {"tests_passed": 3, "tests_failed": 1})
-    monkeypatch.setattr(gpu_check, "build_data", lambda *args: {"data_path": str(tmp_path), "train_images": 40})
+    monkeypatch.setattr(gpu_check, "run_cuda_tests",
+                        lambda *args: {"tests_passed": 3, "tests_failed": 1})
+    monkeypatch.setattr(gpu_check, "build_data",
+                        lambda *args: {"data_path": str(tmp_path), "train_images": 40})
     monkeypatch.setattr(gpu_check, "run_loop", lambda name, *args: ran.append(name) or no_disk())
     monkeypatch.setattr(gpu_check, "run_compute", lambda *args: {"compute_images_per_second": 12.5})
     assert gpu_check.main(["--smoke", "--work-dir", str(tmp_path / "work")]) == 1

@@ -78,7 +78,8 @@ def test_truncated_files_are_refused(tree_copy, name, keep_fraction):
 def test_damaged_jpeg_data_is_refused(photo_tree):
     data = bytearray(read(os.path.join(photo_tree, "train", "n00000002", "n00000002_1.JPEG")))
     counts = data.index(b"\xff\xc4") + 5  # the 16 code-length counts of the first Huffman table
-    data[counts:counts + 16] = b"\xff" * 16  # more codes than 16-bit codes allow: only a decode sees it
+    # more codes than 16-bit codes allow: only a decode sees it
+    data[counts:counts + 16] = b"\xff" * 16
     assert parse_jpeg_header(bytes(data)).storable
     with pytest.raises(ImageDecodeError):
         prepare_for_storage(bytes(data))
@@ -86,7 +87,8 @@ def test_damaged_jpeg_data_is_refused(photo_tree):
         prepare_for_storage(b"not an image at all")
 
 
-@pytest.mark.parametrize("name", ["train/n00000003/n00000003_4.JPEG", ODD_FILES["png"], ODD_FILES["grey"]])
+@pytest.mark.parametrize("name",
+                         ["train/n00000003/n00000003_4.JPEG", ODD_FILES["png"], ODD_FILES["grey"]])
 def test_resize_sets_the_shorter_side(photo_tree, name):
     stored, kept = prepare_for_storage(read(os.path.join(photo_tree, name)), shorter_side=40)
     image = decode_rgb(stored)
@@ -113,4 +115,5 @@ def test_decode_rgb_reads_grey_and_png_as_rgb(photo_tree):
     for name in ("grey", "png"):
         image = decode_rgb(read(os.path.join(photo_tree, ODD_FILES[name])))
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-        assert np.abs(image.astype(np.int16) - pil_rgb(read(os.path.join(photo_tree, ODD_FILES[name])))).max() <= 2
+        expected = pil_rgb(read(os.path.join(photo_tree, ODD_FILES[name])))
+        assert np.abs(image.astype(np.int16) - expected).max() <= 2

@@ -1,5 +1,6 @@
-"""ImageNet from its official archives and from Kaggle's layout: the same lists and the same LMDBs as
-from extracted, sorted class folders; restarts, --skip_bad and one-line errors for bad archives."""
+"""ImageNet from its official archives and from Kaggle's layout: the same lists and the same LMDBs
+as from extracted, sorted class folders; restarts, --skip_bad and one-line errors for bad
+archives."""
 
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def imagenet(photo_tree, tmp_path_factory) -> dict:
     The validation images get official names, numbered in an order unrelated to their classes.
     """
     root = str(tmp_path_factory.mktemp("imagenet_layouts"))
-    folders, archives, kaggle = (os.path.join(root, name) for name in ("folders", "archives", "kaggle"))
+    folders, archives, kaggle = (os.path.join(root, name)
+                                 for name in ("folders", "archives", "kaggle"))
     shutil.copytree(os.path.join(photo_tree, "train"), os.path.join(folders, "train"))
     wnids = sorted(os.listdir(os.path.join(photo_tree, "val")))
-    val_images = [(wnid, name) for wnid in wnids for name in sorted(os.listdir(os.path.join(photo_tree, "val", wnid)))]
+    val_images = [(wnid, name) for wnid in wnids
+                  for name in sorted(os.listdir(os.path.join(photo_tree, "val", wnid)))]
     order = np.random.default_rng(0).permutation(len(val_images))
     os.makedirs(os.path.join(kaggle, "val"))
     val_wnids, csv_rows = [], ["ImageId,PredictionString"]
@@ -43,15 +46,18 @@ def imagenet(photo_tree, tmp_path_factory) -> dict:
         wnid, name = val_images[index]
         official = f"ILSVRC2012_val_{number:08d}.JPEG"
         os.makedirs(os.path.join(folders, "val", wnid), exist_ok=True)
-        shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(folders, "val", wnid, official))
-        shutil.copy(os.path.join(photo_tree, "val", wnid, name), os.path.join(kaggle, "val", official))
+        shutil.copy(os.path.join(photo_tree, "val", wnid, name),
+                    os.path.join(folders, "val", wnid, official))
+        shutil.copy(os.path.join(photo_tree, "val", wnid, name),
+                    os.path.join(kaggle, "val", official))
         val_wnids.append(wnid)
         csv_rows.append(f"{official[:-5]},{wnid} 10 20 30 40 {wnid} 1 2 3 4")
     class_ids = write_official_archives(folders, archives)
 
     shutil.copytree(os.path.join(folders, "train"), os.path.join(kaggle, "train"))
     os.makedirs(os.path.join(kaggle, "test"))
-    shutil.copy(os.path.join(kaggle, "val", "ILSVRC2012_val_00000001.JPEG"), os.path.join(kaggle, "test"))
+    shutil.copy(os.path.join(kaggle, "val", "ILSVRC2012_val_00000001.JPEG"),
+                os.path.join(kaggle, "test"))
     csv_path = os.path.join(root, "LOC_val_solution.csv")
     with open(csv_path, "w") as f:
         f.write("\n".join(csv_rows) + "\n")
@@ -60,18 +66,21 @@ def imagenet(photo_tree, tmp_path_factory) -> dict:
     with open(ground_truth_path, "w") as f:
         f.write("".join(f"{class_id}\n" for class_id in ground_truth))
     return {"folders": folders, "archives": archives, "kaggle": kaggle, "csv": csv_path,
-            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT), "class_ids": class_ids,
-            "ground_truth_ids": ground_truth}
+            "ground_truth": ground_truth_path, "devkit": os.path.join(archives, DEVKIT),
+            "class_ids": class_ids, "ground_truth_ids": ground_truth}
 
 
 def test_devkit_numbers_classes_in_its_own_order_and_has_parents(imagenet):
     class_ids = imagenet["class_ids"]
-    assert [class_ids[wnid] for wnid in sorted(class_ids)] != sorted(class_ids.values())  # not the label order
-    assert devkit_classes(imagenet["devkit"]) == {class_id: wnid for wnid, class_id in class_ids.items()}
+    # not the label order
+    assert [class_ids[wnid] for wnid in sorted(class_ids)] != sorted(class_ids.values())
+    assert devkit_classes(imagenet["devkit"]) == {class_id: wnid
+                                                  for wnid, class_id in class_ids.items()}
     with tarfile.open(imagenet["devkit"]) as devkit:
         meta = devkit.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()
     synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-    assert sum(int(s["num_children"]) > 0 for s in synsets) == 2 and len(synsets) == len(class_ids) + 2
+    assert sum(int(s["num_children"]) > 0 for s in synsets) == 2
+    assert len(synsets) == len(class_ids) + 2
 
 
 @pytest.fixture()
@@ -90,7 +99,8 @@ def raw_lmdb(path: str) -> dict[bytes, bytes]:
         env.close()
 
 
-def list_and_pack(image_path: str, out: str, splits: tuple[str, ...], *extra: str, workers: str = "1") -> None:
+def list_and_pack(image_path: str, out: str, splits: tuple[str, ...], *extra: str,
+                  workers: str = "1") -> None:
     assert make_lists(["--image_path", image_path, "--output_path", out, *extra]) == 0
     for split in splits:
         assert img2lmdb.main(["--image_path", image_path, "--list_path", out, "--output_path", out,
@@ -107,14 +117,16 @@ def from_folders(imagenet, tmp_path_factory) -> str:
 def error_line(capsys) -> str:
     """The last line of stderr, after any progress bar: the one error line."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and sum(line.startswith("error") for line in err) == 1, err
+    assert err and err[-1].startswith("error: "), err
+    assert sum(line.startswith("error") for line in err) == 1, err
     return err[-1]
 
 
 def test_archives_give_the_lists_and_lmdbs_of_the_sorted_folders(imagenet, from_folders, tmp_path):
     out = str(tmp_path)
     list_and_pack(imagenet["archives"], out, ("train", "val"), workers="2")
-    assert sorted(os.listdir(imagenet["archives"])) == sorted([TRAIN_TAR, VAL_TAR, DEVKIT])  # nothing extracted
+    # nothing extracted
+    assert sorted(os.listdir(imagenet["archives"])) == sorted([TRAIN_TAR, VAL_TAR, DEVKIT])
     for split in ("train", "val"):
         lines = read_list(os.path.join(out, f"{split}_list.txt"))
         assert lines == read_list(os.path.join(from_folders, f"{split}_list.txt"))
@@ -126,18 +138,22 @@ def test_archives_give_the_lists_and_lmdbs_of_the_sorted_folders(imagenet, from_
 
 
 @pytest.mark.parametrize("labels", ["csv", "ground_truth"])
-def test_flat_val_folder_with_val_labels_matches_the_sorted_folders(imagenet, from_folders, tmp_path, labels):
+def test_flat_val_folder_with_val_labels_matches_the_sorted_folders(imagenet, from_folders,
+                                                                    tmp_path, labels):
     out = str(tmp_path)
-    extra = ["--val_labels", imagenet[labels]] + (["--devkit", imagenet["devkit"]] if labels == "ground_truth" else [])
+    devkit = ["--devkit", imagenet["devkit"]] if labels == "ground_truth" else []
+    extra = ["--val_labels", imagenet[labels]] + devkit
     list_and_pack(imagenet["kaggle"], out, ("val",), *extra)
     for split in ("train", "val"):
         assert read_list(os.path.join(out, f"{split}_list.txt")) == read_list(
             os.path.join(from_folders, f"{split}_list.txt"))
-    assert not os.path.exists(os.path.join(out, "test_list.txt"))  # Kaggle's unlabelled test/ is not a split
+    # Kaggle's unlabelled test/ is not a split
+    assert not os.path.exists(os.path.join(out, "test_list.txt"))
     assert raw_lmdb(os.path.join(out, "val")) == raw_lmdb(os.path.join(from_folders, "val"))
 
 
-def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tmp_path, monkeypatch, capsys):
+def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tmp_path, monkeypatch,
+                                                      capsys):
     out = str(tmp_path)
     list_and_pack(imagenet["archives"], out, ("val",))
     env = lmdb.open(os.path.join(out, "val"))
@@ -148,10 +164,11 @@ def test_rerun_decodes_only_the_images_not_yet_stored(imagenet, from_folders, tm
     env.close()
     decoded = []
     real_prepare = img2lmdb.prepare_for_storage
-    monkeypatch.setattr(img2lmdb, "prepare_for_storage", lambda data, *a: decoded.append(data) or real_prepare(data, *a))
+    monkeypatch.setattr(img2lmdb, "prepare_for_storage",
+                        lambda data, *a: decoded.append(data) or real_prepare(data, *a))
     capsys.readouterr()
-    assert img2lmdb.main(["--image_path", imagenet["archives"], "--list_path", out, "--output_path", out,
-                          "--split", "val", "--workers", "1"]) == 0
+    assert img2lmdb.main(["--image_path", imagenet["archives"], "--list_path", out, "--output_path",
+                          out, "--split", "val", "--workers", "1"]) == 0
     total = len(read_list(os.path.join(out, "val_list.txt")))
     assert len(decoded) == len(removed)
     assert f"{total - len(removed)} of {total} images already in" in capsys.readouterr().out
@@ -174,18 +191,21 @@ def test_skip_bad_leaves_out_a_damaged_image_of_the_archive(archives_copy, tmp_p
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
     bad = "n00000002/n00000002_3.JPEG"
-    damage_train_member(archives_copy, "n00000002", "n00000002_3.JPEG", lambda data: data[: len(data) // 3])
-    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
-            "--workers", "2", "--commit_every", "4"]
+    damage_train_member(archives_copy, "n00000002", "n00000002_3.JPEG",
+                        lambda data: data[: len(data) // 3])
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split",
+            "train", "--workers", "2", "--commit_every", "4"]
     assert img2lmdb.main(pack) == 2
     assert f"{TRAIN_TAR}/n00000002.tar/n00000002_3.JPEG" in error_line(capsys)
     assert img2lmdb.main([*pack, "--skip_bad"]) == 0
     assert read_list(os.path.join(out, "train_skipped.txt")) == [bad]
     lines = read_list(os.path.join(out, "train_list.txt"))
-    assert bad not in lines and sorted(k.decode() for k in raw_lmdb(os.path.join(out, "train"))) == lines
+    assert bad not in lines
+    assert sorted(k.decode() for k in raw_lmdb(os.path.join(out, "train"))) == lines
 
 
-def test_a_truncated_train_tar_is_refused_before_anything_is_written(archives_copy, tmp_path, capsys):
+def test_a_truncated_train_tar_is_refused_before_anything_is_written(archives_copy, tmp_path,
+                                                                     capsys):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
     train_tar = os.path.join(archives_copy, TRAIN_TAR)
@@ -196,37 +216,43 @@ def test_a_truncated_train_tar_is_refused_before_anything_is_written(archives_co
     assert not os.path.exists(os.path.join(out, "train"))
 
 
-def test_a_damaged_inner_tar_stops_packing_and_a_rerun_finishes(imagenet, from_folders, archives_copy, tmp_path,
-                                                                capsys):
+def test_a_damaged_inner_tar_stops_packing_and_a_rerun_finishes(imagenet, from_folders,
+                                                                archives_copy, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", archives_copy, "--output_path", out]) == 0
     train_tar = os.path.join(archives_copy, TRAIN_TAR)
     with tarfile.open(train_tar) as outer:
         inner_tars = {m.name: outer.extractfile(m).read() for m in outer}
     inner = inner_tars["n00000002.tar"]
-    inner_tars["n00000002.tar"] = inner[: int(len(inner) * 0.6)]  # the outer tar is whole, the inner cut short
+    # the outer tar is whole, the inner cut short
+    inner_tars["n00000002.tar"] = inner[: int(len(inner) * 0.6)]
     write_tar(train_tar, inner_tars)
-    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split", "train",
-            "--workers", "2", "--commit_every", "3"]
+    pack = ["--image_path", archives_copy, "--list_path", out, "--output_path", out, "--split",
+            "train", "--workers", "2", "--commit_every", "3"]
     assert img2lmdb.main(pack) == 2
     assert f"{train_tar}/n00000002.tar" in error_line(capsys)
-    stored, expected = raw_lmdb(os.path.join(out, "train")), raw_lmdb(os.path.join(from_folders, "train"))
-    assert {key.decode()[:9] for key in stored} >= {"n00000000", "n00000001"}  # the classes before the damage
+    stored = raw_lmdb(os.path.join(out, "train"))
+    expected = raw_lmdb(os.path.join(from_folders, "train"))
+    # the classes before the damage
+    assert {key.decode()[:9] for key in stored} >= {"n00000000", "n00000001"}
     assert all(value == expected[key] for key, value in stored.items())
     shutil.copy(os.path.join(imagenet["archives"], TRAIN_TAR), train_tar)
     assert img2lmdb.main(pack) == 0
     assert raw_lmdb(os.path.join(out, "train")) == expected
 
 
-BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a wnid", "image without label",
-              "ground truth too short", "devkit without meta.mat", "train tar cut between members"]
+BAD_INPUTS = ["missing archive", "truncated tar", "not a tar", "inner tar not a wnid",
+              "image without label", "ground truth too short", "devkit without meta.mat",
+              "train tar cut between members"]
 
 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
-def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_copy, tmp_path, capsys, problem):
+def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_copy, tmp_path, capsys,
+                                                          problem):
     image_path, extra = archives_copy, []
     class_ids = imagenet["class_ids"]
-    train_tar, val_tar, devkit = (os.path.join(archives_copy, name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT))
+    train_tar, val_tar, devkit = (os.path.join(archives_copy, name)
+                                  for name in (TRAIN_TAR, VAL_TAR, DEVKIT))
     if problem == "missing archive":
         os.remove(val_tar)
         expected = val_tar
@@ -275,15 +301,18 @@ def test_bad_input_is_a_one_line_error_and_writes_no_list(imagenet, archives_cop
 
 def test_commands_list_archives_and_check_them_before_writing(archives_copy, tmp_path):
     out = str(tmp_path / "out")
-    result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", archives_copy,
-                             "--output_path", out], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path",
+                             archives_copy, "--output_path", out], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    num_train = NUM_CLASSES * TRAIN_PER_CLASS + sum(name.startswith("train/") for name in ODD_FILES.values())
+    odd_train = sum(name.startswith("train/") for name in ODD_FILES.values())
+    num_train = NUM_CLASSES * TRAIN_PER_CLASS + odd_train
     assert f"train: {num_train} images" in result.stdout
     assert f"val: {NUM_CLASSES * VAL_PER_CLASS + 1} images" in result.stdout
     os.remove(os.path.join(archives_copy, DEVKIT))
-    result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy, "--list_path", out,
-                             "--output_path", out, "--split", "val"], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "dataset/img2lmdb.py", "--image_path", archives_copy,
+                             "--list_path", out, "--output_path", out, "--split", "val"],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and DEVKIT in result.stderr
     assert not os.path.exists(os.path.join(out, "val"))
@@ -308,12 +337,14 @@ def test_lists_and_lmdbs_may_sit_beside_the_archives(imagenet, from_folders, arc
     list_and_pack(archives_copy, archives_copy, ("train", "val"))
     assert make_lists(["--image_path", archives_copy, "--output_path", archives_copy]) == 0
     for split in ("train", "val"):
-        assert raw_lmdb(os.path.join(archives_copy, split)) == raw_lmdb(os.path.join(from_folders, split))
+        beside = raw_lmdb(os.path.join(archives_copy, split))
+        assert beside == raw_lmdb(os.path.join(from_folders, split))
 
 
 def test_a_flat_val_folder_without_val_labels_is_named(imagenet, tmp_path, capsys):
     out = str(tmp_path)
-    assert make_lists(["--image_path", imagenet["kaggle"], "--output_path", out, "--val_labels", imagenet["csv"]]) == 0
-    assert img2lmdb.main(["--image_path", imagenet["kaggle"], "--list_path", out, "--output_path", out,
-                          "--split", "val"]) == 2
+    assert make_lists(["--image_path", imagenet["kaggle"], "--output_path", out,
+                       "--val_labels", imagenet["csv"]]) == 0
+    assert img2lmdb.main(["--image_path", imagenet["kaggle"], "--list_path", out, "--output_path",
+                          out, "--split", "val"]) == 2
     assert "--val_labels" in error_line(capsys)

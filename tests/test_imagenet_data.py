@@ -31,8 +31,9 @@ NUM_VAL = NUM_CLASSES * VAL_PER_CLASS + 1
 
 def data_config(data_type: str, **extra) -> dict:
     return {"input_size": (3, SIZE, SIZE), "train_data_type": data_type, "val_data_type": data_type,
-            "train_list": "train_list.txt", "val_list": "val_list.txt", "type_of_data_aug": "random_sized",
-            "random_sized": {"min_scale": 0.08}, "color": False, **extra}
+            "train_list": "train_list.txt", "val_list": "val_list.txt",
+            "type_of_data_aug": "random_sized", "random_sized": {"min_scale": 0.08}, "color": False,
+            **extra}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_single_process_loaders(data_roots, data_type):
     assert (data.train_num_examples, data.test_num_examples) == (NUM_TRAIN, NUM_VAL)
     assert len(train_loader) == NUM_TRAIN // BATCH  # the last, partial batch is dropped
     for images, labels in train_loader:
-        assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, SIZE, SIZE) and images.is_contiguous()
+        assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, SIZE, SIZE)
+        assert images.is_contiguous()
         assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < NUM_CLASSES
     images, labels = collect(val_loader)
     assert images.shape == (NUM_VAL, 3, SIZE, SIZE) and images.dtype == torch.uint8
@@ -184,7 +186,8 @@ def test_worker_processes_give_what_the_main_process_gives(data_roots):
     data = make_data(data_roots, "lmdb", num_workers=2)
     loader = data.getTestLoader(BATCH)
     assert loader.num_workers == 2
-    assert torch.equal(collect(loader)[0], collect(make_data(data_roots, "lmdb").getTestLoader(BATCH))[0])
+    assert torch.equal(collect(loader)[0],
+                       collect(make_data(data_roots, "lmdb").getTestLoader(BATCH))[0])
     train_loader = data.getTrainLoader(BATCH)
     assert train_loader.num_workers == 2 and train_loader.persistent_workers
     images, labels = collect(train_loader)
@@ -250,7 +253,8 @@ def test_validation_labels_of_jpeg_folders_come_from_the_train_split(data_roots,
     val_root = tmp_path / "val"
     shutil.copytree(os.path.join(data_roots["img"], "val", "n00000003"), val_root / "n00000003")
     list_path = tmp_path / "val_list.txt"
-    list_path.write_text("\n".join(f"n00000003/{name}" for name in sorted(os.listdir(val_root / "n00000003"))))
+    names = sorted(os.listdir(val_root / "n00000003"))
+    list_path.write_text("\n".join(f"n00000003/{name}" for name in names))
     classes = sorted(os.listdir(os.path.join(data_roots["img"], "train")))
     dataset = FolderDataset(str(val_root), str(list_path), classes=classes)
     assert {dataset[i][1] for i in range(len(dataset))} == {3}
@@ -263,7 +267,8 @@ def test_validation_labels_of_jpeg_folders_come_from_the_train_split(data_roots,
 
 def test_missing_lmdb_names_the_packer(data_roots, tmp_path):
     shutil.copy(os.path.join(data_roots["lmdb"], "train_list.txt"), tmp_path)
-    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized", data_config("lmdb"))
+    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
+                      data_config("lmdb"))
     with pytest.raises(DataError, match="img2lmdb.py"):
         data.getTrainLoader(BATCH)
 
@@ -277,7 +282,8 @@ def test_missing_list_names_the_list_maker(data_roots, tmp_path):
 
 
 def test_missing_image_folder_names_the_setting(tmp_path):
-    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized", data_config("img"))
+    data = ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
+                      data_config("img"))
     with pytest.raises(DataError, match="data.data_path"):
         data.getTrainLoader(BATCH)
 
@@ -291,11 +297,13 @@ def test_unknown_data_type_is_a_config_error(tmp_path, key, value):
 
 def test_unknown_augmentation_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="random_sized, rand_scale"):
-        ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "autoaugment", data_config("img"))
+        ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "autoaugment",
+                   data_config("img"))
 
 
 def test_unknown_decoder_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="data.decoder must be one of auto, region, opencv, got 'turbo'"):
+    with pytest.raises(ConfigError,
+                       match="data.decoder must be one of auto, region, opencv, got 'turbo'"):
         ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
                    data_config("img", decoder="turbo"))
 
@@ -311,15 +319,17 @@ def test_rand_scale_logs_the_decoder_it_uses(tmp_path, monkeypatch):
 
 def test_region_decoder_asked_for_but_unavailable_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(jpeg_region, "region_decoder", lambda: None)
-    monkeypatch.setattr(jpeg_region, "describe", lambda: "OpenCV, whole images (region decoding "
-                                                         "unavailable: no C compiler (cc or gcc) on PATH)")
+    monkeypatch.setattr(jpeg_region, "describe",
+                        lambda: "OpenCV, whole images (region decoding "
+                                "unavailable: no C compiler (cc or gcc) on PATH)")
     with pytest.raises(ConfigError, match="no C compiler.*data.decoder='auto'"):
         ImageNet12(str(tmp_path / "train"), str(tmp_path / "val"), 0, "random_sized",
                    data_config("img", decoder="region"))
 
 
 @pytest.mark.parametrize("decoder", [pytest.param("auto", marks=pytest.mark.region_decoder),
-                                     pytest.param("region", marks=pytest.mark.region_decoder), "opencv"])
+                                     pytest.param("region", marks=pytest.mark.region_decoder),
+                                     "opencv"])
 def test_decoder_setting_reaches_the_training_crops(data_roots, decoder):
     """'opencv' decodes whole images; 'auto' and 'region' decode the crops alone, here where
     libjpeg-turbo can be built; the batches agree either way."""
@@ -365,7 +375,8 @@ def test_unreadable_image_names_its_file(data_roots, tmp_path):
 def test_shard_sampler_covers_every_index_once(size, world):
     shards = [list(ShardSampler(size, world, rank)) for rank in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(size))
-    assert [len(ShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]
+    lengths = [len(ShardSampler(size, world, rank)) for rank in range(world)]
+    assert lengths == [len(s) for s in shards]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
@@ -394,8 +405,10 @@ def test_collate_refuses_float_images():
 # Two processes: a gloo group started with spawn.
 
 
-def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str], out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str],
+               out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world_size)
     try:
         result = {}
         for data_type in ("lmdb", "img"):
@@ -416,7 +429,8 @@ def _rank_main(rank: int, world_size: int, store_path: str, roots: dict[str, str
 
 @pytest.mark.slow
 def test_two_processes_shard_train_and_validation(data_roots, tmp_path):
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), data_roots, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), data_roots, str(tmp_path)), nprocs=2,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for data_type in ("lmdb", "img"):
         single = collect(make_data(data_roots, data_type).getTestLoader(BATCH))

@@ -1,4 +1,5 @@
-"""The packer: labels, losslessness, conversions, resizing, restarts, the final check and bad input."""
+"""The packer: labels, losslessness, conversions, resizing, restarts, the final check and bad
+input."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def test_image_size_resizes_the_shorter_side_into_its_own_lmdb(photo_tree, tmp_p
         assert label == int(line[1:9])
 
 
-def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tree_copy, tmp_path, capsys):
+def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tree_copy, tmp_path,
+                                                                  capsys):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
     lines = read_list(os.path.join(out, "train_list.txt"))
@@ -112,9 +114,11 @@ def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tr
     truncate_file(os.path.join(tree_copy, "train", lines[bad]))
     assert pack(tree_copy, out, "train", "--commit_every", "4") == 2  # stops at the damaged file
     assert lines[bad] in error_line(capsys)
-    assert sorted(read_lmdb(os.path.join(out, "train"))) == lines[:bad]  # everything before it was kept
+    # everything before it was kept
+    assert sorted(read_lmdb(os.path.join(out, "train"))) == lines[:bad]
 
-    shutil.copy(os.path.join(photo_tree, "train", lines[bad]), os.path.join(tree_copy, "train", lines[bad]))
+    shutil.copy(os.path.join(photo_tree, "train", lines[bad]),
+                os.path.join(tree_copy, "train", lines[bad]))
     assert pack(tree_copy, out, "train", "--commit_every", "4") == 0
     assert f"{bad} of {len(lines)} images already in" in capsys.readouterr().out
     records = read_lmdb(os.path.join(out, "train"))
@@ -124,7 +128,8 @@ def test_rerun_after_an_interruption_ends_with_one_entry_per_line(photo_tree, tr
 
 def test_final_check_catches_a_lost_entry(photo_tree, tmp_path, monkeypatch, capsys):
     real_write_batch = img2lmdb.write_batch
-    monkeypatch.setattr(img2lmdb, "write_batch", lambda env, batch: real_write_batch(env, batch[1:]))
+    monkeypatch.setattr(img2lmdb, "write_batch",
+                        lambda env, batch: real_write_batch(env, batch[1:]))
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
     assert pack(photo_tree, out, "val") == 2
@@ -135,8 +140,8 @@ def test_map_size_grows_as_needed(photo_tree, tmp_path):
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
     small = 64 * 1024
-    summary = img2lmdb.pack_split(photo_tree, out, out, "train", workers=1, commit_every=8, progress=False,
-                                  initial_map_size=small)
+    summary = img2lmdb.pack_split(photo_tree, out, out, "train", workers=1, commit_every=8,
+                                  progress=False, initial_map_size=small)
     lines = read_list(os.path.join(out, "train_list.txt"))
     assert summary.stored == summary.packed == len(lines)
     assert sorted(read_lmdb(summary.lmdb_path)) == lines
@@ -149,13 +154,16 @@ def test_original_list_name_and_lmdb_beside_the_class_folders(tree_copy, capsys)
     os.replace(os.path.join(tree_copy, "val_list.txt"), os.path.join(tree_copy, "val_datalist"))
     assert pack(tree_copy, tree_copy, "val") == 0
     assert os.path.isfile(os.path.join(tree_copy, "val", "data.mdb"))
-    assert sorted(read_lmdb(os.path.join(tree_copy, "val"))) == read_list(os.path.join(tree_copy, "val_datalist"))
-    assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0  # LMDB files are not listed
-    assert read_list(os.path.join(tree_copy, "val_list.txt")) == read_list(os.path.join(tree_copy, "val_datalist"))
+    datalist = os.path.join(tree_copy, "val_datalist")
+    assert sorted(read_lmdb(os.path.join(tree_copy, "val"))) == read_list(datalist)
+    # LMDB files are not listed
+    assert make_lists(["--image_path", tree_copy, "--output_path", tree_copy]) == 0
+    assert read_list(os.path.join(tree_copy, "val_list.txt")) == read_list(datalist)
 
 
-@pytest.mark.parametrize("problem", ["no image folder", "no split folder", "no list", "missing file",
-                                     "truncated jpeg", "truncated png", "unknown class", "repeated line"])
+@pytest.mark.parametrize("problem", ["no image folder", "no split folder", "no list",
+                                     "missing file", "truncated jpeg", "truncated png",
+                                     "unknown class", "repeated line"])
 def test_bad_input_is_a_one_line_error(tree_copy, tmp_path, capsys, problem):
     out = str(tmp_path / "out")
     assert make_lists(["--image_path", tree_copy, "--output_path", out]) == 0
@@ -211,13 +219,14 @@ def test_command_line_error_exit_code_and_no_traceback(tree_copy, tmp_path):
 
 def test_command_forks_its_workers_and_packs_every_image(photo_tree, tmp_path):
     """Run as a command, nothing has used OpenCV before the pool starts, so the workers are
-    forked (no second interpreter to start); they resize and check every image as spawned ones do."""
+    forked (no second interpreter to start); they resize and check every image as spawned ones
+    do."""
     assert img2lmdb._worker_context(fork=True).get_start_method() == "fork"
     assert img2lmdb._worker_context().get_start_method() == "forkserver"
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
-    command = [sys.executable, "dataset/img2lmdb.py", "--image_path", photo_tree, "--list_path", out,
-               "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
+    command = [sys.executable, "dataset/img2lmdb.py", "--image_path", photo_tree, "--list_path",
+               out, "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     records = read_lmdb(os.path.join(out, "val_40"))
@@ -228,7 +237,8 @@ def test_command_forks_its_workers_and_packs_every_image(photo_tree, tmp_path):
 
 # A program that used OpenCV's thread pool, waits until the pool's threads sleep on their condition
 # variable, then packs with two workers. A worker forked from it would inherit that pool and wait
-# forever in cv2.setNumThreads; it also checks the workers' module imports no torch (cheap to start).
+# forever in cv2.setNumThreads; it also checks the workers' module imports no torch (cheap to
+# start).
 _PACK_AFTER_OPENCV_POOL = """
 import os, sys
 import cv2, numpy as np
@@ -254,8 +264,9 @@ sys.exit(img2lmdb.main(sys.argv[1:]))
 def test_workers_start_cleanly_after_the_caller_used_opencv_threads(photo_tree, tmp_path):
     out = str(tmp_path)
     assert make_lists(["--image_path", photo_tree, "--output_path", out]) == 0
-    command = [sys.executable, "-c", _PACK_AFTER_OPENCV_POOL, "--image_path", photo_tree, "--list_path", out,
-               "--output_path", out, "--split", "val", "--image_size", "40", "--workers", "2"]
+    command = [sys.executable, "-c", _PACK_AFTER_OPENCV_POOL, "--image_path", photo_tree,
+               "--list_path", out, "--output_path", out, "--split", "val", "--image_size", "40",
+               "--workers", "2"]
     # Its own session, so that a hang is ended with the workers, not left behind.
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -266,7 +277,8 @@ def test_workers_start_cleanly_after_the_caller_used_opencv_threads(photo_tree, 
         proc.communicate()
         pytest.fail("the packer's workers hung after the caller had used OpenCV's thread pool")
     assert proc.returncode == 0, err
-    assert sorted(read_lmdb(os.path.join(out, "val_40"))) == read_list(os.path.join(out, "val_list.txt"))
+    listed = read_list(os.path.join(out, "val_list.txt"))
+    assert sorted(read_lmdb(os.path.join(out, "val_40"))) == listed
 
 
 def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, capsys):
@@ -287,7 +299,8 @@ def test_skip_bad_records_and_unlists_unreadable_images(tree_copy, tmp_path, cap
     assert sorted(read_lmdb(os.path.join(out, "train"))) == kept
     assert "skipped 2 unreadable images" in capsys.readouterr().out
 
-    assert pack(tree_copy, out, "train", "--skip_bad") == 0  # a rerun keeps the record of what was skipped
+    # a rerun keeps the record of what was skipped
+    assert pack(tree_copy, out, "train", "--skip_bad") == 0
     assert read_list(skipped_file) == sorted([truncated, garbage])
     assert f"{len(kept)} of {len(kept)} images already in" in capsys.readouterr().out
 
@@ -298,6 +311,7 @@ def test_a_file_changed_after_its_check_is_not_stored(tree_copy):
     outcome = img2lmdb.prepare_image(task, shorter_side=None, quality=95, send_kept=False)
     assert outcome.error is None and outcome.kept_as_is and outcome.image_bytes is None
     assert img2lmdb._stored_bytes(outcome) == file_bytes(path)
-    shutil.copy(os.path.join(tree_copy, ODD_FILES["grey"]), path)  # replaced between check and store
+    # replaced between check and store
+    shutil.copy(os.path.join(tree_copy, ODD_FILES["grey"]), path)
     with pytest.raises(img2lmdb.DataError, match="changed while it was being packed"):
         img2lmdb._stored_bytes(outcome)

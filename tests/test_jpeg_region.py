@@ -193,7 +193,8 @@ def test_any_bytes_like_input(decoder, china):
 
 
 def test_cmyk_is_refused(decoder):
-    """Only greyscale and colour JPEGs are region-decoded; CMYK falls back to whole-image decoders."""
+    """Only greyscale and colour JPEGs are region-decoded; CMYK falls back to whole-image
+    decoders."""
     data = jpeg_bytes(Image.fromarray(sample_photos()[0][:64, :64]).convert("CMYK"))
     with pytest.raises(RegionDecodeError, match="greyscale"):
         decoder.decode(data, 0, 0, 16, 16)
@@ -291,7 +292,8 @@ def test_build_without_compiler(tmp_path, monkeypatch):
 def test_linker_errors_are_quoted_by_the_line_that_names_the_problem():
     stderr = ("/usr/bin/ld: cannot find -ljpeg: No such file or directory\n"
               "collect2: error: ld returned 1 exit status\n")
-    assert jpeg_region._error_line(stderr) == "/usr/bin/ld: cannot find -ljpeg: No such file or directory"
+    assert jpeg_region._error_line(stderr) == ("/usr/bin/ld: cannot find -ljpeg: "
+                                               "No such file or directory")
     assert jpeg_region._error_line("") == "no output"
 
 

@@ -51,7 +51,8 @@ def _decimal_rows(x: torch.Tensor) -> list[list[Decimal]]:
 
 
 def reference(s, t, label, temperature, alpha, smoothing=0.0, weighted=True):
-    """(loss, d loss / d s) of ``CE(s, y) + alpha T^2 mean_i w_i soft_i`` (w_i = 1 without weighting)."""
+    """(loss, d loss / d s) of ``CE(s, y) + alpha T^2 mean_i w_i soft_i`` (w_i = 1 without
+    weighting)."""
     with localcontext() as ctx:
         ctx.prec = DIGITS
         n, c = s.shape
@@ -94,7 +95,8 @@ def logits_cases(n: int = 32, c: int = NUM_CLASSES, seed: int = 0):
         ("random", uniform(3), uniform(3), label),
         ("large", uniform(100), uniform(100), label),
         ("teacher certain and right", uniform(5), certain(100), label),
-        ("teacher certain, student certain and wrong", certain(100, right=False), certain(100), label),
+        ("teacher certain, student certain and wrong", certain(100, right=False), certain(100),
+         label),
         ("both certain and right", certain(30), certain(25), label),
         ("both near certain", certain(18), certain(20), label),  # CE ~ 1e-8: float32's blind spot
         ("student beats teacher", certain(12), uniform(1), label),
@@ -128,13 +130,15 @@ def assert_matches(loss, grad, expected_loss, expected_grad, temperature, alpha)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize(("temperature", "alpha", "smoothing"), [(2.0, 2.5, 0.0), (1.0, 1.0, 0.1), (4.0, 0.5, 0.0)])
+@pytest.mark.parametrize(("temperature", "alpha", "smoothing"),
+                         [(2.0, 2.5, 0.0), (1.0, 1.0, 0.1), (4.0, 0.5, 0.0)])
 def test_wsld_value_and_gradient_equal_the_papers_equation(case, temperature, alpha, smoothing):
     s, t, label = case_tensors(case)
     s.requires_grad_(True)
     loss = WSLDLoss(temperature, alpha, NUM_CLASSES, smoothing)(s, t, label)
     loss.backward()
-    assert_matches(loss, s.grad, *reference(s.detach(), t, label, temperature, alpha, smoothing), temperature, alpha)
+    assert_matches(loss, s.grad, *reference(s.detach(), t, label, temperature, alpha, smoothing),
+                   temperature, alpha)
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])
@@ -143,7 +147,8 @@ def test_kd_equals_hintons_loss_and_bounds_wsld(case):
     s.requires_grad_(True)
     kd = KDLoss(2.0, 2.5, NUM_CLASSES, 0.1)(s, t, label)
     kd.backward()
-    assert_matches(kd, s.grad, *reference(s.detach(), t, label, 2.0, 2.5, 0.1, weighted=False), 2.0, 2.5)
+    expected = reference(s.detach(), t, label, 2.0, 2.5, 0.1, weighted=False)
+    assert_matches(kd, s.grad, *expected, 2.0, 2.5)
     # The WSLD weights lie in [0, 1]: WSLD never exceeds KD.
     assert WSLDLoss(2.0, 2.5, NUM_CLASSES, 0.1)(s, t, label) <= kd
 
@@ -296,7 +301,8 @@ def test_teacher_is_outside_parameters_state_dict_and_train_mode():
     distiller = make_distiller()
     teacher_params = {id(p) for p in distiller.teacher.parameters()}
     assert teacher_params.isdisjoint(id(p) for p in distiller.parameters())
-    assert {id(p) for p in distiller.parameters()} == {id(p) for p in distiller.student.parameters()}
+    student_ids = {id(p) for p in distiller.student.parameters()}
+    assert {id(p) for p in distiller.parameters()} == student_ids
     assert all(key.startswith("student.") for key in distiller.state_dict())
     assert not any(p.requires_grad for p in distiller.teacher.parameters())
     distiller.train()
@@ -309,7 +315,8 @@ def test_teacher_is_outside_parameters_state_dict_and_train_mode():
 def test_to_moves_the_teacher_with_the_student():
     distiller = make_distiller().to(torch.float64)
     assert all(p.dtype == torch.float64 for p in distiller.teacher.parameters())
-    assert all(b.dtype == torch.float64 for b in distiller.teacher.buffers() if b.is_floating_point())
+    assert all(b.dtype == torch.float64
+               for b in distiller.teacher.buffers() if b.is_floating_point())
     x, label = batch()
     fc_s, loss, _ = distiller(x.double(), label)
     assert fc_s.dtype == torch.float64 and torch.isfinite(loss)
@@ -324,7 +331,8 @@ def test_training_changes_the_student_and_never_the_teacher():
     for key, value in distiller.teacher.state_dict().items():  # parameters and BatchNorm buffers
         assert torch.equal(value, teacher_before[key]), key
     assert all(p.grad is None for p in distiller.teacher.parameters())
-    changed = [k for k, v in distiller.student.state_dict().items() if not torch.equal(v, student_before[k])]
+    changed = [k for k, v in distiller.student.state_dict().items()
+               if not torch.equal(v, student_before[k])]
     assert "1.running_mean" in changed and "5.weight" in changed
 
 
@@ -341,7 +349,8 @@ def test_plain_cross_entropy_never_runs_the_teacher():
 
 
 def test_ddp_sees_only_the_student(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
     try:
         distiller = make_distiller()
         teacher_before = copy.deepcopy(distiller.teacher.state_dict())

@@ -1,4 +1,5 @@
-"""The LMDB dataset: both the original tool's LMDBs and ours, missing keys, and use across processes."""
+"""The LMDB dataset: both the original tool's LMDBs and ours, missing keys, and use across
+processes."""
 
 from __future__ import annotations
 
@@ -33,18 +34,21 @@ def packed_val(photo_tree, tmp_path_factory) -> tuple[str, str]:
 
 
 def write_original_lmdb(photo_tree: str, root: str, lines: list[str], labels: list[int]) -> None:
-    """An LMDB exactly as the original tool wrote it: OpenCV-re-encoded JPEG + 2-byte little-endian label, msgpacked."""
+    """An LMDB exactly as the original tool wrote it: OpenCV-re-encoded JPEG + 2-byte
+    little-endian label, msgpacked."""
     env = lmdb.open(root, map_size=1 << 26)
     with env.begin(write=True) as txn:
         for line, label in zip(lines, labels):
             ok, jpeg = cv2.imencode(".jpg", cv2.imread(os.path.join(photo_tree, "train", line)))
             assert ok
-            txn.put(line.encode("ascii"), msgpack.packb(jpeg.tobytes() + label.to_bytes(2, "little"), use_bin_type=True))
+            txn.put(line.encode("ascii"),
+                    msgpack.packb(jpeg.tobytes() + label.to_bytes(2, "little"), use_bin_type=True))
     env.close()
 
 
 def test_reads_an_lmdb_written_by_the_original_tool(photo_tree, tmp_path):
-    lines = ["n00000002/n00000002_0.JPEG", "n00000000/n00000000_3.JPEG", "n00000003/n00000003_5.JPEG"]
+    lines = ["n00000002/n00000002_0.JPEG", "n00000000/n00000000_3.JPEG",
+             "n00000003/n00000003_5.JPEG"]
     labels = [2, 0, 999]  # any 16-bit class index survives
     root = str(tmp_path / "train")
     write_original_lmdb(photo_tree, root, lines, labels)
@@ -64,7 +68,8 @@ def test_reads_an_lmdb_written_by_the_original_tool(photo_tree, tmp_path):
 def test_reads_our_lmdb_with_transforms(packed_val, photo_tree):
     root, list_file = packed_val
     seen = []
-    ds = ImageFolder(root, list_file, transform=lambda image: seen.append(image.shape) or image.mean(),
+    ds = ImageFolder(root, list_file,
+                     transform=lambda image: seen.append(image.shape) or image.mean(),
                      target_transform=lambda target: target + 100)
     lines = read_list(list_file)
     assert len(ds) == len(lines) and ds.name(0) == lines[0]
@@ -72,7 +77,8 @@ def test_reads_our_lmdb_with_transforms(packed_val, photo_tree):
         mean, target = ds[index]
         assert target == int(line[1:9]) + 100
         assert 0 < mean < 255
-    assert all(len(shape) == 3 and shape[2] == 3 for shape in seen)  # the greyscale JPEG comes out RGB
+    # the greyscale JPEG comes out RGB
+    assert all(len(shape) == 3 and shape[2] == 3 for shape in seen)
     grey = ODD_FILES["grey_val"].removeprefix("val/")
     assert grey in lines
 
@@ -98,7 +104,8 @@ def test_missing_key_error_names_the_key(packed_val, tmp_path):
     ds[0]
     with pytest.raises(DataError, match="n00000001/not_packed.JPEG") as info:
         ds[1]
-    assert isinstance(info.value, UserError) and "key 'n00000001/not_packed.JPEG'" in str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "key 'n00000001/not_packed.JPEG'" in str(info.value)
 
 
 def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
@@ -107,7 +114,8 @@ def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
     with open_lmdb_readonly(root).begin() as txn:
         good_value = txn.get(good.encode())
     damaged_root = str(tmp_path / "damaged")
-    records = {good: good_value, "n00000001/cut_short.JPEG": encode_record(b"\xff\xd8\xff\xe0 not a JPEG", 1),
+    records = {good: good_value,
+               "n00000001/cut_short.JPEG": encode_record(b"\xff\xd8\xff\xe0 not a JPEG", 1),
                "n00000002/not_a_record.JPEG": b"\x01\x02"}
     env = lmdb.open(damaged_root, map_size=1 << 24)
     with env.begin(write=True) as txn:
@@ -118,15 +126,19 @@ def test_a_damaged_record_names_its_key_and_lmdb(packed_val, tmp_path):
     damaged_list.write_text("".join(key + "\n" for key in records))
 
     decoding = ImageFolder(damaged_root, str(damaged_list))
-    bytes_to_transform = ImageFolder(damaged_root, str(damaged_list), transform=decode_rgb, decode=False)
+    bytes_to_transform = ImageFolder(damaged_root, str(damaged_list), transform=decode_rgb,
+                                     decode=False)
     for ds in (decoding, bytes_to_transform):
         assert ds[0][0].ndim == 3
-        with pytest.raises(ImageDecodeError) as info:  # the type survives, so callers catch what they did
+        # the type survives, so callers catch what they did
+        with pytest.raises(ImageDecodeError) as info:
             ds[1]
         message = str(info.value)
-        assert message.startswith(f"image 'n00000001/cut_short.JPEG' in the LMDB at '{damaged_root}': ")
+        assert message.startswith("image 'n00000001/cut_short.JPEG' "
+                                  f"in the LMDB at '{damaged_root}': ")
         assert "cannot decode image" in message and "\n" not in message
-        with pytest.raises(DataError, match=r"^image 'n00000002/not_a_record.JPEG' in the LMDB at .*: "):
+        with pytest.raises(DataError,
+                           match=r"^image 'n00000002/not_a_record.JPEG' in the LMDB at .*: "):
             ds[2]
 
 
@@ -146,7 +158,8 @@ def test_root_resolved_once_and_every_spelling_shares_one_handle(packed_val, tmp
     datasets = [ImageFolder(spelling, list_file) for spelling in spellings]
     resolved = []
     real_realpath = os.path.realpath
-    monkeypatch.setattr(lmdb_dataset.os.path, "realpath", lambda path: resolved.append(path) or real_realpath(path))
+    monkeypatch.setattr(lmdb_dataset.os.path, "realpath",
+                        lambda path: resolved.append(path) or real_realpath(path))
     samples = [[ds[i] for i in range(len(ds))] for ds in datasets]
     assert resolved == []  # reads use the root resolved at construction
     for other in samples[1:]:
@@ -158,13 +171,15 @@ def test_root_resolved_once_and_every_spelling_shares_one_handle(packed_val, tmp
 
 
 def all_items(loader: DataLoader) -> list[tuple[np.ndarray, int]]:
-    return [(sample.numpy() if isinstance(sample, torch.Tensor) else sample, int(target)) for sample, target in loader]
+    return [(sample.numpy() if isinstance(sample, torch.Tensor) else sample, int(target))
+            for sample, target in loader]
 
 
 @pytest.mark.parametrize("context, workers", [("fork", 2), ("spawn", 1)])
 def test_dataloader_workers_and_two_datasets_on_one_lmdb(packed_val, context, workers):
     first, second = ImageFolder(*packed_val), ImageFolder(*packed_val)
-    expected = [first[i] for i in range(len(first))]  # the main process opens the LMDB before workers start
+    # the main process opens the LMDB before workers start
+    expected = [first[i] for i in range(len(first))]
     assert second[0][1] == expected[0][1]  # a second dataset on the same LMDB in this process
     both = ConcatDataset([first, second])  # each worker reads through both datasets too
     loader = DataLoader(both, batch_size=None, shuffle=False, num_workers=workers,

@@ -15,7 +15,8 @@ def test_topk_counts_match_a_direct_count():
     logits = torch.randn(64, 10)
     target = torch.randint(0, 10, (64,))
     top1, top5 = topk_correct(logits, target, ks=(1, 5))
-    ranks = (logits > logits.gather(1, target[:, None])).sum(dim=1)  # classes scored above the target
+    # classes scored above the target
+    ranks = (logits > logits.gather(1, target[:, None])).sum(dim=1)
     assert top1.item() == int((ranks < 1).sum()) and top5.item() == int((ranks < 5).sum())
     assert top1.dtype == torch.int64
 

@@ -1,4 +1,5 @@
-"""The list maker: one sorted ``wnid/file`` line per image file, per split folder, replaced on a rerun."""
+"""The list maker: one sorted ``wnid/file`` line per image file, per split folder, replaced on a
+rerun."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_only_image_files_any_case(tree_copy, tmp_path):
     for name in ("notes.txt", "labels.csv", ".hidden.JPEG", "upper.PNG", "mixed.JpG", "lower.jpeg"):
         with open(os.path.join(folder, name), "wb") as f:
             f.write(b"x")
-    with open(os.path.join(tree_copy, "train", "README"), "w") as f:  # a file beside the class folders
+    # a file beside the class folders
+    with open(os.path.join(tree_copy, "train", "README"), "w") as f:
         f.write("x")
     assert main(["--image_path", tree_copy, "--output_path", str(tmp_path)]) == 0
     train = read_list(str(tmp_path / "train_list.txt"))
@@ -73,7 +75,8 @@ def test_read_list_ignores_blank_lines_and_surrounding_space(tmp_path):
 def test_missing_image_folder_is_a_one_line_error(tmp_path):
     missing = str(tmp_path / "nowhere")
     result = subprocess.run([sys.executable, "dataset/mk_img_list.py", "--image_path", missing,
-                             "--output_path", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
+                             "--output_path", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert missing in result.stderr

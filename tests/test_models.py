@@ -1,4 +1,5 @@
-"""Model construction and weight loading: official keys, checkpoint forms, unsafe and broken files."""
+"""Model construction and weight loading: official keys, checkpoint forms, unsafe and broken
+files."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def test_float32_classifier_keeps_torchvisions_keys_and_initialisation():
     torch.manual_seed(0)
     theirs = torchvision.models.resnet18(num_classes=10)
     assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                 theirs.state_dict().values()))
     theirs.load_state_dict(ours.state_dict(), strict=True)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
@@ -132,7 +134,9 @@ def test_torchvision_state_dict_gives_identical_logits(tmp_path, resnet18_state,
     assert torch.equal(logits(model, images), expected)
 
 
-@pytest.mark.parametrize("form", ["state_dict", "model", "module_prefix", "nested_module_prefix", "compiled"])
+@pytest.mark.parametrize("form",
+                         ["state_dict", "model", "module_prefix", "nested_module_prefix",
+                          "compiled"])
 def test_common_checkpoint_forms_load(tmp_path, resnet18_state, images, expected, form):
     prefixed = OrderedDict((f"module.{k}", v) for k, v in resnet18_state.items())
     checkpoint = {

@@ -1,4 +1,5 @@
-"""The signal handlers and the stop agreement in one process (the training tests run them in two)."""
+"""The signal handlers and the stop agreement in one process (the training tests run them in
+two)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_a_signal_at_any_point_of_the_wait_is_seen():
 def test_time_based_checkpoints_follow_the_clock():
     with Preemption(checkpoint_every_min=1e-9) as agreement:
         assert agreement.poll() == Decision(checkpoint=True)
-        assert agreement.poll(checkpoints=False) == Decision()  # validation asks about stopping only
+        # validation asks about stopping only
+        assert agreement.poll(checkpoints=False) == Decision()
     with Preemption(checkpoint_every_min=0) as never, Preemption(checkpoint_every_min=60) as hourly:
         assert never.poll() == Decision() and hourly.poll() == Decision()
 

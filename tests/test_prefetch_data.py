@@ -11,7 +11,8 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def uint8_batches(count: int = 3, batch: int = 4, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def uint8_batches(count: int = 3, batch: int = 4,
+                  size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator),
              torch.randint(0, 1000, (batch,), generator=generator))
@@ -65,8 +66,10 @@ def test_length_of_an_unsized_loader_is_a_type_error():
 
 
 def test_extreme_values_map_to_the_ends_of_the_normalised_range():
-    images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
-    out, _ = next(iter(DevicePrefetcher([(images, torch.zeros(1, dtype=torch.int64))], "cpu", MEAN, STD)))
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    images = images.contiguous()
+    batches = [(images, torch.zeros(1, dtype=torch.int64))]
+    out, _ = next(iter(DevicePrefetcher(batches, "cpu", MEAN, STD)))
     for c in range(3):
         assert out[0, c, 0, 0].item() == pytest.approx(-MEAN[c] / STD[c], abs=1e-5)
         assert out[0, c, 0, 1].item() == pytest.approx((1 - MEAN[c]) / STD[c], abs=1e-5)
@@ -90,8 +93,10 @@ def test_cuda_passes_share_one_side_stream():
         seen = list(prefetcher)
         assert len(seen) == len(batches)
         for (images, labels), (raw_images, raw_labels) in zip(seen, batches):
-            assert images.device.type == "cuda" and images.is_contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(images.double().cpu(), reference(raw_images), atol=1e-5, rtol=0)
+            assert images.device.type == "cuda"
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(images.double().cpu(), reference(raw_images), atol=1e-5,
+                                       rtol=0)
             assert torch.equal(labels.cpu(), raw_labels)
     assert len(copy_streams) == 3 * len(batches)
     assert set(copy_streams) == {prefetcher.stream.cuda_stream}

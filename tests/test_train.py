@@ -50,15 +50,16 @@ NUM_CLASSES = 4
 
 @pytest.fixture(scope="session")
 def data(photo_tree, tmp_path_factory) -> dict[str, str]:
-    """The photo tree as JPEG folders and as LMDBs, each with its lists, and a teacher weights file."""
+    """The photo tree as JPEG folders and as LMDBs, each with its lists, and a teacher weights
+    file."""
     root = tmp_path_factory.mktemp("train_data")
     images = str(root / "images")
     shutil.copytree(photo_tree, images)
     assert mk_img_list.main(["--image_path", images, "--output_path", images]) == 0
     lmdb_root = str(root / "lmdb")
     for split in ("train", "val"):
-        assert img2lmdb.main(["--image_path", images, "--list_path", images, "--output_path", lmdb_root,
-                              "--split", split, "--workers", "1"]) == 0
+        assert img2lmdb.main(["--image_path", images, "--list_path", images, "--output_path",
+                              lmdb_root, "--split", split, "--workers", "1"]) == 0
         shutil.copy(os.path.join(images, f"{split}_list.txt"), lmdb_root)
     torch.manual_seed(0)
     teacher = str(root / "teacher_resnet18.pth")
@@ -71,8 +72,9 @@ def overrides(data: dict[str, str], output_dir: str, **changes: object) -> list[
     values: dict[str, object] = {
         "data.data_path": data["lmdb"], "data.input_size": (3, 32, 32), "data.batch_size": 8,
         "data.num_workers": 0, "model.num_classes": NUM_CLASSES, "model.teacher": "resnet18",
-        "model.teacher_weights": data["teacher"], "train_params.epochs": 2, "train_params.print_freq": 2,
-        "train_params.use_seed": True, "train_params.eval_teacher": True, "train_params.output_dir": output_dir,
+        "model.teacher_weights": data["teacher"], "train_params.epochs": 2,
+        "train_params.print_freq": 2, "train_params.use_seed": True,
+        "train_params.eval_teacher": True, "train_params.output_dir": output_dir,
         "optim.init_lr": 0.01, "dist.nprocs": 2, "dist.timeout_s": 60,
     }
     values.update({key.replace("__", "."): value for key, value in changes.items()})
@@ -100,13 +102,16 @@ def full_run(data, tmp_path_factory) -> str:
 def test_run_writes_logs_metrics_and_checkpoints(full_run):
     log = read_log(full_run)
     assert '"batch_size": 8' in log  # the effective configuration
-    assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
-    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +data wait [\d.]+ ms/step \(\d+%\) +"
+    assert re.search(r"Teacher network performance: top-1 err [\d.]+ +top-5 err [\d.]+ +"
+                     r"loss [\d.]+ +\(13 images\)", log)
+    assert re.search(r"Epoch: \[1/2\]\[2/\d+\] +speed [\d.]+ img/s +"
+                     r"data wait [\d.]+ ms/step \(\d+%\) +"
                      r"loss [\d.]+ \([\d.]+\) +top-1 err [\d.]+ "
                      r"\([\d.]+\) +top-5 err [\d.]+ \([\d.]+\) .*ETA \d+:\d\d:\d\d", log)
     assert "Precision float32 (train_params.amp='auto' on cpu); optimizer SGD" in log
     assert "; 0 loader workers per process" in log
-    assert re.search(r"Validation epoch \[2/2\] +top-1 err [\d.]+ +top-5 err [\d.]+ +loss [\d.]+ +\(13 images\)", log)
+    assert re.search(r"Validation epoch \[2/2\] +top-1 err [\d.]+ +top-5 err [\d.]+ +"
+                     r"loss [\d.]+ +\(13 images\)", log)
 
     records = read_metrics(os.path.join(full_run, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]
@@ -115,7 +120,8 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
                 "epoch_seconds", "images_per_second", "data_wait_share"} <= record.keys()
         assert record["val_images"] == 13  # every validation image once, none padded in
         assert 0.0 <= record["data_wait_share"] <= 1.0  # summed over both processes, then divided
-        assert all(math.isfinite(record[k]) for k in ("train_loss", "val_loss", "images_per_second"))
+        assert all(math.isfinite(record[k]) for k in ("train_loss", "val_loss",
+                                                      "images_per_second"))
         # WSLD's view: the share of samples where the student beats the teacher on the label.
         assert 0.0 <= record["train_regularisation_share"] <= 1.0
         assert 0.0 <= record["train_mean_weight"] <= 1.0
@@ -149,7 +155,8 @@ def test_run_writes_logs_metrics_and_checkpoints(full_run):
 @pytest.mark.slow
 def test_distributed_validation_equals_single_process_evaluation(full_run, data, capsys):
     base = overrides(data, full_run)
-    assert train_with_distillation.main(["--evaluate", os.path.join(full_run, CHECKPOINT_NAME), *base]) == 0
+    checkpoint = os.path.join(full_run, CHECKPOINT_NAME)
+    assert train_with_distillation.main(["--evaluate", checkpoint, *base]) == 0
     student = last_json_line(capsys.readouterr().out)
     assert train_with_distillation.main(["--evaluate", "teacher", *base]) == 0
     teacher = last_json_line(capsys.readouterr().out)
@@ -159,8 +166,8 @@ def test_distributed_validation_equals_single_process_evaluation(full_run, data,
     assert student["top1_err"] == last_epoch["val_top1_err"]
     assert student["top5_err"] == last_epoch["val_top5_err"]
     assert student["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-5)
-    logged = re.search(r"Teacher network performance: top-1 err ([\d.]+) +top-5 err ([\d.]+) +loss ([\d.]+)",
-                       read_log(full_run))
+    logged = re.search(r"Teacher network performance: top-1 err ([\d.]+) +"
+                       r"top-5 err ([\d.]+) +loss ([\d.]+)", read_log(full_run))
     assert [float(x) for x in logged.groups()] == pytest.approx(
         [teacher["top1_err"], teacher["top5_err"], teacher["loss"]], abs=1e-3)
 
@@ -176,16 +183,19 @@ def assert_same_weights(out: str, reference: str) -> None:
 
 
 def assert_same_records(out: str, reference: str) -> None:
-    """One metrics record, one validation line and the same best checkpoint per epoch as the reference."""
+    """One metrics record, one validation line and the same best checkpoint per epoch as the
+    reference."""
     records, expected = (read_metrics(os.path.join(d, METRICS_NAME)) for d in (out, reference))
     assert [r["epoch"] for r in records] == [r["epoch"] for r in expected]
     for record, want in zip(records, expected):
-        for key in ("lr", "train_loss", "train_top1_err", "train_top5_err", "val_loss", "val_top1_err"):
+        for key in ("lr", "train_loss", "train_top1_err", "train_top5_err", "val_loss",
+                    "val_top1_err"):
             assert record[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
     log = read_log(out)
     for epoch in range(1, len(expected) + 1):
         assert len(re.findall(rf"Validation epoch \[{epoch}/", log)) == 1
-    best, best_expected = (torch.load(os.path.join(d, BEST_NAME), weights_only=True)["epoch"] for d in (out, reference))
+    best, best_expected = (torch.load(os.path.join(d, BEST_NAME), weights_only=True)["epoch"]
+                           for d in (out, reference))
     assert best == best_expected
 
 
@@ -196,8 +206,8 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
     With a loader worker: its augmentation draws must restart the same way in both runs.
     """
     def run(out: str, **changes: object) -> None:
-        argv = overrides(data, out, dist__nprocs=1, train_params__eval_teacher=False, data__num_workers=1,
-                         **changes)
+        argv = overrides(data, out, dist__nprocs=1, train_params__eval_teacher=False,
+                         data__num_workers=1, **changes)
         assert train_with_distillation.main(argv) == 0
 
     reference, out = str(tmp_path / "reference"), str(tmp_path / "out")
@@ -209,7 +219,8 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
     assert "Resumed from" in read_log(out)
     records = read_metrics(os.path.join(out, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]  # epoch 2 is not recorded twice
-    assert records[1]["val_loss"] == pytest.approx(read_metrics(os.path.join(reference, METRICS_NAME))[1]["val_loss"])
+    expected = read_metrics(os.path.join(reference, METRICS_NAME))
+    assert records[1]["val_loss"] == pytest.approx(expected[1]["val_loss"])
 
 
 # (plan of the signal, config changes of that run, (epoch, step) of the checkpoint it leaves).
@@ -223,13 +234,15 @@ SIGNAL_POINTS = [
     (("step", 1, 1), {}, (0, 1)),  # the first step: its own poll waits for the answer
     (("step", 1, 3), {"data__num_workers": 2}, (0, 3)),  # the last step of an epoch
     (("validation",), {}, (0, 3)),  # during validation, in a run resumed at the epoch's last step
-    (("checkpoint_write",), {"data__num_workers": 8}, (1, 0)),  # twice, while the epoch's checkpoint is written
+    # twice, while the epoch's checkpoint is written
+    (("checkpoint_write",), {"data__num_workers": 8}, (1, 0)),
     (("step", 2, 2), {}, (1, 3)),  # mid-epoch: no poll until validation's first batch
 ]
 
 
 @pytest.mark.slow
-def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full_run, data, tmp_path, monkeypatch):
+def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full_run, data,
+                                                                            tmp_path, monkeypatch):
     """SIGUSR1 sent to the launcher at each point of SIGNAL_POINTS in turn, each run resumed by
     the next: the weights, the metrics, the validation lines and the best checkpoint are those
     of the uninterrupted run (full_run, no loader workers)."""
@@ -247,7 +260,8 @@ def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full
         assert (checkpoint["epoch"], checkpoint["step"]) == position, plan
         last_line = read_log(out).strip().splitlines()[-1]
         assert last_line.startswith("Stopped by SIGUSR1") and "optim.resume_path=auto" in last_line
-    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]  # no half-written file left
+    # no half-written file left
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
     monkeypatch.undo()
     assert train_with_distillation.main(argv()) == 0
     assert_same_weights(out, full_run)
@@ -255,17 +269,22 @@ def test_signals_at_chosen_points_then_resumes_end_as_the_uninterrupted_run(full
 
 
 @pytest.mark.slow
-def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_run, data, tmp_path):
+def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_run, data,
+                                                                           tmp_path):
     """The user's view: SIGTERM to the launcher stops the job with status 75 and says so on the
     last line; a SIGKILL after a time-based checkpoint loses only the steps after it."""
     out = str(tmp_path / "out")
-    argv = overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False, dist__timeout_s=600,
-                     optim__resume_path="auto", train_params__checkpoint_every_min=1e-9)  # every step
+    argv = overrides(data, out, train_params__print_freq=1, train_params__eval_teacher=False,
+                     dist__timeout_s=600, optim__resume_path="auto",
+                     train_params__checkpoint_every_min=1e-9)  # every step
 
-    def run_until(pattern: str, action: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:
-        """Start the job; act once when a line of its output starts with pattern; wait for its end."""
-        proc = subprocess.Popen([sys.executable, "train_with_distillation.py", *argv], cwd=REPO_ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    def run_until(pattern: str,
+                  action: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:
+        """Start the job; act once when a line of its output starts with pattern; wait for its
+        end."""
+        proc = subprocess.Popen([sys.executable, "train_with_distillation.py", *argv],
+                                cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         lines = []
         for line in proc.stdout:
             if line.startswith(pattern) and not any(seen.startswith(pattern) for seen in lines):
@@ -281,7 +300,8 @@ def test_sigterm_at_the_command_line_then_sigkill_after_a_timed_checkpoint(full_
     stopped = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
     assert stopped["epoch"] == 0 and stopped["step"] >= 1
 
-    status, lines = run_until("Checkpoint at epoch 2, step 1/", lambda proc: os.killpg(proc.pid, signal.SIGKILL))
+    status, lines = run_until("Checkpoint at epoch 2, step 1/",
+                              lambda proc: os.killpg(proc.pid, signal.SIGKILL))
     assert status == -signal.SIGKILL
     killed = torch.load(os.path.join(out, CHECKPOINT_NAME), weights_only=True)
     assert (killed["epoch"], killed["step"]) >= (1, 1)
@@ -307,10 +327,11 @@ def test_kd_on_image_folders_with_a_loader_worker_clipping_and_smoothing(data, t
 def test_student_alone_from_a_config_module_never_loads_a_teacher(data, tmp_path):
     config_module = tmp_path / "student_only_cfg.py"
     config_module.write_text(f"base = {os.path.join(REPO_ROOT, 'imagenet_train_cfg.py')!r}\n"
-                             "overrides = {'distill.method': 'none', 'train_params.eval_teacher': False}\n")
+                             "overrides = {'distill.method': 'none', "
+                             "'train_params.eval_teacher': False}\n")
     out = str(tmp_path / "out")
-    argv = overrides(data, out, model__teacher_weights=str(tmp_path / "absent.pth"), train_params__epochs=1,
-                     dist__nprocs=1)
+    argv = overrides(data, out, model__teacher_weights=str(tmp_path / "absent.pth"),
+                     train_params__epochs=1, dist__nprocs=1)
     argv = [a for a in argv if not a.startswith("train_params.eval_teacher=")]
     assert train_with_distillation.main(["--cfg", str(config_module), *argv]) == 0
     log = read_log(out)
@@ -342,7 +363,8 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
     path = str(tmp_path / "s.pth")
     atomic_save({"scheduler": scheduler.state_dict()}, path)
     restored = build_scheduler(
-        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.init_lr), cfg.optim, epochs=100)
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.init_lr), cfg.optim,
+        epochs=100)
     restored.load_state_dict(torch.load(path, weights_only=True)["scheduler"])
     assert restored.last_epoch == 31 and restored.get_last_lr() == pytest.approx([0.01])
 
@@ -350,7 +372,8 @@ def test_scheduler_state_survives_weights_only_loading(tmp_path):
 def test_an_unseeded_run_draws_its_own_seed():
     cfg = copy.deepcopy(default_cfg)
     cfg.train_params.use_seed, cfg.train_params.seed = False, 3
-    drawn = {run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu")) for _ in range(3)}
+    drawn = {run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu"))
+             for _ in range(3)}
     assert len(drawn) == 3
     cfg.train_params.use_seed = True
     assert run_seed(cfg.train_params.use_seed, cfg.train_params.seed, torch.device("cpu")) == 3
@@ -358,12 +381,14 @@ def test_an_unseeded_run_draws_its_own_seed():
 
 @pytest.mark.parametrize("saved_fp16, resumed_fp16", [(False, True), (True, False), (True, True)])
 def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path):
-    """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the reverse."""
+    """An empty scaler state (bf16 or full precision) must not stop an fp16 resume, nor the
+    reverse."""
     def training_state(fp16: bool) -> tuple:
         student = torchvision.models.resnet18(num_classes=NUM_CLASSES)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
         scheduler = build_scheduler(optimizer, default_cfg.optim, epochs=100)
-        return student, optimizer, scheduler, torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=fp16)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=fp16)
+        return student, optimizer, scheduler, scaler
 
     student, optimizer, scheduler, scaler = training_state(saved_fp16)
     optimizer.step()
@@ -384,7 +409,8 @@ def test_resume_across_a_change_of_precision(saved_fp16, resumed_fp16, tmp_path)
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_all_processes_and_keeps_the_checkpoint(full_run, data, tmp_path):
-    """At the command line: one error line naming epoch and step, non-zero exit, the good checkpoint kept."""
+    """At the command line: one error line naming epoch and step, non-zero exit, the good
+    checkpoint kept."""
     out = tmp_path / "out"
     out.mkdir()
     good = out / CHECKPOINT_NAME
@@ -420,7 +446,8 @@ def test_a_dead_process_stops_the_whole_job():
 
 def test_torchrun_environment_places_the_process(monkeypatch):
     """Process 5 of two 4-GPU machines: the second machine's second device, workers shared by 4."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     assert distributed.torchrun_process() is None
     assert distributed.planned_world_size(3) == 3
@@ -437,8 +464,9 @@ def test_torchrun_environment_places_the_process(monkeypatch):
     assert distributed.planned_world_size(3) == 8  # torchrun's count wins over dist.nprocs
 
 
-LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NODEID")
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                 "SLURM_NODEID")
 
 
 @pytest.mark.parametrize("slurm, devices, expected", [
@@ -446,14 +474,16 @@ LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
     ({"SLURM_LOCALID": "3", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}, 0, 8),
     ({"SLURM_LOCALID": "3", "SLURM_TASKS_PER_NODE": "6,4(x2)", "SLURM_NODEID": "2"}, 8, 4),
     ({}, 8, 8),  # no launcher count: one process per visible device
-    ({"SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2"}, 8, 8),  # SLURM's task is not this process
+    # SLURM's task is not this process
+    ({"SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2"}, 8, 8),
     ({}, 0, 16),  # no devices either: every process on this machine
 ])
 def test_local_world_size_without_local_world_size(monkeypatch, slurm, devices, expected):
     """A hand-written SLURM script: two 8-GPU machines, 16 processes, no LOCAL_WORLD_SIZE."""
     for key in LAUNCHER_KEYS:
         monkeypatch.delenv(key, raising=False)
-    env = {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    env = {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "node0",
+           "MASTER_PORT": "29500"}
     for key, value in {**env, **slurm}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
@@ -465,8 +495,8 @@ def test_local_world_size_without_local_world_size(monkeypatch, slurm, devices, 
 
 
 @pytest.mark.parametrize("cores, local_processes, setting, expected", [
-    (128, 8, "auto", 14), (256, 8, "auto", 30), (16, 8, "auto", 1), (2, 1, "auto", 1), (8, 1, "auto", 7),
-    (1, 1, "auto", 1), (128, 8, 32, 4), (128, 8, 0, 0), (2, 1, 5, 5),
+    (128, 8, "auto", 14), (256, 8, "auto", 30), (16, 8, "auto", 1), (2, 1, "auto", 1),
+    (8, 1, "auto", 7), (1, 1, "auto", 1), (128, 8, 32, 4), (128, 8, 0, 0), (2, 1, 5, 5),
 ])
 def test_loader_workers_per_process(monkeypatch, cores, local_processes, setting, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
@@ -477,7 +507,8 @@ def test_loader_workers_per_process(monkeypatch, cores, local_processes, setting
 def test_bad_num_workers_is_a_config_error(workers):
     cfg = copy.deepcopy(default_cfg)
     cfg.data.num_workers = workers
-    with pytest.raises(ConfigError, match="data.num_workers must be 'auto' or a non-negative integer"):
+    with pytest.raises(ConfigError,
+                       match="data.num_workers must be 'auto' or a non-negative integer"):
         train_with_distillation.check_config(cfg, world_size=1)
 
 
@@ -489,7 +520,8 @@ def test_evaluation_configures_the_backends_as_training_does(data, tmp_path, mon
     argv = overrides(data, str(tmp_path / "out"), data__num_workers="auto")
     assert train_with_distillation.main(["--evaluate", "teacher", *argv]) == 0
     assert last_json_line(capsys.readouterr().out)["images"] == 13
-    cfg = train_with_distillation.load_config(train_with_distillation.build_arg_parser().parse_args(argv))
+    args = train_with_distillation.build_arg_parser().parse_args(argv)
+    cfg = train_with_distillation.load_config(args)
     threads = torch.get_num_threads()
     try:
         configure_process(distributed.ProcessInfo(), torch.device("cpu"), cfg.train_params.use_seed,
@@ -510,19 +542,23 @@ def test_more_torchrun_processes_than_devices_is_a_config_error(monkeypatch):
 
 
 @pytest.mark.parametrize("local_rank", [0, 1])
-def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(local_rank, monkeypatch, tmp_path):
+def test_under_torchrun_the_first_process_of_each_machine_checks_the_inputs(local_rank, monkeypatch,
+                                                                            tmp_path):
     """Eight processes of a machine must not all open the data and load the teacher at once:
     only local rank 0 checks, and the others wait for it at a barrier."""
-    for key, value in {"RANK": str(8 + local_rank), "WORLD_SIZE": "16", "LOCAL_RANK": str(local_rank),
-                       "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+    launcher = {"RANK": str(8 + local_rank), "WORLD_SIZE": "16", "LOCAL_RANK": str(local_rank),
+                "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for key, value in launcher.items():
         monkeypatch.setenv(key, value)
     calls: list[str] = []
     module = train_with_distillation
     monkeypatch.setattr(module, "check_inputs", lambda cfg, loss: calls.append("check_inputs"))
     monkeypatch.setattr(module, "configure_process", lambda *args: calls.append("process group"))
     monkeypatch.setattr(module.distributed, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(module, "open_imagenet", lambda *args, **kwargs: calls.append("train") or 1 / 0)
-    monkeypatch.setattr(module.distributed, "launch", lambda fn, args, nprocs: fn(distributed.torchrun_process(), *args))
+    monkeypatch.setattr(module, "open_imagenet",
+                        lambda *args, **kwargs: calls.append("train") or 1 / 0)
+    monkeypatch.setattr(module.distributed, "launch",
+                        lambda fn, args, nprocs: fn(distributed.torchrun_process(), *args))
     cfg = copy.deepcopy(default_cfg)
     cfg.train_params.output_dir = str(tmp_path)
     with pytest.raises(ZeroDivisionError):  # stops the process right after the barrier

@@ -86,13 +86,14 @@ def chw(image: Image.Image) -> np.ndarray:
     return np.asarray(image).transpose(2, 0, 1)
 
 
-def crop_at(transform: RandomResizedCropFlip, sample: bytes | np.ndarray, box: Box, flip: bool) -> torch.Tensor:
+def crop_at(transform: RandomResizedCropFlip, sample: bytes | np.ndarray, box: Box,
+            flip: bool) -> torch.Tensor:
     """The transform's output for a given box and flip: its deterministic half."""
     return transform._render(transforms._inspect(sample), box, flip)
 
 
-def scale_crop_at(transform: RandomScaleCropFlip, sample: bytes | np.ndarray, shorter: int, top: int,
-                  left: int, flip: bool) -> torch.Tensor:
+def scale_crop_at(transform: RandomScaleCropFlip, sample: bytes | np.ndarray, shorter: int,
+                  top: int, left: int, flip: bool) -> torch.Tensor:
     """RandomScaleCropFlip's output for given parameters: its deterministic half."""
     return transforms._resize_shorter_and_crop(transforms._inspect(sample), shorter, top, left,
                                                transform.size, flip)
@@ -106,7 +107,8 @@ def mean_abs_diff(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
 
 def check_output(out: torch.Tensor, size: int = 224) -> np.ndarray:
     """What every transform returns (a contiguous 3 x size x size uint8 tensor), as an array."""
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.shape == (3, size, size)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
+    assert out.shape == (3, size, size)
     assert out.is_contiguous()
     return out.numpy()
 
@@ -133,10 +135,12 @@ def box_features(boxes: np.ndarray, width: int, height: int) -> dict[str, np.nda
 def test_crop_box_distribution_matches_torchvision(width, height):
     n = 4000
     random.seed(1)
-    ours = np.array([sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+    ours = np.array([sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3))
+                     for _ in range(n)])
     torch.manual_seed(1)
     image = torch.empty(1, height, width)
-    theirs = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    theirs = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+                       for _ in range(n)])
     assert ((ours[:, 2] > 0) & (ours[:, 0] + ours[:, 2] <= height)).all()
     assert ((ours[:, 3] > 0) & (ours[:, 1] + ours[:, 3] <= width)).all()
     # 1.95 * sqrt(2 / n) is the KS critical value at the 0.1 % level.
@@ -158,7 +162,8 @@ def test_crop_box_falls_back_to_torchvision_central_crop():
 
 
 def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224) -> np.ndarray:
-    out = TF.resized_crop(pil_image(data), *box, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    out = TF.resized_crop(pil_image(data), *box, [size, size], InterpolationMode.BILINEAR,
+                          antialias=True)
     return chw(TF.hflip(out) if flip else out)
 
 
@@ -175,7 +180,8 @@ def torchvision_resized_crop(data: bytes, box: Box, flip: bool, size: int = 224)
 def test_random_resized_crop_matches_torchvision(photos, decodes, name, box, flip, factor, region):
     out = crop_at(RandomResizedCropFlip(224, region=region), photos[name], box, flip)
     out = check_output(out)
-    assert decodes == ({"window": [factor], "whole": []} if region else {"window": [], "whole": [factor]})
+    expected = {"window": [factor], "whole": []} if region else {"window": [], "whole": [factor]}
+    assert decodes == expected
     assert mean_abs_diff(out, torchvision_resized_crop(photos[name], box, flip)) <= TOLERANCE
 
 
@@ -194,8 +200,8 @@ def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decodes,
             continue
         out = crop_at(transform, data, box, False)
         assert decodes["window"][-1] > 1
-        reference = chw(TF.resized_crop(reference_image, *box, [224, 224], InterpolationMode.BILINEAR,
-                                        antialias=True))
+        reference = chw(TF.resized_crop(reference_image, *box, [224, 224],
+                                        InterpolationMode.BILINEAR, antialias=True))
         assert mean_abs_diff(out, reference) <= TOLERANCE, box
         checked += 1
     assert checked >= 8
@@ -203,7 +209,8 @@ def test_random_boxes_decoded_at_reduced_size_match_torchvision(photos, decodes,
 
 @pytest.mark.parametrize("region", REGION_OR_WHOLE)
 def test_unscaled_crops_are_torchvision_to_within_rounding(photos, region):
-    out = crop_at(RandomResizedCropFlip(224, region=region), photos["china"], Box(50, 80, 300, 400), True)
+    out = crop_at(RandomResizedCropFlip(224, region=region), photos["china"], Box(50, 80, 300, 400),
+                  True)
     reference = torchvision_resized_crop(photos["china"], Box(50, 80, 300, 400), True)
     assert mean_abs_diff(out, reference) < 0.5
     assert np.abs(out.numpy().astype(int) - reference).max() <= 2
@@ -218,7 +225,8 @@ def test_region_decoding_gives_the_whole_image_decode(photos, name):
     boxes = [Box(0, 0, height, width), Box(0, 0, 100, 120), Box(height - 90, width - 77, 90, 77),
              Box(16, 32, 200, 160), Box(17, 33, 201, 161), Box(7, width - 300, height - 7, 300)]
     random.seed(11)
-    boxes += [sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(20)]
+    boxes += [sample_resized_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3))
+              for _ in range(20)]
     for box in boxes:
         region = crop_at(RandomResizedCropFlip(224, region=True), photos[name], box, False)
         whole = crop_at(RandomResizedCropFlip(224, region=False), photos[name], box, False)
@@ -249,7 +257,8 @@ def test_min_scale_bounds_the_crop_area():
     assert areas.min() > 0.49 and areas.max() <= 1.0
 
 
-@pytest.mark.parametrize("name,factor", [("china", 1), ("flower", 1), ("flower_1400", 2), ("china_2100", 2)])
+@pytest.mark.parametrize("name,factor",
+                         [("china", 1), ("flower", 1), ("flower_1400", 2), ("china_2100", 2)])
 def test_validation_transform_matches_torchvision(photos, decodes, name, factor):
     out = ResizeCenterCrop(224)(photos[name])
     out = check_output(out)
@@ -264,9 +273,11 @@ def test_validation_resize_follows_the_crop_size():
 
 
 @pytest.mark.parametrize("name,shorter,top,left,flip", [
-    ("china", 256, 0, 0, False), ("china", 480, 200, 411, True), ("flower_1400", 300, 30, 170, True),
+    ("china", 256, 0, 0, False), ("china", 480, 200, 411, True),
+    ("flower_1400", 300, 30, 170, True),
 ])
-def test_rand_scale_matches_torchvision_for_fixed_parameters(photos, name, shorter, top, left, flip):
+def test_rand_scale_matches_torchvision_for_fixed_parameters(photos, name, shorter, top, left,
+                                                             flip):
     out = scale_crop_at(RandomScaleCropFlip(224), photos[name], shorter, top, left, flip)
     out = check_output(out)
     resized = T.Resize(shorter)(pil_image(photos[name]))
@@ -289,7 +300,8 @@ def test_rand_scale_draws_shorter_side_position_and_flip_uniformly(photos):
         new_w, new_h = transforms.shorter_side_size(width, height, shorter)
         top, left = random.randint(0, new_h - 224), random.randint(0, new_w - 224)
         flip = random.random() < 0.5
-        assert np.array_equal(out, scale_crop_at(transform, photos["china"], shorter, top, left, flip))
+        assert np.array_equal(out,
+                              scale_crop_at(transform, photos["china"], shorter, top, left, flip))
         sides.add(shorter)
         flips.add(flip)
     assert len(sides) > 1 and flips == {True, False}
@@ -382,7 +394,8 @@ def test_damaged_jpeg_data_falls_back_to_the_whole_image_decoders(photos, decode
     errors = []
     for region in (True, False):
         with pytest.raises(ImageDecodeError) as caught:
-            crop_at(RandomResizedCropFlip(224, region=region), bytes(data), Box(100, 100, 200, 200), False)
+            crop_at(RandomResizedCropFlip(224, region=region), bytes(data), Box(100, 100, 200, 200),
+                    False)
         errors.append(str(caught.value))
     assert decodes["window"] == [1] and decodes["whole"] == [1, 1]
     assert errors[0] == errors[1] and "cannot decode" in errors[0]
