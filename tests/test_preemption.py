@@ -130,3 +130,23 @@ def test_loader_workers_ignore_sigusr1_and_die_on_sigterm():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_the_agreement_group_waits_no_longer_than_dist_timeout_s(monkeypatch, tmp_path):
+    """Its gloo group takes the job's timeout, not torch's 30-minute default."""
+    import datetime
+
+    import torch.distributed as dist
+
+    groups = []
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: groups.append(kwargs))
+    proc = distributed.ProcessInfo(world_size=1, local_world_size=1,
+                                   init_method=f"file://{tmp_path / 'rendezvous'}")
+    distributed.init_process_group(proc, "gloo", timeout_s=30)
+    try:
+        with Preemption(timeout_s=7) as agreement:
+            monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: None)
+            assert agreement.poll() == Decision()
+    finally:
+        distributed.cleanup()
+    assert groups == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=7)}]

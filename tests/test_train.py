@@ -23,6 +23,7 @@ import pytest
 import torch
 import torchvision
 
+import knowledge_distiller
 import train_with_distillation
 from dataset import img2lmdb, mk_img_list
 from imagenet_train_cfg import cfg as default_cfg
@@ -339,6 +340,24 @@ def test_student_alone_from_a_config_module_never_loads_a_teacher(data, tmp_path
     assert os.path.isfile(os.path.join(out, BEST_NAME))
     with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["distill"]["method"] == "none"
+
+
+@pytest.mark.slow
+def test_the_loop_tells_the_loss_its_epoch_from_one(data, tmp_path, monkeypatch):
+    """DKD's warm-up counts epochs from 1, as its official trainer does; a batch-statistics
+    teacher trains too. DKD records the regularisation share, and WSLD's weights only WSLD."""
+    told: list[int] = []
+    set_epoch = knowledge_distiller.WSLDistiller.set_epoch
+    monkeypatch.setattr(knowledge_distiller.WSLDistiller, "set_epoch",
+                        lambda self, epoch: told.append(epoch) or set_epoch(self, epoch))
+    out = str(tmp_path / "out")
+    argv = overrides(data, out, dist__nprocs=1, distill__method="dkd",
+                     distill__teacher_bn="batch", train_params__max_steps_per_epoch=1)
+    assert train_with_distillation.main(argv) == 0
+    assert told == [1, 2]
+    records = read_metrics(os.path.join(out, METRICS_NAME))
+    assert all("train_regularisation_share" in r and "train_mean_weight" not in r
+               for r in records)
 
 
 @pytest.mark.parametrize("schedule, restart, expected", [
