@@ -2,8 +2,9 @@
 what is wrong and what to do, the right exit status, no traceback, and nothing half-written.
 
 Start-up checks (a truncated LMDB, a list out of step with it, more classes than outputs) run
-``train_with_distillation.py`` itself; faults inside a run plant themselves through
-``tests.fault_hooks`` in a ``python3 -c`` program that then calls the script's ``main``.
+``train_with_distillation.py`` itself once; the other faults go through the script's ``main``
+in this process (the same path, without starting a new interpreter), planted in the spawned
+processes through ``tests.fault_hooks``.
 """
 
 # The test functions take test_train's session fixture `data`, imported here by that name.
@@ -11,6 +12,7 @@ Start-up checks (a truncated LMDB, a list out of step with it, more classes than
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -43,18 +45,17 @@ def lmdb_copy(data, tmp_path) -> str:
     return dst
 
 
-def run_script(argv: list[str], program: str | None = None) -> subprocess.CompletedProcess:
-    command = ["-c", program] if program else ["train_with_distillation.py"]
-    return subprocess.run([sys.executable, *command, *argv], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
+def run_script(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train_with_distillation.py", *argv], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
 
 
-def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
-    """The script's main(argv) in this process, for faults that stop it before any process
-    starts: the same status and console as at the command line, without a new interpreter."""
-    capsys.readouterr()
+def run_main(argv: list[str], capture: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """The script's main(argv) in this process: the same status and console as at the command
+    line, without a new interpreter. With capfd, the spawned processes' output is caught too."""
+    capture.readouterr()
     status = train_with_distillation.main(argv)
-    out, err = capsys.readouterr()
+    out, err = capture.readouterr()
     return subprocess.CompletedProcess(argv, status, out, err)
 
 
@@ -69,12 +70,12 @@ def one_error_line(proc: subprocess.CompletedProcess, status: int) -> str:
     return lines[0]
 
 
-def hooked_program(fault: str) -> str:
-    return ("import functools, sys, train_with_distillation\n"
-            "from tests import fault_hooks\n"
-            "train_with_distillation.run_process = functools.partial(fault_hooks.run, "
-            f"{fault!r})\n"
-            "sys.exit(train_with_distillation.main(sys.argv[1:]))\n")
+def run_hooked(argv: list[str], fault: str, capfd: pytest.CaptureFixture,
+               monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess:
+    """main(argv) with the fault planted in the spawned processes."""
+    monkeypatch.setattr(train_with_distillation, "run_process",
+                        functools.partial(fault_hooks.run, fault))
+    return run_main(argv, capfd)
 
 
 def truncate(path: str, fraction: float) -> tuple[int, int]:
@@ -131,33 +132,36 @@ def test_checks_name_what_is_wrong(data, lmdb_copy):
 
 
 @pytest.mark.slow
-def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_path):
+def test_an_lmdb_truncated_during_the_run_names_the_cause(data, lmdb_copy, tmp_path, capfd,
+                                                          monkeypatch):
     """The file shrinks after the start-up check passed: the process reading it gets SIGBUS."""
     data_file = os.path.join(lmdb_copy, "train", "data.mdb")
-    program = ("import os, sys, train_with_distillation\n"
-               "check = train_with_distillation.check_inputs\n"
-               "def check_then_truncate(cfg, loss):\n"
-               "    check(cfg, loss)\n"
-               f"    os.truncate({data_file!r}, os.path.getsize({data_file!r}) // 3)\n"
-               "train_with_distillation.check_inputs = check_then_truncate\n"
-               "sys.exit(train_with_distillation.main(sys.argv[1:]))\n")
+    check = train_with_distillation.check_inputs
+
+    def check_then_truncate(cfg: object, loss: object) -> None:
+        check(cfg, loss)
+        os.truncate(data_file, os.path.getsize(data_file) // 3)
+
+    monkeypatch.setattr(train_with_distillation, "check_inputs", check_then_truncate)
     argv = overrides(data, str(tmp_path / "out"), data__data_path=lmdb_copy,
                      **{k.replace(".", "__"): v for k, v in SHORT.items()})
-    line = one_error_line(run_script(argv, program), 2)
+    line = one_error_line(run_main(argv, capfd), 2)
     assert re.fullmatch(r"error: rank[01] was killed by SIGBUS: an LMDB file \(data\.mdb\) was "
                         r"truncated or changed while it was read; .*", line), line
     print(line)
 
 
 @pytest.mark.slow
-def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(data, tmp_path):
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(data, tmp_path,
+                                                                               capfd,
+                                                                               monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     previous = out / CHECKPOINT_NAME
     atomic_save({"epoch": 0, "marker": torch.arange(10)}, str(previous))
     before = previous.read_bytes()
     argv = overrides(data, str(out), **{k.replace(".", "__"): v for k, v in SHORT.items()})
-    line = one_error_line(run_script(argv, hooked_program("disk_full")), 2)
+    line = one_error_line(run_hooked(argv, "disk_full", capfd, monkeypatch), 2)
     # Epoch 1 is the best so far: model_best.pth.tar is written first, and fails.
     best = re.escape(str(out / BEST_NAME))
     match = re.fullmatch(rf"error: no space left to write '{best}': it needs (\d+) bytes and "
@@ -173,11 +177,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["user_error", "bug"])
-def test_one_failing_process_is_reported_once(fault, data, tmp_path):
+def test_one_failing_process_is_reported_once(fault, data, tmp_path, capfd, monkeypatch):
     """Process 1 fails while process 0 waits for it: only process 1's error reaches the user."""
     argv = overrides(data, str(tmp_path / "out"), **{k.replace(".", "__"): v
                                                       for k, v in SHORT.items()})
-    proc = run_script(argv, hooked_program(fault))
+    proc = run_hooked(argv, fault, capfd, monkeypatch)
     if fault == "user_error":
         line = one_error_line(proc, 2)
         assert line == f"error: {fault_hooks.USER_MESSAGE} (process 1)"

@@ -304,6 +304,12 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, chann
         with contextlib.suppress(OSError):
             channel.send(report)
     channel.close()
+    if code != 0:
+        # The report speaks for this process. What the runtime prints while it tears down a
+        # process group whose peers are gone ("terminate called without an active exception"
+        # from a gloo thread) is noise, and must not reach the console.
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(code)
 
 
