@@ -6,9 +6,8 @@ and waits until its own handler has seen the signal: the run then stops at that 
 whatever point the signal happens to reach it.
 
 Plans: ``("step", epoch, step)``, when the log line of that (1-based) step is written (needs
-print_freq=1); ``("validation",)``, when the first validation after training starts;
-``("checkpoint_write",)``, in the middle of the next epoch-end checkpoint's write, followed by a
-second signal before the write completes.
+print_freq=1); ``("checkpoint_write",)``, in the middle of the next epoch-end checkpoint's
+write, followed by a second signal before the write completes.
 """
 
 from __future__ import annotations
@@ -49,17 +48,6 @@ def _at_step(epoch: int, step: int) -> None:
     RunLogger.info = hooked
 
 
-def _at_validation() -> None:
-    validate = train_with_distillation.validate
-
-    def hooked(model: Any, loader: Any, amp_dtype: Any, stop_requested: Any = None) -> Any:
-        if stop_requested is not None:
-            signal_launcher_and_wait()
-        return validate(model, loader, amp_dtype, stop_requested)
-
-    train_with_distillation.validate = hooked
-
-
 def _at_checkpoint_write() -> None:
     def hooked(obj: Any, path: str) -> None:
         with checkpoint_module.atomic_write(path) as f:
@@ -74,7 +62,6 @@ def _at_checkpoint_write() -> None:
 def run(plan: tuple, proc: Any, cfg: Any, loss: Any) -> None:
     if proc.is_main:
         kind, *where = plan
-        hooks = {"step": _at_step, "validation": _at_validation,
-                 "checkpoint_write": _at_checkpoint_write}
+        hooks = {"step": _at_step, "checkpoint_write": _at_checkpoint_write}
         hooks[kind](*where)
     train_with_distillation.run_process(proc, cfg, loss)
