@@ -22,6 +22,7 @@ cfg = AttrDict(
         max_steps_per_epoch=0,  # (new) 0 = whole epoch; a positive number cuts epochs short
         compile=False,  # (new) torch.compile the student and the teacher's forward
         quiet=False,  # (new) print one line per epoch; the rest goes to log.txt only
+        curves=True,  # (new) redraw curves.png every epoch; False skips it (short test runs)
         # (new) mid-epoch checkpoint at most this often; 0 = at epoch ends only
         checkpoint_every_min=15,
     ),

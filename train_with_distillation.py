@@ -266,7 +266,7 @@ class Run:
 def run_process(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module) -> None:
     """The whole training job as seen by one process."""
     tp = cfg.train_params
-    log = RunLogger(tp.output_dir, enabled=proc.is_main, quiet=tp.quiet)
+    log = RunLogger(tp.output_dir, enabled=proc.is_main, quiet=tp.quiet, curves=tp.curves)
     # The signal handlers first: a signal during start-up stops the run after its first step.
     with Preemption(tp.checkpoint_every_min, cfg.dist.timeout_s, log) as preemption:
         stopped = None

@@ -61,6 +61,9 @@ def test_epochs_are_appended_and_plotted(tmp_path):
     with open(os.path.join(out, CURVES_NAME), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    with RunLogger(str(tmp_path / "plain"), curves=False) as log:  # the records, no plot
+        log.log_epoch(_record(1))
+    assert sorted(os.listdir(tmp_path / "plain")) == sorted([LOG_NAME, METRICS_NAME])
 
 
 def test_resume_drops_the_epochs_trained_again(tmp_path):

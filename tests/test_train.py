@@ -77,6 +77,7 @@ def overrides(data: dict[str, str], output_dir: str, **changes: object) -> list[
         "train_params.print_freq": 2, "train_params.use_seed": True,
         "train_params.eval_teacher": True, "train_params.output_dir": output_dir,
         "optim.init_lr": 0.01, "dist.nprocs": 2, "dist.timeout_s": 60,
+        "train_params.curves": False,  # matplotlib's second at each run: one test checks it
     }
     values.update({key.replace("__", "."): value for key, value in changes.items()})
     return [f"{key}={value}" for key, value in values.items()]
@@ -95,7 +96,7 @@ def last_json_line(text: str) -> dict:
 def full_run(data, tmp_path_factory) -> str:
     """The reference run: WSLD, LMDB data, 2 processes, 2 epochs. Returns its output folder."""
     out = str(tmp_path_factory.mktemp("full_run") / "out")
-    assert train_with_distillation.main(overrides(data, out)) == 0
+    assert train_with_distillation.main(overrides(data, out, train_params__curves=True)) == 0
     return out
 
 
@@ -218,6 +219,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path):
 
     assert_same_weights(out, reference)
     assert "Resumed from" in read_log(out)
+    assert not os.path.exists(os.path.join(out, CURVES_NAME))  # train_params.curves=False
     records = read_metrics(os.path.join(out, METRICS_NAME))
     assert [r["epoch"] for r in records] == [1, 2]  # epoch 2 is not recorded twice
     expected = read_metrics(os.path.join(reference, METRICS_NAME))

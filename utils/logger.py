@@ -95,10 +95,12 @@ class RunLogger:
     A quiet logger prints only ``summary`` lines (one per epoch); the rest goes to log.txt alone.
     """
 
-    def __init__(self, output_dir: str, enabled: bool = True, quiet: bool = False) -> None:
+    def __init__(self, output_dir: str, enabled: bool = True, quiet: bool = False,
+                 curves: bool = True) -> None:
         self.output_dir = output_dir
         self.enabled = enabled
         self.quiet = quiet
+        self.curves = curves
         self._log_file = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
@@ -136,7 +138,8 @@ class RunLogger:
             f.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
     def log_epoch(self, record: Mapping[str, Any]) -> None:
-        """Append one epoch's record to metrics.jsonl and redraw curves.png from all of them."""
+        """Append one epoch's record to metrics.jsonl and redraw curves.png from all of them
+        (unless curves is off: matplotlib costs a second at the first epoch of a run)."""
         if not self.enabled:
             return
         line = json.dumps({k: _json_number(v) for k, v in record.items()})
@@ -144,7 +147,9 @@ class RunLogger:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
-        plot_curves(read_metrics(self.metrics_path), os.path.join(self.output_dir, CURVES_NAME))
+        if self.curves:
+            plot_curves(read_metrics(self.metrics_path),
+                        os.path.join(self.output_dir, CURVES_NAME))
 
     def close(self) -> None:
         if self._log_file is not None:
