@@ -102,7 +102,8 @@ def run(data: dict[str, str], output_dir: str, compile_setting: object, epochs: 
         "data.input_size=(3, 32, 32)", "data.batch_size=8", "data.num_workers=0",
         f"model.num_classes={NUM_CLASSES}", "model.teacher=resnet18",
         f"model.teacher_weights={data['teacher']}", f"train_params.epochs={epochs}",
-        "train_params.use_seed=True", "train_params.eval_teacher=False", "train_params.curves=False",
+        "train_params.use_seed=True", "train_params.eval_teacher=False",
+        "train_params.curves=False",
         "train_params.max_steps_per_epoch=2", f"train_params.output_dir={output_dir}",
         f"train_params.compile={compile_setting!r}", "optim.init_lr=0.01", "dist.nprocs=1",
         f"optim.if_resume={resume}", "optim.resume_path=auto"])
