@@ -12,6 +12,7 @@ write, followed by a second signal before the write completes.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from typing import Any
@@ -31,7 +32,7 @@ def agreement() -> Preemption:
 
 
 def signal_launcher_and_wait() -> None:
-    os.kill(os.getppid(), signal.SIGUSR1)
+    os.kill(multiprocessing.parent_process().pid, signal.SIGUSR1)  # the launcher
     if not wait_for_signal(agreement()):
         raise RuntimeError("the launcher did not pass SIGUSR1 on")
 

@@ -4,6 +4,7 @@ two)."""
 from __future__ import annotations
 
 import linecache
+import multiprocessing
 import os
 import signal
 import sys
@@ -78,25 +79,11 @@ def test_preempted_exits_with_the_documented_status():
     assert str(info.value) == "stopped at epoch 1, step 2"
 
 
-def _stop_on_signal(proc: distributed.ProcessInfo) -> None:
-    """Rank 0 signals the launcher, which passes the signal on; both stop as preempted."""
-    distributed.init_process_group(proc, "gloo", timeout_s=120)  # a bound, not a wait
-    try:
-        with Preemption() as agreement:
-            distributed.barrier()  # every handler is in place
-            if proc.rank == 0:
-                os.kill(os.getppid(), signal.SIGTERM)
-            assert wait_for_signal(agreement)  # not requested.wait(): see wait_for_signal
-            assert agreement.poll() == Decision(stop=True)
-            raise Preempted("stopped")
-    finally:
-        distributed.cleanup()
-
-
-def _agree_one_poll_later(proc: distributed.ProcessInfo) -> None:
+def _agree_then_stop_on_signal(proc: distributed.ProcessInfo) -> None:
     """A flag raised in rank 0 alone reaches every process together, one poll after it was
-    sent: the poll that sends it does not wait for the others."""
-    distributed.init_process_group(proc, "gloo", timeout_s=30)
+    sent (the poll that sends it does not wait for the others); then rank 0 signals the
+    launcher, which passes the signal on, and both stop as preempted."""
+    distributed.init_process_group(proc, "gloo", timeout_s=120)  # a bound, not a wait
     try:
         with Preemption() as agreement:
             assert agreement.poll() == Decision()  # the first poll waits for its answer
@@ -105,19 +92,18 @@ def _agree_one_poll_later(proc: distributed.ProcessInfo) -> None:
             assert agreement.poll() == Decision()  # sent, not yet agreed on
             assert agreement.poll() == Decision(stop=True)
             assert agreement.signal_name  # named in the other process too
+            if proc.rank == 0:
+                os.kill(multiprocessing.parent_process().pid, signal.SIGTERM)
+            else:  # not requested.wait(): see wait_for_signal
+                assert wait_for_signal(agreement)
+            raise Preempted("stopped")
     finally:
         distributed.cleanup()
 
 
-@pytest.mark.slow
-def test_every_process_acts_on_a_flag_at_the_same_later_poll():
-    distributed.launch(_agree_one_poll_later, nprocs=2)
-
-
-@pytest.mark.slow
 def test_the_launcher_passes_signals_on_and_exits_as_preempted():
     with pytest.raises(Preempted):
-        distributed.launch(_stop_on_signal, nprocs=2)
+        distributed.launch(_agree_then_stop_on_signal, nprocs=2)
 
 
 def test_loader_workers_ignore_sigusr1_and_die_on_sigterm():

@@ -172,7 +172,10 @@ def is_secondary(exc: BaseException) -> bool:
 
 
 def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) -> None:
-    ctx = multiprocessing.get_context("spawn")
+    # Each process starts as a fork of a server that has imported torch and torchvision once
+    # (and never touches CUDA), instead of importing them anew: seconds saved per process.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision"])
     processes, channels = [], {}
     for rank in range(template.world_size):
         proc = replace(template, rank=rank, local_rank=rank)
