@@ -1,9 +1,11 @@
-"""Starting and joining the training processes: spawn per device, torchrun, or a single process.
+"""Starting and joining the training processes: one per device, torchrun, or a single process.
 
 ``launch`` runs ``fn(proc, *args)`` once per process, where ``proc`` says which process this
 is. Under torchrun the process is already one of many and ``fn`` runs directly; otherwise N > 1
-processes are spawned on this machine, rendezvous on a free localhost port, and the first one
-to fail stops the others, so a dead process never leaves its peers waiting on a collective.
+processes are started on this machine (forks of a fresh server process, multiprocessing's
+forkserver: no CUDA state is inherited, and torch is imported once, not once per process),
+rendezvous on a free localhost port, and the first one to fail stops the others, so a dead
+process never leaves its peers waiting on a collective.
 
 A process counts as started by torchrun (or any launcher that sets the same environment, such as
 a SLURM script) when RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are all set; see
