@@ -92,10 +92,14 @@ def _agree_then_stop_on_signal(proc: distributed.ProcessInfo) -> None:
             assert agreement.poll() == Decision()  # sent, not yet agreed on
             assert agreement.poll() == Decision(stop=True)
             assert agreement.signal_name  # named in the other process too
+        with Preemption() as agreement:
+            distributed.barrier()  # every handler is in place
             if proc.rank == 0:
                 os.kill(multiprocessing.parent_process().pid, signal.SIGTERM)
-            else:  # not requested.wait(): see wait_for_signal
-                assert wait_for_signal(agreement)
+            # Each waits for its own handler to run (not requested.wait(): see wait_for_signal),
+            # so that no SIGTERM arrives once the handlers are put back.
+            assert wait_for_signal(agreement)
+            assert agreement.poll() == Decision(stop=True)
             raise Preempted("stopped")
     finally:
         distributed.cleanup()
