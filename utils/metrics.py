@@ -92,6 +92,8 @@ class StepMeter:
         self._device_sums = torch.tensor([start.get(n, 0.0) for n in DEVICE_SUMS],
                                          dtype=torch.float64, device=device)
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        # For statistics a method does not report: made once, not a new tensor every step.
+        self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.stat_names: set[str] = set()  # the distiller statistics seen this epoch
         self.images = int(start.get("images", 0))
         self.data_wait = float(start.get("data_wait", 0.0))
@@ -123,12 +125,11 @@ class StepMeter:
         batch = target.shape[0]
         loss = loss.detach()
         correct1, correct5 = topk_correct(logits.detach(), target)
-        zero = loss.new_zeros(())
         self.stat_names.update(stats)
         self._device_sums += torch.stack([
             loss.double() * batch, correct1.double(), correct5.double(),
-            stats.get("regularisation_samples", zero).double(),
-            stats.get("weight_sum", zero).double()])
+            stats.get("regularisation_samples", self._zero).double(),
+            stats.get("weight_sum", self._zero).double()])
         bad = ~torch.isfinite(loss)
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step,
                                            self._first_bad_step)
