@@ -416,8 +416,8 @@ def run_epochs(run: Run) -> None:
         meter = StepMeter(run.device, epoch, tp.epochs, steps, tp.print_freq, run.log.info,
                           lr=run.optimizer.param_groups[0]["lr"],
                           world_size=max(1, run.proc.world_size), start_step=start_step,
-                          start_sums=progress.sums_of_rank(rank, max(1, run.proc.world_size),
-                                                           len(SUM_NAMES)) if resumed else ())
+                          start_sums=progress.sums_of_rank(rank, max(1, run.proc.world_size))
+                          if resumed else ())
         reset_peak_memory(run.device)
         clip = run.cfg.optim.grad_clip if run.cfg.optim.use_grad_clip else None
         train_one_epoch(run.model, run.train_data, run.optimizer, run.scaler, run.amp_dtype, meter,

@@ -1,9 +1,7 @@
 """Checkpoints: atomic saving, safe loading, and the random-number state a resumed run needs.
 
-Every file is written through ``utils.files.atomic_write``, so a crash or a kill at any moment
-leaves either the previous complete file or the new complete file. Everything stored is
-tensors and plain containers, numbers and strings, so ``torch.load(path, weights_only=True)`` reads
-it without running any pickled code.
+A kill at any moment leaves the previous or the new complete file. Only tensors, plain containers,
+numbers and strings are stored, so ``weights_only=True`` loading runs no pickled code.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import os
 import pickle
 import random
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,23 +56,18 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def checkpoint_space_warning(output_dir: str, model: torch.nn.Module) -> str | None:
-    """One line when output_dir has less room than two checkpoints of model, else None.
-
-    A checkpoint holds the weights and buffers and SGD's momentum (one more copy of the
-    weights); two, because the best file and the latest one are both kept.
-    """
+    """A warning when output_dir has no room for two checkpoints (the best and the latest), each
+    the weights, the buffers and SGD's momentum."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return low_space_warning(output_dir, 2 * (weights + momentum), "two checkpoints")
 
 
 def save_checkpoint(state: Mapping[str, Any], output_dir: str, is_best: bool) -> str:
-    """Write ``checkpoint.pth.tar`` and, for the best epoch so far, the same bytes as
-    ``model_best.pth.tar``.
+    """Write the checkpoint and, for the best epoch so far, the same bytes as the best file.
 
-    The best file is written first: a crash between the two writes then leaves the previous
-    epoch's checkpoint, whose resumed run trains this epoch again and rewrites the best file.
-    The other order would leave a checkpoint whose best error names weights never saved.
+    The best file goes first: a crash between the two writes leaves the previous checkpoint,
+    whose resume trains this epoch again, never one whose best error names weights never saved.
     """
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     if is_best:
@@ -102,14 +95,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def resolve_resume_path(if_resume: bool, resume_path: str, output_dir: str) -> str | None:
-    """The checkpoint to resume from, or None to start afresh.
-
-    One rule: ``resume_path`` decides. '' starts afresh; 'auto' takes
-    ``<output_dir>/checkpoint.pth.tar`` when it exists (so a preempted job can be relaunched
-    unchanged) and starts afresh otherwise; any other value is a checkpoint file that must exist.
-    ``if_resume=True``, the original's switch, asks for a resume, so it needs a non-empty
-    ``resume_path``; ``if_resume=False`` changes nothing.
-    """
+    """The checkpoint to resume from, or None to start afresh: ``resume_path`` decides ('auto'
+    lets a preempted job be relaunched unchanged). The original's ``if_resume`` only insists
+    on a resume_path."""
     if not resume_path:
         if if_resume:
             raise ConfigError("optim.if_resume=True needs optim.resume_path=<checkpoint file> "
@@ -165,16 +153,13 @@ class Progress:
     seed: int = 0  # the run's seed: the data order and every augmentation come from it
     epoch_sums: tuple[tuple[float, ...], ...] = ()  # each process's running sums at that step
 
-    def sums_of_rank(self, rank: int, world_size: int, width: int) -> list[float]:
-        """A process's saved running sums (width numbers, zeros where an older checkpoint had
-        fewer). Under another process count rank 0 takes the totals: the epoch's metrics stay
-        right, though its batches are then not exactly the interrupted run's."""
-        rows = [list(row) + [0.0] * (width - len(row)) for row in self.epoch_sums]
-        if len(rows) == world_size:
-            return rows[rank]
-        if rank == 0 and rows:
-            return [sum(column) for column in zip(*rows)]
-        return [0.0] * width
+    def sums_of_rank(self, rank: int, world_size: int) -> list[float]:
+        """A process's saved running sums (StepMeter reads missing ones as 0). Under another
+        process count rank 0 takes the totals: the epoch's metrics stay right, though its
+        batches are then not exactly the interrupted run's."""
+        if len(self.epoch_sums) == world_size:
+            return list(self.epoch_sums[rank])
+        return [sum(column) for column in zip(*self.epoch_sums)] if rank == 0 else []
 
 
 def training_checkpoint(student: torch.nn.Module, arch: str, optimizer: torch.optim.Optimizer,
@@ -182,14 +167,12 @@ def training_checkpoint(student: torch.nn.Module, arch: str, optimizer: torch.op
                         config: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint as the original laid it out (weights under 'state_dict'), plus all that a
     resume needs."""
-    sums = torch.tensor(progress.epoch_sums, dtype=torch.float64) if progress.epoch_sums \
-        else torch.zeros((0, 0), dtype=torch.float64)
     return {"state_dict": student.state_dict(), "arch": arch, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": progress.epochs_done, "best_top1_err": progress.best_top1_err,
             "best_top5_err": progress.best_top5_err, "best_epoch": progress.best_epoch,
             "step": progress.step, "seed": progress.seed,
-            "epoch_sums": sums,
+            "epoch_sums": torch.tensor(progress.epoch_sums, dtype=torch.float64),
             "config": dict(config), "rng": capture_rng_state()}
 
 
@@ -199,15 +182,13 @@ def restore_training(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optim
     checkpoint; returns where training stood. The weights are the caller's to load."""
     load_optimizer_state(optimizer, checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
-    # An empty scaler state comes from a bf16 or full-precision run: resumed in fp16, the
-    # scaler starts afresh.
+    # An empty scaler state comes from a bf16 or full-precision run: an fp16 resume starts afresh.
     if scaler.is_enabled() and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
     if restore_rng:
         restore_rng_state(checkpoint["rng"])
-    sums: Sequence[Sequence[float]] = checkpoint["epoch_sums"].tolist() \
-        if checkpoint.get("epoch_sums") is not None else ()
+    sums = checkpoint.get("epoch_sums")
     return Progress(int(checkpoint["epoch"]), float(checkpoint["best_top1_err"]),
                     float(checkpoint["best_top5_err"]), int(checkpoint.get("best_epoch", 0)),
                     int(checkpoint.get("step", 0)), int(checkpoint.get("seed", 0)),
-                    tuple(map(tuple, sums)))
+                    tuple(map(tuple, sums.tolist())) if sums is not None else ())
