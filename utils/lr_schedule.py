@@ -1,7 +1,6 @@
 """The learning rate of each epoch: step decay, cosine, or cosine with warm restarts.
 
-The schedule is a function of the epoch alone, stepped once per epoch, so a resumed run
-finds its learning rate from the epoch it resumes at and the scheduler's state is plain numbers.
+A function of the epoch alone, so a resumed run finds its rate and the state is plain numbers.
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ LR_SCHEDULES = ("step", "cosine")
 def check_schedule(optim_cfg: Mapping[str, Any]) -> None:
     """ConfigError for a cfg.optim whose schedule cannot run."""
     require_choice("optim.lr_schedule", optim_cfg["lr_schedule"], LR_SCHEDULES)
-    if not optim_cfg["init_lr"] > 0:
-        raise ConfigError(f"optim.init_lr must be positive, got {optim_cfg['init_lr']}")
-    if not optim_cfg["lr_step_epochs"] > 0:
-        raise ConfigError(f"optim.lr_step_epochs must be positive, got "
-                          f"{optim_cfg['lr_step_epochs']}")
+    for key in ("init_lr", "lr_step_epochs"):
+        if not optim_cfg[key] > 0:
+            raise ConfigError(f"optim.{key} must be positive, got {optim_cfg[key]}")
     restart = optim_cfg["cosine"]["restart"]
     if not (len(restart["lr_step"]) == len(restart["lr_period"]) > 0
             and restart["lr_step"][0] == 0 and all(p > 0 for p in restart["lr_period"])):
@@ -54,8 +51,7 @@ def _factor(optim_cfg: Mapping[str, Any], epochs: int, epoch: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Mapping[str, Any],
                     epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """cfg.optim's schedule for optimizer (check_schedule has passed). A partial, not a
-    callable object: LambdaLR stores such an object's attributes in its state, and a
-    checkpoint must hold only tensors and plain values."""
+    """A partial, not a callable object: LambdaLR stores such an object's attributes in its
+    state, and a checkpoint must hold only tensors and plain values."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer,
                                              functools.partial(_factor, optim_cfg, epochs))

@@ -1,8 +1,6 @@
-"""The run's seed: fixed in seeded runs, drawn afresh (and shared by all processes) otherwise.
+"""The run's seed, from which the data order and every augmentation derive (dataset.sampling).
 
-The data order and every augmentation derive from it (``dataset.sampling``); seeded runs also
-reseed the global generators at each epoch, so a resumed run continues as the uninterrupted
-one would.
+Seeded runs reseed the global generators each epoch: a resume goes on as the uninterrupted run.
 """
 
 from __future__ import annotations
