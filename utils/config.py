@@ -1,7 +1,6 @@
 """Configuration: an attribute dictionary, ``key.sub=value`` overrides and config modules.
 
-The config is plain data (numbers, strings, lists, nested dictionaries). It is read once by
-``train_with_distillation.py`` and handed down; library modules never import it.
+The config is plain data, read once by the script and handed down; the library never imports it.
 """
 
 from __future__ import annotations
@@ -16,9 +15,6 @@ from types import ModuleType
 from typing import Any
 
 from utils.errors import ConfigError
-
-__all__ = ["AttrDict", "ConfigError", "apply_mapping", "apply_overrides", "load_config_file",
-           "load_config_module", "require_choice", "set_by_path"]
 
 
 class AttrDict(dict):
@@ -67,8 +63,7 @@ def flat_keys(cfg: Mapping, prefix: str = "") -> Iterator[str]:
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal when the text is one (``0.1``, ``True``, ``[1, 2]``, ``None``), else the
-    string."""
+    """A Python literal when the text is one, else the string itself."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -77,20 +72,21 @@ def parse_value(text: str) -> Any:
 
 def set_by_path(cfg: AttrDict, dotted: str, value: Any) -> None:
     """Set an existing key; an unknown key raises ConfigError naming the closest known key."""
+    *sections, key = dotted.split(".")
     node: Any = cfg
-    parts = dotted.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(_unknown_key_message(cfg, dotted))
-        if depth == len(parts) - 1:
-            if isinstance(node[part], Mapping) and not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys "
-                                  f"instead, e.g. {dotted}.{next(iter(node[part]), 'key')}=...")
-            if isinstance(node[part], tuple) and isinstance(value, list):
-                value = tuple(value)
-            node[part] = value
-        else:
-            node = node[part]
+    for section in sections:
+        node = node.get(section) if isinstance(node, Mapping) else None
+    if not isinstance(node, Mapping) or key not in node:
+        close = difflib.get_close_matches(dotted, list(flat_keys(cfg)), n=1, cutoff=0.5)
+        hint = (f"; did you mean '{close[0]}'?" if close
+                else "; see imagenet_train_cfg.py for the keys")
+        raise ConfigError(f"unknown config key '{dotted}'{hint}")
+    if isinstance(node[key], Mapping) and not isinstance(value, Mapping):
+        raise ConfigError(f"config key '{dotted}' is a section; set one of its keys "
+                          f"instead, e.g. {dotted}.{next(iter(node[key]), 'key')}=...")
+    if isinstance(node[key], tuple) and isinstance(value, list):
+        value = tuple(value)
+    node[key] = value
 
 
 def apply_mapping(cfg: AttrDict, mapping: Mapping[str, Any]) -> AttrDict:
@@ -101,18 +97,10 @@ def apply_mapping(cfg: AttrDict, mapping: Mapping[str, Any]) -> AttrDict:
 
 
 def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
-    """Raise ConfigError unless value is one of choices: the one check of every setting that
-    takes one of a fixed set of values."""
+    """The one check of every setting that takes one of a fixed set of values."""
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def _unknown_key_message(cfg: Mapping, dotted: str) -> str:
-    known = list(flat_keys(cfg))
-    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see imagenet_train_cfg.py for the keys"
-    return f"unknown config key '{dotted}'{hint}"
 
 
 def apply_overrides(cfg: AttrDict, overrides: Iterable[str]) -> AttrDict:
@@ -139,11 +127,8 @@ def load_config_module(path: str) -> ModuleType:
 
 
 def load_config_file(path: str) -> AttrDict:
-    """Load ``cfg`` from a Python config module (the project's own format, as the original's).
-
-    A module may define ``cfg`` in full, or ``base`` (another config file, relative to it) plus
-    ``overrides``, a dict of dotted keys checked against the base like command-line overrides.
-    """
+    """``cfg`` from a config module that defines it in full, or ``base`` (another config file,
+    relative to it) plus ``overrides``, dotted keys checked as command-line overrides are."""
     module = load_config_module(path)
     if hasattr(module, "cfg"):
         return copy.deepcopy(AttrDict(module.cfg))
