@@ -1,9 +1,6 @@
-"""Training configuration: edit this file, or override any key on the command line.
-
-    python3 train_with_distillation.py data.data_path=/path/to/imagenet optim.init_lr=0.2
-
-Every key of the original WSLD configuration is kept with its default; keys marked (new) are
-this repository's additions. README.md describes each key.
+"""Training configuration: edit this file, or override any key on the command line
+(``data.data_path=/path/to/imagenet``). The original WSLD keys keep their defaults; keys marked
+(new) are this repository's. README.md describes each key.
 """
 
 from utils.config import AttrDict
@@ -23,8 +20,7 @@ cfg = AttrDict(
         compile=False,  # (new) torch.compile the student and the teacher's forward
         quiet=False,  # (new) print one line per epoch; the rest goes to log.txt only
         curves=True,  # (new) redraw curves.png every epoch; False skips it (short test runs)
-        # (new) mid-epoch checkpoint at most this often; 0 = at epoch ends only
-        checkpoint_every_min=15,
+        checkpoint_every_min=15,  # (new) minutes, at least, between mid-epoch checkpoints; 0: none
     ),
     optim=dict(
         init_lr=0.1,
@@ -90,10 +86,9 @@ cfg = AttrDict(
     dist=dict(  # (new)
         nprocs=0,  # 0: one process per visible GPU (one on the CPU); N: N processes
         backend="",  # '' picks nccl on CUDA, gloo on the CPU
-        # A process that waits longer on its peers gives up instead of hanging. PyTorch's own NCCL
-        # default: a first-step compilation, cuDNN autotuning or a slow checkpoint write by rank 0
-        # all keep the others waiting in a collective, and the launcher already stops the job
-        # when a process dies.
+        # Seconds a process waits on its peers before giving up: PyTorch's NCCL default, as a
+        # first-step compilation, cuDNN autotuning or rank 0's slow checkpoint write keep the
+        # others waiting; a process that dies stops the job at once anyway
         timeout_s=600,
     ),
 )
