@@ -6,12 +6,8 @@
     python3 train_with_distillation.py --evaluate output/resnet/model_best.pth.tar \\
         data.data_path=...
 
-Defaults come from imagenet_train_cfg.py; ``key.sub=value`` arguments override any key. The
-configuration is checked, and the data and weights looked for, before any process starts, so
-a mistake costs one line and a second rather than a traceback per process.
-
-The file reads top-down: the entry point and the launch, one process's setup, the epoch loop,
-one training epoch, validation, and evaluation alone.
+The config, the data and the weights are checked before any process starts: a mistake costs
+one line and a second, not a traceback per process.
 """
 
 from __future__ import annotations
@@ -70,14 +66,7 @@ from utils.errors import ConfigError, UserError, one_line
 from utils.files import atomic_write_text
 from utils.logger import RunLogger, describe_validation, print_error
 from utils.lr_schedule import build_scheduler, check_schedule
-from utils.metrics import (
-    SUM_NAMES,
-    StepMeter,
-    all_reduce_sums,
-    error_percent,
-    non_finite,
-    topk_correct,
-)
+from utils.metrics import SUM_NAMES, StepMeter, error_percent, non_finite, topk_correct
 from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from utils.seeding import epoch_seed, run_seed, seed_everything
 
@@ -139,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def load_config(args: argparse.Namespace) -> AttrDict:
-    """The effective config: the defaults or --cfg's module, then the command-line overrides."""
     if args.cfg:
         cfg = load_config_file(args.cfg)
     else:
@@ -150,12 +138,7 @@ def load_config(args: argparse.Namespace) -> AttrDict:
 
 
 def resolve_config(cfg: AttrDict) -> AttrDict:
-    """A copy of cfg with the values it derives from others filled in, once.
-
-    The teacher and student names follow net_type unless set, and the output folder defaults
-    to ./output/<net_type>; everything downstream reads the resolved values. The caller's cfg
-    is left as it was given.
-    """
+    """A copy of cfg with the networks and the output folder derived from net_type, once."""
     cfg = copy.deepcopy(cfg)
     cfg.model.teacher, cfg.model.student = teacher_student_names(
         cfg.net_type, cfg.model.teacher, cfg.model.student)
@@ -165,9 +148,8 @@ def resolve_config(cfg: AttrDict) -> AttrDict:
 
 
 def check_config(cfg: AttrDict, world_size: int) -> nn.Module:
-    """Raise ConfigError for values that would fail later, inside every process; returns the
-    loss, which checks its own settings. A setting with fixed values is checked by the module
-    that uses it; what is left here is the script's own keys and rules that span keys."""
+    """ConfigError now for what would fail later in every process. Fixed choices are checked by
+    the modules that use them; returns the loss, which checks its own settings."""
     tp, batch = cfg.train_params, cfg.data.batch_size
     rules = (
         (isinstance(batch, int) and batch > 0,
@@ -201,7 +183,7 @@ def check_inputs(cfg: AttrDict, loss: nn.Module) -> None:
     training. Building the teacher here also fetches official weights once, not per process."""
     data = open_imagenet(cfg.data, num_workers=0)
     teacher_outputs = None
-    if needs_teacher(cfg, loss):
+    if loss.needs_teacher or cfg.train_params.eval_teacher:
         teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
         teacher_outputs = teacher.fc.out_features
     # LMDBs whole, lists in step with them, classes within the classifiers: before any read.
@@ -225,11 +207,8 @@ def check_inputs(cfg: AttrDict, loss: nn.Module) -> None:
 
 
 def launch_job(cfg: AttrDict) -> None:
-    """Check the config and inputs, then train in as many processes as the config asks for.
-
-    The inputs are checked here, before any process starts, unless torchrun started this
-    process: then the first process of each machine checks them (see run_process).
-    """
+    """Check the config and, unless torchrun started this process (see set_up), the inputs;
+    then train in as many processes as the config asks for."""
     cfg = resolve_config(cfg)
     loss = check_config(cfg, distributed.planned_world_size(cfg.dist.nprocs))
     if distributed.torchrun_process() is None:
@@ -257,10 +236,7 @@ class Run:
     train_data: DevicePrefetcher
     val_data: DevicePrefetcher
     progress: Progress
-
-    @property
-    def batch_size(self) -> int:  # per process
-        return self.cfg.data.batch_size // max(1, self.proc.world_size)
+    batch_size: int  # per process
 
 
 def run_process(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module) -> None:
@@ -298,13 +274,12 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
     configure_process(proc, device, tp.use_seed, cfg.dist.backend, cfg.dist.timeout_s)
     if started_by_torchrun:
         distributed.barrier()
-    world_size = max(1, proc.world_size)
-    log.info("Effective configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
+    config_text = json.dumps(cfg.to_dict(), indent=2)
+    log.info("Effective configuration:\n" + config_text)
     if proc.is_main:
-        config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-        atomic_write_text(os.path.join(tp.output_dir, CONFIG_NAME), config_text)
-    batch_size = cfg.data.batch_size // world_size
-    log.info(f"{world_size} process(es) on {device.type}, {batch_size} images each per step")
+        atomic_write_text(os.path.join(tp.output_dir, CONFIG_NAME), config_text + "\n")
+    batch_size = cfg.data.batch_size // proc.world_size
+    log.info(f"{proc.world_size} process(es) on {device.type}, {batch_size} images each per step")
 
     workers = distributed.loader_workers_per_process(cfg.data.num_workers, proc.local_world_size)
     data = open_imagenet(cfg.data, workers, seed=tp.seed)
@@ -361,12 +336,7 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
         teacher_stats = validate(teacher, val_data, precision.dtype)
         log.info(f"Teacher network performance: {describe_validation(teacher_stats)}")
     return Run(cfg, proc, device, log, preemption, distiller, model, optimizer, scheduler, scaler,
-               precision.dtype, train_data, val_data, progress)
-
-
-def needs_teacher(cfg: AttrDict, loss: nn.Module) -> bool:
-    """Whether a teacher is built: the loss needs one, or its evaluation is asked for."""
-    return loss.needs_teacher or bool(cfg.train_params.eval_teacher)
+               precision.dtype, train_data, val_data, progress, batch_size)
 
 
 def after_step(run: Run, epoch: int, meter: StepMeter, step: int) -> None:
@@ -378,7 +348,7 @@ def after_step(run: Run, epoch: int, meter: StepMeter, step: int) -> None:
 def save_position(run: Run, epoch: int, step: int, meter: StepMeter) -> str:
     """A checkpoint inside 0-based epoch after step steps, with every process's running sums.
     Collective: every process calls it at the same step."""
-    rows = torch.zeros((max(1, run.proc.world_size), len(SUM_NAMES)), dtype=torch.float64,
+    rows = torch.zeros((run.proc.world_size, len(SUM_NAMES)), dtype=torch.float64,
                        device=run.device)
     rows[run.proc.rank] = torch.tensor(meter.running_sums(), dtype=torch.float64)
     run.progress.epochs_done, run.progress.step = epoch, step
@@ -401,23 +371,22 @@ def save_training(run: Run, is_best: bool) -> str:
 
 def run_epochs(run: Run) -> None:
     """Train, validate, record and checkpoint each epoch, from where the run stands."""
-    tp, progress, rank = run.cfg.train_params, run.progress, run.proc.rank
+    tp, progress, proc = run.cfg.train_params, run.progress, run.proc
     first_epoch, val_stats = progress.epochs_done, None
     for epoch in range(first_epoch, tp.epochs):
         resumed = epoch == first_epoch and progress.step > 0
         start_step = progress.step if resumed else 0
         if tp.use_seed:
-            seed_everything(epoch_seed(tp.seed, epoch, rank))
+            seed_everything(epoch_seed(tp.seed, epoch, proc.rank))
         run.train_data.loader.sampler.set_epoch(epoch, skip=start_step * run.batch_size)
         run.distiller.set_epoch(epoch + 1)  # 1-based, as the methods' official code counts
         steps = len(run.train_data) + start_step
         if tp.max_steps_per_epoch > 0:
             steps = min(steps, tp.max_steps_per_epoch)
+        start_sums = progress.sums_of_rank(proc.rank, proc.world_size) if resumed else ()
         meter = StepMeter(run.device, epoch, tp.epochs, steps, tp.print_freq, run.log.info,
-                          lr=run.optimizer.param_groups[0]["lr"],
-                          world_size=max(1, run.proc.world_size), start_step=start_step,
-                          start_sums=progress.sums_of_rank(rank, max(1, run.proc.world_size))
-                          if resumed else ())
+                          lr=run.optimizer.param_groups[0]["lr"], world_size=proc.world_size,
+                          start_step=start_step, start_sums=start_sums)
         reset_peak_memory(run.device)
         clip = run.cfg.optim.grad_clip if run.cfg.optim.use_grad_clip else None
         train_one_epoch(run.model, run.train_data, run.optimizer, run.scaler, run.amp_dtype, meter,
@@ -427,8 +396,7 @@ def run_epochs(run: Run) -> None:
         val_stats = validate(run.distiller.student, run.val_data, run.amp_dtype,
                              run.preemption.stop_in_validation)
         if val_stats is None:  # stopped during validation: the epoch's training is kept
-            path = save_position(run, epoch, steps, meter)
-            run.preemption.stop(path, epoch, steps, steps)
+            run.preemption.stop(save_position(run, epoch, steps, meter), epoch, steps, steps)
         if not math.isfinite(val_stats["loss"]):
             raise non_finite(f"validation loss after epoch {epoch + 1}")
         run.scheduler.step()
@@ -438,9 +406,8 @@ def run_epochs(run: Run) -> None:
         is_best = val_stats["top1_err"] < progress.best_top1_err
         progress.epochs_done, progress.step, progress.epoch_sums = epoch + 1, 0, ()
         if is_best:
-            progress.best_top1_err, progress.best_top5_err = (val_stats["top1_err"],
-                                                              val_stats["top5_err"])
-            progress.best_epoch = epoch + 1
+            progress.best_top1_err, progress.best_top5_err, progress.best_epoch = (
+                val_stats["top1_err"], val_stats["top5_err"], epoch + 1)
         # The record first: a kill between the two leaves a record that a resume drops.
         run.log.log_epoch(epoch_record(epoch, meter.lr, train_stats, val_stats, progress,
                                        peak_memory_gib(run.device)))
@@ -453,11 +420,9 @@ def run_epochs(run: Run) -> None:
 def epoch_record(epoch: int, lr: float, train: dict[str, float], val: dict[str, float],
                  progress: Progress, peak_memory: float | None) -> dict[str, Any]:
     """One line of metrics.jsonl: this epoch's numbers, and the best epoch's so far."""
-    shares = {f"train_{k}": train[k] for k in ("regularisation_share", "mean_weight") if k in train}
-    return {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"],
-            "train_top1_err": train["top1_err"], "train_top5_err": train["top5_err"], **shares,
-            "val_loss": val["loss"], "val_top1_err": val["top1_err"],
-            "val_top5_err": val["top5_err"], "val_images": val["images"],
+    trained = ("loss", "top1_err", "top5_err", "regularisation_share", "mean_weight")
+    return {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": train[k] for k in trained if k in train},
+            **{f"val_{k}": val[k] for k in ("loss", "top1_err", "top5_err", "images")},
             "best_top1_err": progress.best_top1_err, "best_top5_err": progress.best_top5_err,
             "best_epoch": progress.best_epoch, "epoch_seconds": train["seconds"],
             "images_per_second": train["images_per_second"],
@@ -480,12 +445,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     amp_dtype: torch.dtype | None, meter: StepMeter, clip: float | None = None,
                     after_step: Callable[[int], None] | None = None) -> None:
-    """One pass over the training data, from meter.start_step to meter.steps.
-
-    Per-step numbers stay on the device (the meter reads them every print_freq steps), so the
-    GPU is not made to wait for the CPU at each step. after_step(steps done) is where the run
-    may checkpoint or stop.
-    """
+    """One pass over the training data, from meter.start_step to meter.steps. Per-step numbers
+    stay on the device (the meter reads them every print_freq steps): the GPU never waits for
+    the CPU. after_step(steps done) is where the run may checkpoint or stop."""
     model.train()
     device_type = next(model.parameters()).device.type
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -509,13 +471,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch
 @torch.inference_mode()
 def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype | None,
              stop_requested: Callable[[int], bool] | None = None) -> dict[str, float] | None:
-    """Loss and top-1/top-5 error over the whole validation set, exactly, under any number of
-    processes.
-
-    Each process sees a disjoint shard with no padding; summed losses, correct counts and image
-    counts are all-reduced, so the result is the one a single process gets. stop_requested(i)
-    is asked after batch i; True abandons validation and returns None.
-    """
+    """Loss and top-1/top-5 error over the whole validation set: every process sums over its
+    own unpadded shard, so any number of processes gets what one does. stop_requested(i), asked
+    after batch i, abandons validation (None) when True."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -531,20 +489,18 @@ def validate(model: nn.Module, loader: DevicePrefetcher, amp_dtype: torch.dtype 
             model.train(was_training)
             return None
     model.train(was_training)
-    total = all_reduce_sums({"loss": sums[0], "top1": sums[1], "top5": sums[2],
-                             "images": images}, device)
-    count = total["images"]
-    return {"loss": total["loss"] / count if count else float("nan"),
-            "top1_err": error_percent(total["top1"], count),
-            "top5_err": error_percent(total["top5"], count), "images": int(count)}
+    total = distributed.all_reduce_sum(torch.cat([sums, sums.new_tensor([images])]))
+    loss_sum, top1, top5, count = total.tolist()
+    return {"loss": loss_sum / count if count else float("nan"),
+            "top1_err": error_percent(top1, count), "top5_err": error_percent(top5, count),
+            "images": int(count)}
 
 
 # ----------------------------------------------------------------------------- evaluation only
 
 def evaluate(cfg: AttrDict, checkpoint: str | None) -> dict[str, float]:
-    """Validation error of a student checkpoint file, or of the configured teacher when
-    checkpoint is None, in this one process."""
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    """Validation error of a student checkpoint, or of the configured teacher (None), here."""
+    device = select_device(0)
     configure_backends(device, deterministic=cfg.train_params.use_seed)
     precision = choose_precision(cfg.train_params.amp, device)
     if precision.warning:
