@@ -332,7 +332,7 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
         model = DistributedDataParallel(distiller, device_ids=device_ids)
     train_data, val_data = (on_device(loader, device, cfg.data.mean, cfg.data.std)
                             for loader in (train_loader, val_loader))
-    if tp.eval_teacher and teacher is not None:
+    if tp.eval_teacher:
         teacher_stats = validate(teacher, val_data, precision.dtype)
         log.info(f"Teacher network performance: {describe_validation(teacher_stats)}")
     return Run(cfg, proc, device, log, preemption, distiller, model, optimizer, scheduler, scaler,
@@ -450,7 +450,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch
     the CPU. after_step(steps done) is where the run may checkpoint or stop."""
     model.train()
     device_type = next(model.parameters()).device.type
-    parameters = [p for p in model.parameters() if p.requires_grad]
     for step, (images, target) in meter.timed(loader):
         with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, loss, stats = model(images, target)
@@ -458,7 +457,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch
         scaler.scale(loss).backward()
         if clip is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # frozen ones have no grad
         scaler.step(optimizer)
         scaler.update()
         meter.update(step, loss, logits, target, stats)

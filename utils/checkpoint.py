@@ -129,7 +129,6 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Put back the generator states that capture_rng_state returned."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
     npy = state["numpy"]

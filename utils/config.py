@@ -30,17 +30,14 @@ class AttrDict(dict):
             value = AttrDict(value)
         super().__setitem__(key, value)
 
+    __setattr__ = __setitem__
+    __delattr__ = dict.__delitem__
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
-
-    def __delattr__(self, name: str) -> None:
-        del self[name]
 
     def to_dict(self) -> dict:
         """Plain nested dicts, lists and scalars, e.g. to store in a checkpoint."""
@@ -48,9 +45,7 @@ class AttrDict(dict):
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def flat_keys(cfg: Mapping, prefix: str = "") -> Iterator[str]:
