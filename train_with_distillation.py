@@ -71,6 +71,7 @@ from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from utils.seeding import epoch_seed, run_seed, seed_everything
 
 CONFIG_NAME = "config.json"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_train_cfg.py")
 
 
 # ----------------------------------------------------------------------------- entry and launch
@@ -128,13 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def load_config(args: argparse.Namespace) -> AttrDict:
-    if args.cfg:
-        cfg = load_config_file(args.cfg)
-    else:
-        from imagenet_train_cfg import cfg as defaults
-
-        cfg = copy.deepcopy(defaults)
-    return apply_overrides(cfg, args.overrides)
+    """--cfg's module, else imagenet_train_cfg.py beside this script, loaded as recipes load it."""
+    return apply_overrides(load_config_file(args.cfg or DEFAULT_CONFIG), args.overrides)
 
 
 def resolve_config(cfg: AttrDict) -> AttrDict:
