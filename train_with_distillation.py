@@ -3,8 +3,6 @@
     python3 train_with_distillation.py data.data_path=/data/imagenet          # every visible GPU
     torchrun --nproc_per_node=8 train_with_distillation.py data.data_path=/data/imagenet
     python3 train_with_distillation.py --cfg my_cfg.py optim.init_lr=0.2     # another config module
-    python3 train_with_distillation.py --evaluate output/resnet/model_best.pth.tar \\
-        data.data_path=...
 
 The config, the data and the weights are checked before any process starts: a mistake costs
 one line and a second, not a traceback per process.

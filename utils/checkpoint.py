@@ -64,11 +64,8 @@ def checkpoint_space_warning(output_dir: str, model: torch.nn.Module) -> str | N
 
 
 def save_checkpoint(state: Mapping[str, Any], output_dir: str, is_best: bool) -> str:
-    """Write the checkpoint and, for the best epoch so far, the same bytes as the best file.
-
-    The best file goes first: a crash between the two writes leaves the previous checkpoint,
-    whose resume trains this epoch again, never one whose best error names weights never saved.
-    """
+    """The best file, when is_best, goes first: a crash between the two writes leaves the previous
+    checkpoint, whose resume trains this epoch again, never one naming a best never saved."""
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     if is_best:
         best_path = os.path.join(output_dir, BEST_NAME)
@@ -135,8 +132,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
                          npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if ("cuda" in state and torch.cuda.is_available()
-            and len(state["cuda"]) == torch.cuda.device_count()):
+    if "cuda" in state and len(state["cuda"]) == torch.cuda.device_count():  # 0 without CUDA
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -164,8 +160,7 @@ class Progress:
 def training_checkpoint(student: torch.nn.Module, arch: str, optimizer: torch.optim.Optimizer,
                         scheduler: Any, scaler: torch.amp.GradScaler, progress: Progress,
                         config: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint as the original laid it out (weights under 'state_dict'), plus all that a
-    resume needs."""
+    """The original's layout (weights under 'state_dict'), plus all that a resume needs."""
     return {"state_dict": student.state_dict(), "arch": arch, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": progress.epochs_done, "best_top1_err": progress.best_top1_err,
@@ -177,8 +172,7 @@ def training_checkpoint(student: torch.nn.Module, arch: str, optimizer: torch.op
 
 def restore_training(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                      scheduler: Any, scaler: torch.amp.GradScaler, restore_rng: bool) -> Progress:
-    """Load the optimizer, schedule, scaler and (restore_rng) generator states of a training
-    checkpoint; returns where training stood. The weights are the caller's to load."""
+    """Load all but the weights (the caller's to load); returns where training stood."""
     load_optimizer_state(optimizer, checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     # An empty scaler state comes from a bf16 or full-precision run: an fp16 resume starts afresh.
