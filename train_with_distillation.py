@@ -279,13 +279,12 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
     data = open_imagenet(cfg.data, workers, seed=tp.seed)
     train_loader, val_loader = data.getTrainLoader(batch_size), data.getTestLoader(batch_size)
     log.info(f"JPEG decoding: {data.describe_decoder()}; {workers} loader workers per process")
-    shm = shm_warning(workers, 2, batch_size * math.prod(cfg.data.input_size))  # uint8 batches
-    if shm:
-        log.summary(f"warning: {shm}")
     preemption.validation_polls = batches_in_every_shard(val_loader)
     precision = choose_precision(tp.amp, device)
-    if precision.warning:
-        log.summary(f"warning: {precision.warning}")
+    shm = shm_warning(workers, 2, batch_size * math.prod(cfg.data.input_size))  # uint8 batches
+    for warning in (shm, precision.warning):
+        if warning:
+            log.summary(f"warning: {warning}")
 
     if tp.use_seed:
         seed_everything(tp.seed)  # the same initial weights in every process and every run
