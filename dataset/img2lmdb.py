@@ -52,8 +52,7 @@ from dataset.imagenet_archives import (  # noqa: E402
     Archives,
     archive_val_labels,
     find_archives,
-    stream_train_tar,
-    stream_val_tar,
+    stream_images,
     train_classes,
 )
 from dataset.lmdb_format import encode_key, encode_record  # noqa: E402
@@ -222,20 +221,13 @@ def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None
 
 def _archive_items(archives: Archives, split: str,
                    tasks: list[_Task]) -> Iterator[tuple[_Task, bytes]]:
-    """The tasks' images with their bytes, in the order of the archive, which is read once as a
-    stream."""
+    """The tasks' images with their bytes, in archive order (the archive read once, as a stream)."""
     pending = {task.line: task for task in tasks}
-    if split == "train":
-        archive, stream = archives.train, stream_train_tar(archives.train, pending.__contains__)
-    else:
-        line_by_name = {line.rpartition("/")[2]: line for line in pending}
-        archive, stream = archives.val, stream_val_tar(archives.val, line_by_name,
-                                                       pending.__contains__)
-    for line, where, data in stream:
-        task = pending.pop(line, None)
-        if task is not None:  # None: a second member of the same name
-            yield task._replace(path=where), data
+    # pending is the stream's wanted: a second member of the same name is no longer in it
+    for line, where, data in stream_images(archives, split, pending):
+        yield pending.pop(line)._replace(path=where), data
     if pending:
+        archive = archives.train if split == "train" else archives.val
         raise DataError(f"{len(pending)} list lines are not in '{archive}' (first: "
                         f"'{min(pending)}'); download the archive again, or remake the list with "
                         "dataset/mk_img_list.py")

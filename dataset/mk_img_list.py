@@ -108,7 +108,7 @@ def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
         lists = {split: list_images(os.path.join(image_path, split)) for split in splits}
         if val_labels is not None:
             wnid_by_name = flat_val_labels(image_path, val_labels, devkit)
-            lists["val"] = val_lines(list(wnid_by_name), wnid_by_name)
+            lists["val"] = val_lines(wnid_by_name)
         if not lists:
             raise DataError(f"no split folders (folders of class folders such as train/n01440764/) "
                             f"under '{image_path}', nor the official archives")
