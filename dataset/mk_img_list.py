@@ -1,10 +1,8 @@
 """Write ``<output_path>/<split>_list.txt`` for every split folder of an ImageNet-layout tree.
 
-A split folder is a folder of class folders (``train/n01440764/...``); its list has one sorted
-``wnid/file`` line per image file (.jpeg, .jpg, .png in any case), the same on every file system.
-A rerun replaces the lists (the original appended, duplicating every line). ImageNet's official
-archives are listed in place, and a flat val/ folder with ``--val_labels`` (Kaggle's CSV, or the
-devkit's ground truth with ``--devkit``), both as if sorted into class folders.
+One sorted ``wnid/file`` line per image file (.jpeg, .jpg, .png in any case) of a split's class
+folders, of the official archives, or of a flat val/ folder with ``--val_labels`` as if sorted
+into class folders. A rerun replaces the lists (the original appended, duplicating every line).
 """
 
 from __future__ import annotations
