@@ -53,7 +53,7 @@ def _has_subfolder(path: str) -> bool:
 def find_archives(image_path: str) -> Archives | None:
     """The official files in image_path, when it holds any of them and no extracted train/ tree
     (a train/ folder without subfolders is an LMDB packed there); a missing one is named."""
-    if not os.path.isdir(image_path) or _has_subfolder(os.path.join(image_path, "train")):
+    if _has_subfolder(os.path.join(image_path, "train")):
         return None
     names = (TRAIN_TAR, VAL_TAR, DEVKIT)
     present = [os.path.isfile(os.path.join(image_path, name)) for name in names]
