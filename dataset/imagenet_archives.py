@@ -1,14 +1,9 @@
-"""ImageNet's official archives (side by side, as torchvision's ``ImageNet`` expects them) and
-validation label files, read in place:
-
-- ``ILSVRC2012_img_train.tar``: 1,000 inner tars ``<wnid>.tar`` of ``<wnid>_<number>.JPEG``;
-- ``ILSVRC2012_img_val.tar``: 50,000 flat ``ILSVRC2012_val_<number>.JPEG`` files;
-- ``ILSVRC2012_devkit_t12.tar.gz``: ``data/meta.mat`` (ILSVRC2012_ID -> wnid, not in sorted-wnid
-  order) and ``data/ILSVRC2012_validation_ground_truth.txt`` (one ID per validation image);
-- Kaggle's copy instead: extracted folders, a flat ``val/`` and ``LOC_val_solution.csv``.
-
-Listing reads the tar headers only; packing reads each archive once, front to back, skipping
-stored images unread. Validation lines read as if sorted into class folders.
+"""ImageNet's official archives and validation label files, read in place: listing reads the tar
+headers only, packing reads each archive once, front to back, skipping stored images unread. The
+train tar holds 1,000 inner tars ``<wnid>.tar`` of JPEGs, the val tar 50,000 flat JPEGs; the
+devkit's ``data/meta.mat`` maps ILSVRC2012_ID -> wnid (not in sorted-wnid order), and its ground
+truth file holds one ID per validation image. Kaggle's copy has extracted folders, a flat
+``val/`` and ``LOC_val_solution.csv`` instead.
 """
 
 from __future__ import annotations
@@ -53,18 +48,15 @@ def _has_subfolder(path: str) -> bool:
 def find_archives(image_path: str) -> Archives | None:
     """The official files in image_path, when it holds any of them and no extracted train/ tree
     (a train/ folder without subfolders is an LMDB packed there); a missing one is named."""
-    if _has_subfolder(os.path.join(image_path, "train")):
-        return None
     names = (TRAIN_TAR, VAL_TAR, DEVKIT)
-    present = [os.path.isfile(os.path.join(image_path, name)) for name in names]
-    if not any(present):
+    paths = [os.path.join(image_path, name) for name in names]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if len(missing) == len(paths) or _has_subfolder(os.path.join(image_path, "train")):
         return None
-    for name, here in zip(names, present):
-        if not here:
-            raise DataError(f"archive '{os.path.join(image_path, name)}' not found; put the three "
-                            f"official ImageNet files ({', '.join(names)}) side by side in "
-                            f"'{image_path}'")
-    return Archives(*(os.path.join(image_path, name) for name in names))
+    if missing:
+        raise DataError(f"archive '{missing[0]}' not found; put the three official ImageNet files "
+                        f"({', '.join(names)}) side by side in '{image_path}'")
+    return Archives(*paths)
 
 
 def _damaged(path: str, reason: object) -> DataError:
