@@ -14,6 +14,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataset import imagenet_archives  # noqa: E402
 from dataset.image_list import (  # noqa: E402
     class_folders,
     is_image_file,
@@ -63,28 +64,25 @@ def list_flat_images(folder: str) -> list[str]:
 
 def flat_val_labels(image_path: str, val_labels: str, devkit: str | None) -> dict[str, str]:
     """Name -> wnid of every image in the flat ``<image_path>/val`` folder, from the labels file."""
-    from dataset.imagenet_archives import read_val_labels
-
     val_dir = os.path.join(image_path, "val")
     if os.path.isdir(val_dir) and visible_subfolders(val_dir):
         raise DataError(f"'{val_dir}' is already in class folders; leave out --val_labels")
-    return read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
+    return imagenet_archives.read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
 
 
 def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
                devkit: str | None = None) -> dict[str, int]:
     """Write one list per split; returns each split's image count. Every list is worked out
     before any is written, so that an error leaves the old lists as they were."""
-    from dataset.imagenet_archives import archive_lists, find_archives, val_lines
-
-    archives = find_archives(image_path)
+    archives = imagenet_archives.find_archives(image_path)
     if archives is not None:
-        lists = archive_lists(archives, val_labels)
+        lists = imagenet_archives.archive_lists(archives, val_labels)
     else:
         splits = split_folders(image_path)
         lists = {split: list_images(os.path.join(image_path, split)) for split in splits}
         if val_labels is not None:
-            lists["val"] = val_lines(flat_val_labels(image_path, val_labels, devkit))
+            wnid_by_name = flat_val_labels(image_path, val_labels, devkit)
+            lists["val"] = imagenet_archives.val_lines(wnid_by_name)
         if not lists:
             raise DataError(f"no split folders (folders of class folders such as train/n01440764/) "
                             f"under '{image_path}', nor the official archives")
