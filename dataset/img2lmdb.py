@@ -75,7 +75,6 @@ class PackSummary:
 
 
 def find_list_file(list_dir: str, split: str) -> str:
-    """``<split>_list.txt`` in list_dir, else the original tool's ``<split>_datalist``."""
     candidates = [list_file_path(list_dir, split), os.path.join(list_dir, f"{split}_datalist")]
     for path in candidates:
         if os.path.isfile(path):
@@ -126,8 +125,7 @@ def _read_with_fingerprint(path: str) -> tuple[bytes, tuple[int, int]]:
 
 def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept: bool) -> _Outcome:
     """Worker: read and check one image file. A file kept as is is sent back only if send_kept:
-    reading it again from the page cache is cheaper than the pipe (the fingerprint tells a change).
-    """
+    reading it again from the page cache beats the pipe (the fingerprint tells a change)."""
     try:
         data, fingerprint = _read_with_fingerprint(task.path)
     except FileNotFoundError:
@@ -177,7 +175,6 @@ def _worker_context(fork: bool = False) -> multiprocessing.context.BaseContext:
 
 
 def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
-    """Commit batch in one transaction, doubling the map size whenever it is full."""
     while True:
         try:
             with env.begin(write=True) as txn, txn.cursor() as cursor:
@@ -211,22 +208,15 @@ def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: 
                             f"of {labels_source}; remake the list with dataset/mk_img_list.py")
 
 
-def _stored_mask(env: lmdb.Environment, keys: Iterable[bytes]) -> list[bool]:
+def _stored_mask(env: lmdb.Environment, lines: list[str]) -> list[bool]:
     with env.begin() as txn, txn.cursor() as cursor:
-        return [cursor.set_key(key) for key in keys]
-
-
-def _record_skipped(path: str, names: list[str]) -> None:
-    """Add names to the skipped file, keeping those an earlier run recorded."""
-    previous = read_list(path) if os.path.isfile(path) else []
-    write_list(path, sorted(set(previous) | set(names)))
+        return [cursor.set_key(encode_key(line)) for line in lines]
 
 
 def default_workers() -> int:
-    try:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return os.cpu_count() or 1
 
 
 def pack_split(image_path: str, list_path: str, output_path: str, split: str,
@@ -277,7 +267,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
         raise DataError(f"cannot open an LMDB at '{lmdb_path}': {exc}") from None
     try:
         line_labels = list_labels(lines, labels, list_file, env.max_key_size())
-        stored = _stored_mask(env, (encode_key(line) for line in lines))
+        stored = _stored_mask(env, lines)
         tasks = [_Task(line, os.path.join(split_dir, *(line.split("/")[-1:] if flat
                                                        else line.split("/"))), label)
                  for line, label, done in zip(lines, line_labels, stored) if not done]
@@ -290,12 +280,14 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
                     commit_every=commit_every, progress=progress, split=split, fork=fork_workers,
                     archive_items=(_archive_items(archives, split, tasks)
                                    if archives and tasks else None))
-        if summary.skipped:
-            _record_skipped(os.path.join(output_path, f"{split}_skipped.txt"), summary.skipped)
+        if summary.skipped:  # recorded with those an earlier run skipped, and unlisted
+            skipped_file = os.path.join(output_path, f"{split}_skipped.txt")
+            earlier = read_list(skipped_file) if os.path.isfile(skipped_file) else []
             skipped = set(summary.skipped)
+            write_list(skipped_file, sorted(skipped | set(earlier)))
             lines = [line for line in lines if line not in skipped]
             write_list(list_file, lines)
-        stored = _stored_mask(env, map(encode_key, lines))
+        stored = _stored_mask(env, lines)
         missing = [line for line, done in zip(lines, stored) if not done]
         if missing:
             raise DataError(f"check failed: {len(missing)} list lines are not in '{lmdb_path}' "
@@ -309,12 +301,9 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
 
 def _archive_outcomes(pool: multiprocessing.pool.Pool, items: Iterable[tuple[_Task, bytes]],
                       work: functools.partial, window: int) -> Iterator[_Outcome]:
-    """The workers' outcomes for images read from an archive, in archive order.
-
-    This process reads the next window while the workers check the last one, so at most two
-    windows are in memory. A damaged archive's images before the damage are still packed, then
-    the error is raised.
-    """
+    """The workers' outcomes, in archive order: this process reads the next window while they
+    check the last, so at most two windows are in memory. A damaged archive's images before the
+    damage are still packed, then the error is raised."""
     error = None
 
     def windows() -> Iterator[list[tuple[_Task, bytes]]]:
