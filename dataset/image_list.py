@@ -20,7 +20,6 @@ def is_image_file(name: str) -> bool:
 
 
 def visible_subfolders(path: str) -> list[str]:
-    """The sorted names of path's subfolders, hidden ones left out."""
     with os.scandir(path) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
