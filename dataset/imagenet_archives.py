@@ -102,10 +102,8 @@ def _check_wnid(name: str, where: str, suffix: str = "") -> str:
 
 
 def _file_members(f: BinaryIO, path: str, end: int) -> Iterator[tarfile.TarInfo]:
-    """The file members of the tar at f's position, front to back; none may pass end.
-
-    Each header is read at its own offset, so the caller may read a member's data in between.
-    """
+    """The file members of the tar at f's position, front to back; none may pass end. Each header
+    is read at its own offset, so the caller may read a member's data in between."""
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves f open
             for member in tar:
