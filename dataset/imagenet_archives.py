@@ -13,7 +13,7 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -246,29 +246,23 @@ def archive_lists(archives: Archives, val_labels: str | None) -> dict[str, list[
     return {"train": train, "val": val_lines(archive_val_labels(archives, val_labels))}
 
 
-def _read_wanted(f: BinaryIO, path: str, end: int, line_of: Callable[[str], str],
-                 wanted: Collection[str]) -> Iterator[tuple[str, str, bytes]]:
-    for member, name in _image_members(f, path, end):
-        line = line_of(name)
-        if line in wanted:  # a stored image is skipped, never read nor decoded
-            f.seek(member.offset_data)
-            data = f.read(member.size)
-            if len(data) != member.size:
-                raise _damaged(path, f"it ends inside {name}")
-            yield line, f"{path}/{name}", data
-
-
 def stream_images(archives: Archives, split: str,
                   wanted: Collection[str]) -> Iterator[tuple[str, str, bytes]]:
     """(list line, where, bytes) of each image of the split whose line is in wanted, reading its
     tar once, front to back. wanted is consulted as the tar is read, so the caller may shrink it."""
-    if split == "train":
-        with _open_archive(archives.train, _STREAM_BUFFER) as f:
-            for wnid, where, end in _inner_tars(f, archives.train):
-                yield from _read_wanted(f, where, end, lambda name, wnid=wnid: f"{wnid}/{name}",
-                                        wanted)
-    else:
-        line_by_name = {line.rpartition("/")[2]: line for line in wanted}
-        with _open_archive(archives.val, _STREAM_BUFFER) as f:
-            yield from _read_wanted(f, archives.val, os.fstat(f.fileno()).st_size,
-                                    lambda name: line_by_name.get(name, ""), wanted)
+    path = archives.train if split == "train" else archives.val
+    with _open_archive(path, _STREAM_BUFFER) as f:
+        if split == "train":
+            tars = _inner_tars(f, path)
+        else:  # one flat tar: no wnid in it, the lines come from wanted
+            line_by_name = {line.rpartition("/")[2]: line for line in wanted}
+            tars = [(None, path, os.fstat(f.fileno()).st_size)]
+        for wnid, where, end in tars:
+            for member, name in _image_members(f, where, end):
+                line = line_by_name.get(name, "") if wnid is None else f"{wnid}/{name}"
+                if line in wanted:  # a stored image is skipped, never read nor decoded
+                    f.seek(member.offset_data)
+                    data = f.read(member.size)
+                    if len(data) != member.size:
+                        raise _damaged(where, f"it ends inside {name}")
+                    yield line, f"{where}/{name}", data
