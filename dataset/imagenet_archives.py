@@ -14,8 +14,7 @@ import os
 import re
 import tarfile
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from dataset.image_list import is_image_file
 from utils.errors import DataError
@@ -31,8 +30,7 @@ _WNID = re.compile(r"n\d{8}")
 _STREAM_BUFFER = 1 << 20  # read-ahead buffer of an archive read as a stream
 
 
-@dataclass(frozen=True)
-class Archives:
+class Archives(NamedTuple):
     train: str
     val: str
     devkit: str
