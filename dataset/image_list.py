@@ -13,7 +13,6 @@ from utils.errors import DataError
 from utils.files import atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-LIST_SUFFIX = "_list.txt"
 
 
 def is_image_file(name: str) -> bool:
@@ -21,7 +20,6 @@ def is_image_file(name: str) -> bool:
 
 
 def visible_subfolders(path: str) -> list[str]:
-    """The sorted names of path's subfolders, hidden ones left out."""
     with os.scandir(path) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
@@ -35,7 +33,7 @@ def class_folders(split_dir: str) -> list[str]:
 
 
 def list_file_path(list_dir: str, split: str) -> str:
-    return os.path.join(list_dir, split + LIST_SUFFIX)
+    return os.path.join(list_dir, f"{split}_list.txt")
 
 
 def read_list(path: str) -> list[str]:
@@ -52,6 +50,5 @@ def read_list(path: str) -> list[str]:
 
 
 def write_list(path: str, lines: list[str]) -> None:
-    """Replace the list at path atomically, so that an interrupted write never leaves half a
-    list."""
+    """Replace the list atomically, so that an interrupted write never leaves half a list."""
     atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -1,15 +1,9 @@
-"""ImageNet's official archives and validation label files, read in place. The three files
-(which torchvision's ``ImageNet`` also expects side by side):
-
-- ``ILSVRC2012_img_train.tar``: 1,000 inner tars ``<wnid>.tar`` of ``<wnid>_<number>.JPEG``;
-- ``ILSVRC2012_img_val.tar``: 50,000 flat ``ILSVRC2012_val_<number>.JPEG`` files;
-- ``ILSVRC2012_devkit_t12.tar.gz``: ``data/meta.mat`` (ILSVRC2012_ID -> wnid, not in sorted-wnid
-  order) and ``data/ILSVRC2012_validation_ground_truth.txt`` (one ID per validation image).
-
-Kaggle's copy has extracted folders, a flat ``val/`` and ``LOC_val_solution.csv`` instead.
-Nothing is extracted: listing reads the tar headers only, packing reads each archive once, front
-to back, skipping stored images unread. Validation lines read as if the images were sorted into
-class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
+"""ImageNet's official archives and validation label files, read in place: listing reads the tar
+headers only, packing reads each archive once, front to back, skipping stored images unread. The
+train tar holds 1,000 inner tars ``<wnid>.tar`` of JPEGs, the val tar 50,000 flat JPEGs; the
+devkit's ``data/meta.mat`` maps ILSVRC2012_ID -> wnid (not in sorted-wnid order), and its ground
+truth file holds one ID per validation image. Kaggle's copy has extracted folders, a flat
+``val/`` and ``LOC_val_solution.csv`` instead.
 """
 
 from __future__ import annotations
@@ -19,9 +13,8 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections.abc import Collection, Iterator
+from typing import BinaryIO, NamedTuple
 
 from dataset.image_list import is_image_file
 from utils.errors import DataError
@@ -37,10 +30,7 @@ _WNID = re.compile(r"n\d{8}")
 _STREAM_BUFFER = 1 << 20  # read-ahead buffer of an archive read as a stream
 
 
-@dataclass(frozen=True)
-class Archives:
-    """The paths of the three official files."""
-
+class Archives(NamedTuple):
     train: str
     val: str
     devkit: str
@@ -54,23 +44,17 @@ def _has_subfolder(path: str) -> bool:
 
 
 def find_archives(image_path: str) -> Archives | None:
-    """The official files in image_path, when it holds any of them and no extracted train/ tree.
-
-    None means the folder route (a train/ folder without subfolders is an LMDB packed there).
-    One file present and another missing is an error: a half-finished download is named.
-    """
-    if not os.path.isdir(image_path) or _has_subfolder(os.path.join(image_path, "train")):
-        return None
+    """The official files in image_path, when it holds any of them and no extracted train/ tree
+    (a train/ folder without subfolders is an LMDB packed there); a missing one is named."""
     names = (TRAIN_TAR, VAL_TAR, DEVKIT)
-    present = [os.path.isfile(os.path.join(image_path, name)) for name in names]
-    if not any(present):
+    paths = [os.path.join(image_path, name) for name in names]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if len(missing) == len(paths) or _has_subfolder(os.path.join(image_path, "train")):
         return None
-    for name, here in zip(names, present):
-        if not here:
-            raise DataError(f"archive '{os.path.join(image_path, name)}' not found; put the three "
-                            f"official ImageNet files ({', '.join(names)}) side by side in "
-                            f"'{image_path}'")
-    return Archives(*(os.path.join(image_path, name) for name in names))
+    if missing:
+        raise DataError(f"archive '{missing[0]}' not found; put the three official ImageNet files "
+                        f"({', '.join(names)}) side by side in '{image_path}'")
+    return Archives(*paths)
 
 
 def _damaged(path: str, reason: object) -> DataError:
@@ -115,24 +99,9 @@ def _check_wnid(name: str, where: str, suffix: str = "") -> str:
     return name
 
 
-def _checked_name(member: tarfile.TarInfo, archive: str) -> str:
-    if "\n" in member.name or "\r" in member.name:
-        raise DataError(f"member {member.name!r} of '{archive}' has a line break in its name")
-    return member.name.removeprefix("./")
-
-
-def _check_end(f: BinaryIO, tar: tarfile.TarFile, path: str) -> None:
-    """A tar cut short between two members reads as a shorter, valid one: the end marker tells."""
-    f.seek(tar.offset)
-    if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
-        raise _damaged(path, "it has no end-of-archive marker")
-
-
 def _file_members(f: BinaryIO, path: str, end: int) -> Iterator[tarfile.TarInfo]:
-    """The file members of the tar at f's position, front to back; none may pass end.
-
-    Each header is read at its own offset, so the caller may read a member's data in between.
-    """
+    """The file members of the tar at f's position, front to back; none may pass end. Each header
+    is read at its own offset, so the caller may read a member's data in between."""
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves f open
             for member in tar:
@@ -140,9 +109,22 @@ def _file_members(f: BinaryIO, path: str, end: int) -> Iterator[tarfile.TarInfo]
                     raise _damaged(path, f"it ends inside {member.name}")
                 if member.isfile():
                     yield member
-            _check_end(f, tar, path)
+            # a tar cut short between members reads as a shorter valid one: the end marker tells
+            f.seek(tar.offset)
+            if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise _damaged(path, "it has no end-of-archive marker")
     except (tarfile.TarError, EOFError) as exc:
         raise _damaged(path, exc) from None
+
+
+def _image_members(f: BinaryIO, path: str, end: int) -> Iterator[tuple[tarfile.TarInfo, str]]:
+    """(member, name) of the image files among ``_file_members``."""
+    for member in _file_members(f, path, end):
+        if "\n" in member.name or "\r" in member.name:
+            raise DataError(f"member {member.name!r} of '{path}' has a line break in its name")
+        name = member.name.removeprefix("./")
+        if is_image_file(name):
+            yield member, name
 
 
 def _open_archive(path: str, buffering: int) -> BinaryIO:
@@ -161,8 +143,7 @@ def _inner_tars(f: BinaryIO, path: str) -> Iterator[tuple[str, str, int]]:
 
 
 def train_classes(path: str) -> list[str]:
-    """The sorted wnids of the train tar's inner tars (the label order), from the 1,000 outer
-    headers alone."""
+    """The sorted wnids of the train tar's inner tars (the label order), from the outer headers."""
     with _open_archive(path, 0) as f:
         return sorted(wnid for wnid, _, _ in _inner_tars(f, path))
 
@@ -172,23 +153,18 @@ def list_train_tar(path: str) -> list[str]:
     lines = []
     with _open_archive(path, 0) as f:  # unbuffered: a header is one short read
         for wnid, where, end in _inner_tars(f, path):
-            for member in _file_members(f, where, end):
-                name = _checked_name(member, where)
-                if is_image_file(name):
-                    lines.append(f"{wnid}/{name}")
+            lines.extend(f"{wnid}/{name}" for _, name in _image_members(f, where, end))
     return sorted(lines)
 
 
 def list_val_tar(path: str) -> list[str]:
     """Sorted names of the validation tar's images, from the headers alone."""
     with _open_archive(path, 0) as f:
-        members = _file_members(f, path, os.fstat(f.fileno()).st_size)
-        names = (_checked_name(m, path) for m in members)
-        return sorted(name for name in names if is_image_file(name))
+        return sorted(name for _, name in _image_members(f, path, os.fstat(f.fileno()).st_size))
 
 
 def read_val_labels(labels_file: str, image_names: list[str], source: str,
-                    devkit: str | None = None) -> dict[str, str]:
+                    devkit: str | None) -> dict[str, str]:
     """Validation image name -> wnid, for every one of image_names (found in source), from
     Kaggle's LOC_val_solution.csv or the devkit's ground-truth file (IDs, read with devkit)."""
     try:
@@ -242,12 +218,12 @@ def _ground_truth_labels(text: str, labels_file: str, image_names: list[str], so
     return by_name
 
 
-def val_lines(names: list[str], wnid_by_name: dict[str, str]) -> list[str]:
+def val_lines(wnid_by_name: dict[str, str]) -> list[str]:
     """Sorted list lines for flat validation images, as if sorted into class folders."""
-    return sorted(f"{wnid_by_name[name]}/{name}" for name in names)
+    return sorted(f"{wnid}/{name}" for name, wnid in wnid_by_name.items())
 
 
-def archive_val_labels(archives: Archives, val_labels: str | None = None) -> dict[str, str]:
+def archive_val_labels(archives: Archives, val_labels: str | None) -> dict[str, str]:
     """Name -> wnid of every validation tar image: from val_labels, else the devkit's."""
     names = list_val_tar(archives.val)
     if val_labels is not None:
@@ -257,44 +233,34 @@ def archive_val_labels(archives: Archives, val_labels: str | None = None) -> dic
                                 archives.val, devkit_classes(archives.devkit))
 
 
-def archive_lists(archives: Archives, val_labels: str | None = None) -> dict[str, list[str]]:
+def archive_lists(archives: Archives, val_labels: str | None) -> dict[str, list[str]]:
     """The train and val list lines of the official archives; every validation image labelled."""
     classes = set(devkit_classes(archives.devkit).values())
     train = list_train_tar(archives.train)
-    for line in train:
-        wnid = line.partition("/")[0]
-        if wnid not in classes:
-            raise DataError(f"'{wnid}.tar' in '{archives.train}' is not one of the devkit's "
-                            f"{len(classes)} classes; remove it or download the archive again")
-    wnid_by_name = archive_val_labels(archives, val_labels)
-    return {"train": train, "val": val_lines(list(wnid_by_name), wnid_by_name)}
+    unknown = sorted({line.partition("/")[0] for line in train} - classes)
+    if unknown:
+        raise DataError(f"'{unknown[0]}.tar' in '{archives.train}' is not one of the devkit's "
+                        f"{len(classes)} classes; remove it or download the archive again")
+    return {"train": train, "val": val_lines(archive_val_labels(archives, val_labels))}
 
 
-def _read_wanted(f: BinaryIO, path: str, end: int, line_of: Callable[[str], str],
-                 wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    for member in _file_members(f, path, end):
-        name = _checked_name(member, path)
-        if not is_image_file(name):
-            continue
-        line = line_of(name)
-        if wanted(line):  # a stored image is skipped, never read nor decoded
-            f.seek(member.offset_data)
-            data = f.read(member.size)
-            if len(data) != member.size:
-                raise _damaged(path, f"it ends inside {name}")
-            yield line, f"{path}/{name}", data
-
-
-def stream_train_tar(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted image, reading the tar once, front to back."""
+def stream_images(archives: Archives, split: str,
+                  wanted: Collection[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(list line, where, bytes) of each image of the split whose line is in wanted, reading its
+    tar once, front to back. wanted is consulted as the tar is read, so the caller may shrink it."""
+    path = archives.train if split == "train" else archives.val
     with _open_archive(path, _STREAM_BUFFER) as f:
-        for wnid, where, end in _inner_tars(f, path):
-            yield from _read_wanted(f, where, end, lambda name, wnid=wnid: f"{wnid}/{name}", wanted)
-
-
-def stream_val_tar(path: str, line_by_name: dict[str, str],
-                   wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
-    """(list line, where, bytes) of each wanted validation image, reading the tar once."""
-    with _open_archive(path, _STREAM_BUFFER) as f:
-        yield from _read_wanted(f, path, os.fstat(f.fileno()).st_size,
-                                lambda name: line_by_name.get(name, ""), wanted)
+        if split == "train":
+            tars = _inner_tars(f, path)
+        else:  # one flat tar: no wnid in it, the lines come from wanted
+            line_by_name = {line.rpartition("/")[2]: line for line in wanted}
+            tars = [(None, path, os.fstat(f.fileno()).st_size)]
+        for wnid, where, end in tars:
+            for member, name in _image_members(f, where, end):
+                line = line_by_name.get(name, "") if wnid is None else f"{wnid}/{name}"
+                if line in wanted:  # a stored image is skipped, never read nor decoded
+                    f.seek(member.offset_data)
+                    data = f.read(member.size)
+                    if len(data) != member.size:
+                        raise _damaged(where, f"it ends inside {name}")
+                    yield line, f"{where}/{name}", data

@@ -1,31 +1,18 @@
 """Pack one split of an ImageNet-layout tree into an LMDB of the original WSLD record format.
 
-    python3 dataset/img2lmdb.py --image_path /path/to/imagenet --list_path /path/to/imagenet \\
-        --output_path /path/to/imagenet --split train
-
-Reads ``<list_path>/<split>_list.txt`` (or the original's ``<split>_datalist``) and writes the
-LMDB ``<output_path>/<split>`` (``<split>_<N>`` with ``--image_size N``), which may sit beside
-the class folders. The images may also come from ImageNet's three official archives, each read
-once, front to back, or from a flat val/ folder (``--val_labels``, Kaggle's layout): the LMDB is
-the one the sorted class folders would give, byte for byte.
-
-- Lossless: RGB and greyscale JPEGs are stored byte for byte; other readable files become RGB
-  JPEGs. Every image is checked to decode.
-- Labels are the indices of the sorted class folders of ``<image_path>/train``, as torchvision's
-  ImageFolder and the pretrained teachers number them, so a split that lacks a class never
-  shifts the labels.
-- Parallel, committed in batches, restartable (a rerun skips the keys already stored), and every
-  list line is checked to be in the LMDB at the end.
-
-Called from Python, the packer starts its workers as fresh processes, so the caller needs the
-usual ``if __name__ == "__main__":`` guard; run as a command, it forks them (see
-``_worker_context``).
+Reads ``<list_path>/<split>_list.txt`` (or the original's ``<split>_datalist``) and writes
+``<output_path>/<split>`` (``<split>_<N>`` with ``--image_size N``): lossless (RGB and greyscale
+JPEGs stored as they are), parallel, resumable, and checked line by line at the end. The official
+archives, or a flat val/ folder with ``--val_labels``, give the LMDB of the sorted class folders,
+byte for byte. Called from Python, the workers start as fresh processes (mind the ``__main__``
+guard); run as a command, it forks them (see ``_worker_context``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import multiprocessing
 import os
 import signal
@@ -42,25 +29,18 @@ import lmdb  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset.image_io import DEFAULT_JPEG_QUALITY, ImageDecodeError, prepare_for_storage  # noqa: E402
-from dataset.image_list import (  # noqa: E402
-    class_folders,
-    list_file_path,
-    read_list,
-    write_list,
-)
+from dataset.image_list import class_folders, list_file_path, read_list, write_list  # noqa: E402
 from dataset.imagenet_archives import (  # noqa: E402
     Archives,
     archive_val_labels,
     find_archives,
-    stream_train_tar,
-    stream_val_tar,
+    stream_images,
     train_classes,
 )
 from dataset.lmdb_format import encode_key, encode_record  # noqa: E402
 from dataset.mk_img_list import add_label_arguments, flat_val_labels  # noqa: E402
 from utils.errors import DataError  # noqa: E402
 
-ORIGINAL_LIST_SUFFIX = "_datalist"
 INITIAL_MAP_SIZE = 1 << 30  # doubled whenever a commit finds the map full
 DEFAULT_COMMIT_EVERY = 1000
 
@@ -74,17 +54,15 @@ class _Task(NamedTuple):
 class _Outcome(NamedTuple):
     task: _Task
     # what to store; None for a file kept as is that the worker did not send back
-    image_bytes: bytes | None
-    kept_as_is: bool
-    fingerprint: tuple[int, int] | None  # (size, modification time in ns) of a file kept as is
+    image_bytes: bytes | None = None
+    kept_as_is: bool = False
+    fingerprint: tuple[int, int] | None = None  # (size, modification time in ns) of the file read
     error: str | None = None
     missing: bool = False
 
 
 @dataclass
 class PackSummary:
-    """What a packing run did, for the final report."""
-
     lmdb_path: str
     list_path: str
     num_classes: int
@@ -97,9 +75,7 @@ class PackSummary:
 
 
 def find_list_file(list_dir: str, split: str) -> str:
-    """``<split>_list.txt`` in list_dir, else the original tool's ``<split>_datalist``."""
-    candidates = [list_file_path(list_dir, split),
-                  os.path.join(list_dir, split + ORIGINAL_LIST_SUFFIX)]
+    candidates = [list_file_path(list_dir, split), os.path.join(list_dir, f"{split}_datalist")]
     for path in candidates:
         if os.path.isfile(path):
             return path
@@ -108,8 +84,7 @@ def find_list_file(list_dir: str, split: str) -> str:
 
 
 def label_map(image_path: str, split: str) -> dict[str, int]:
-    """Class folder name -> label: its index among the sorted class folders of train/ (else of the
-    split)."""
+    """Class folder -> label, numbered by the sorted class folders of train/ (else of the split)."""
     train_dir = os.path.join(image_path, "train")
     source = train_dir if os.path.isdir(train_dir) else os.path.join(image_path, split)
     classes = class_folders(source)
@@ -120,8 +95,7 @@ def label_map(image_path: str, split: str) -> dict[str, int]:
 
 def list_labels(lines: list[str], labels: dict[str, int], list_file: str,
                 max_key_size: int) -> list[int]:
-    """The label of every list line, after checking the lines are unique, well formed and of a
-    known class."""
+    """The label of every list line, checked to be unique, well formed and of a known class."""
     seen: set[str] = set()
     result = []
     for number, line in enumerate(lines, start=1):
@@ -150,17 +124,14 @@ def _read_with_fingerprint(path: str) -> tuple[bytes, tuple[int, int]]:
 
 
 def prepare_image(task: _Task, shorter_side: int | None, quality: int, send_kept: bool) -> _Outcome:
-    """Worker: read and check one image file, converting it when it cannot be stored as is.
-
-    A file kept as is is sent back only if send_kept: the main process reading it again from the
-    page cache is cheaper than the pipe, and the fingerprint says if it changed in between.
-    """
+    """Worker: read and check one image file. A file kept as is is sent back only if send_kept:
+    reading it again from the page cache beats the pipe (the fingerprint tells a change)."""
     try:
         data, fingerprint = _read_with_fingerprint(task.path)
     except FileNotFoundError:
-        return _Outcome(task, None, False, None, "file not found", missing=True)
+        return _Outcome(task, error="file not found", missing=True)
     except OSError as exc:
-        return _Outcome(task, None, False, None, str(exc))
+        return _Outcome(task, error=str(exc))
     return prepare_bytes((task, data), shorter_side, quality, send_kept, fingerprint)
 
 
@@ -171,10 +142,8 @@ def prepare_bytes(item: tuple[_Task, bytes], shorter_side: int | None, quality: 
     try:
         image_bytes, kept = prepare_for_storage(data, shorter_side, quality)
     except ImageDecodeError as exc:
-        return _Outcome(task, None, False, None, str(exc))
-    if kept:
-        return _Outcome(task, image_bytes if send_kept else None, True, fingerprint)
-    return _Outcome(task, image_bytes, False, None)
+        return _Outcome(task, error=str(exc))
+    return _Outcome(task, None if kept and not send_kept else image_bytes, kept, fingerprint)
 
 
 def _stored_bytes(outcome: _Outcome) -> bytes:
@@ -196,12 +165,9 @@ def _init_worker() -> None:
 
 
 def _worker_context(fork: bool = False) -> multiprocessing.context.BaseContext:
-    """Start workers from a fresh interpreter, unless fork says the caller may be forked.
-
-    A forked child inherits OpenCV's thread pool with threads that were not copied, and
-    cv2.setNumThreads then waits forever: only a caller that has not used OpenCV (this file run
-    as a command) may fork. A fresh worker costs about a third of a second, once (no torch).
-    """
+    """Start workers from a fresh interpreter, unless fork says the caller has not used OpenCV: a
+    forked child inherits OpenCV's thread pool without its threads, and cv2.setNumThreads then
+    waits forever. A fresh worker costs about a third of a second, once (no torch)."""
     methods = multiprocessing.get_all_start_methods()
     if fork and "fork" in methods:
         return multiprocessing.get_context("fork")
@@ -209,12 +175,10 @@ def _worker_context(fork: bool = False) -> multiprocessing.context.BaseContext:
 
 
 def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
-    """Commit batch in one transaction, doubling the map size whenever it is full."""
     while True:
         try:
-            with env.begin(write=True) as txn:
-                for key, value in batch:
-                    txn.put(key, value)
+            with env.begin(write=True) as txn, txn.cursor() as cursor:
+                cursor.putmulti(batch)
             return
         except lmdb.MapFullError:
             env.set_mapsize(env.info()["map_size"] * 2)
@@ -222,20 +186,13 @@ def write_batch(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None
 
 def _archive_items(archives: Archives, split: str,
                    tasks: list[_Task]) -> Iterator[tuple[_Task, bytes]]:
-    """The tasks' images with their bytes, in the order of the archive, which is read once as a
-    stream."""
+    """The tasks' images with their bytes, in archive order (the archive read once, as a stream)."""
     pending = {task.line: task for task in tasks}
-    if split == "train":
-        archive, stream = archives.train, stream_train_tar(archives.train, pending.__contains__)
-    else:
-        line_by_name = {line.rpartition("/")[2]: line for line in pending}
-        archive, stream = archives.val, stream_val_tar(archives.val, line_by_name,
-                                                       pending.__contains__)
-    for line, where, data in stream:
-        task = pending.pop(line, None)
-        if task is not None:  # None: a second member of the same name
-            yield task._replace(path=where), data
+    # pending is the stream's wanted: a second member of the same name is no longer in it
+    for line, where, data in stream_images(archives, split, pending):
+        yield pending.pop(line)._replace(path=where), data
     if pending:
+        archive = archives.train if split == "train" else archives.val
         raise DataError(f"{len(pending)} list lines are not in '{archive}' (first: "
                         f"'{min(pending)}'); download the archive again, or remake the list with "
                         "dataset/mk_img_list.py")
@@ -243,8 +200,7 @@ def _archive_items(archives: Archives, split: str,
 
 def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: str,
                      labels_source: str) -> None:
-    """The list's validation classes must be those of the labels: a stale list would store wrong
-    labels."""
+    """The list's validation classes must be the labels': a stale list would store wrong ones."""
     for number, line in enumerate(lines, start=1):
         wnid, _, name = line.partition("/")
         if wnid_by_name.get(name) != wnid:
@@ -252,22 +208,15 @@ def _check_val_lines(lines: list[str], wnid_by_name: dict[str, str], list_file: 
                             f"of {labels_source}; remake the list with dataset/mk_img_list.py")
 
 
-def _stored_mask(env: lmdb.Environment, keys: Iterable[bytes]) -> list[bool]:
+def _stored_mask(env: lmdb.Environment, lines: list[str]) -> list[bool]:
     with env.begin() as txn, txn.cursor() as cursor:
-        return [cursor.set_key(key) for key in keys]
-
-
-def _record_skipped(path: str, names: list[str]) -> None:
-    """Add names to the skipped file, keeping those an earlier run recorded."""
-    previous = read_list(path) if os.path.isfile(path) else []
-    write_list(path, sorted(set(previous) | set(names)))
+        return [cursor.set_key(encode_key(line)) for line in lines]
 
 
 def default_workers() -> int:
-    try:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return os.cpu_count() or 1
 
 
 def pack_split(image_path: str, list_path: str, output_path: str, split: str,
@@ -278,10 +227,8 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
                val_labels: str | None = None, devkit: str | None = None) -> PackSummary:
     """Pack the images that split's list names into ``<output_path>/<split>[_<image_size>]``.
 
-    The images come from the split's folder or the official archives (``find_archives``);
-    val_labels (devkit: the ground-truth file) labels a flat val/ folder. Raises DataError for
-    anything the user must fix; what was committed stays, so the same call resumes.
-    fork_workers: only for callers that have not used OpenCV (see ``_worker_context``).
+    Raises DataError for anything the user must fix; what was committed stays, so the same call
+    resumes. fork_workers: only for callers that have not used OpenCV (see ``_worker_context``).
     """
     split_dir = os.path.join(image_path, split)
     archives = find_archives(image_path)
@@ -320,7 +267,7 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
         raise DataError(f"cannot open an LMDB at '{lmdb_path}': {exc}") from None
     try:
         line_labels = list_labels(lines, labels, list_file, env.max_key_size())
-        stored = _stored_mask(env, (encode_key(line) for line in lines))
+        stored = _stored_mask(env, lines)
         tasks = [_Task(line, os.path.join(split_dir, *(line.split("/")[-1:] if flat
                                                        else line.split("/"))), label)
                  for line, label, done in zip(lines, line_labels, stored) if not done]
@@ -329,17 +276,18 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
             print(f"{split}: {summary.already_stored} of {len(lines)} images already in "
                   f"'{lmdb_path}'; packing the other {len(tasks)}", flush=True)
         _pack_tasks(env, tasks, summary, workers=workers or default_workers(),
-                    image_size=image_size,
-                    jpeg_quality=jpeg_quality, skip_bad=skip_bad, commit_every=commit_every,
-                    progress=progress, split=split, fork=fork_workers,
+                    image_size=image_size, jpeg_quality=jpeg_quality, skip_bad=skip_bad,
+                    commit_every=commit_every, progress=progress, split=split, fork=fork_workers,
                     archive_items=(_archive_items(archives, split, tasks)
                                    if archives and tasks else None))
-        if summary.skipped:
-            _record_skipped(os.path.join(output_path, f"{split}_skipped.txt"), summary.skipped)
+        if summary.skipped:  # recorded with those an earlier run skipped, and unlisted
+            skipped_file = os.path.join(output_path, f"{split}_skipped.txt")
+            earlier = read_list(skipped_file) if os.path.isfile(skipped_file) else []
             skipped = set(summary.skipped)
+            write_list(skipped_file, sorted(skipped | set(earlier)))
             lines = [line for line in lines if line not in skipped]
             write_list(list_file, lines)
-        stored = _stored_mask(env, map(encode_key, lines))
+        stored = _stored_mask(env, lines)
         missing = [line for line, done in zip(lines, stored) if not done]
         if missing:
             raise DataError(f"check failed: {len(missing)} list lines are not in '{lmdb_path}' "
@@ -351,15 +299,15 @@ def pack_split(image_path: str, list_path: str, output_path: str, split: str,
     return summary
 
 
-def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tuple[_Task, bytes]],
+def _archive_outcomes(pool: multiprocessing.pool.Pool, items: Iterable[tuple[_Task, bytes]],
                       work: functools.partial, window: int) -> Iterator[_Outcome]:
-    """The workers' outcomes for images read from an archive, in archive order.
+    """The workers' outcomes, in archive order: this process reads the next window while they
+    check the last, so at most two windows are in memory. A damaged archive's images before the
+    damage are still packed, then the error is raised."""
+    error = None
 
-    This process reads the next window while the workers check the last one, so at most two
-    windows are in memory. A damaged archive's images before the damage are still packed, then
-    the error is raised.
-    """
     def windows() -> Iterator[list[tuple[_Task, bytes]]]:
+        nonlocal error
         current: list[tuple[_Task, bytes]] = []
         try:
             for item in items:
@@ -367,32 +315,19 @@ def _archive_outcomes(pool: multiprocessing.pool.Pool | None, items: Iterable[tu
                 if len(current) == window:
                     yield current
                     current = []
-        except DataError:
-            if current:
-                yield current
-            raise
+        except DataError as exc:
+            error = exc
         if current:
             yield current
 
-    chunks = windows()
-    previous, error = None, None
-    while True:
-        try:
-            chunk = next(chunks, None)
-        except DataError as exc:
-            chunk, error = None, exc
-        submitted = None
-        if chunk is not None:
-            submitted = (pool.map_async(work, chunk, chunksize=8) if pool is not None
-                         else list(map(work, chunk)))
+    previous = None  # a window, and the workers' pending outcomes for it
+    for chunk in itertools.chain(windows(), [None]):  # None: the last window's turn to finish
+        submitted = None if chunk is None else (chunk, pool.map_async(work, chunk, chunksize=8))
         if previous is not None:
-            done_chunk, result = previous
-            outcomes = result.get() if pool is not None else result
-            for (_, data), outcome in zip(done_chunk, outcomes):
+            done, result = previous
+            for (_, data), outcome in zip(done, result.get()):
                 yield outcome._replace(image_bytes=data) if outcome.kept_as_is else outcome
-        if chunk is None:
-            break
-        previous = (chunk, submitted)
+        previous = submitted
     if error is not None:
         raise error
 
@@ -402,22 +337,21 @@ def _pack_tasks(env: lmdb.Environment, tasks: list[_Task], summary: PackSummary,
                 progress: bool, split: str, fork: bool,
                 archive_items: Iterable[tuple[_Task, bytes]] | None = None) -> None:
     """Prepare the tasks' records in worker processes and commit them in batches: in list order
-    from image files, in archive order from archive_items (the tasks' images, read by this
-    process)."""
-    use_pool = workers > 1 and len(tasks) > 1
+    from image files, in archive order from archive_items (the tasks' images, read here)."""
     pool = (_worker_context(fork).Pool(min(workers, len(tasks)), initializer=_init_worker)
-            if use_pool else None)
+            if workers > 1 and len(tasks) > 1 else None)
     batch: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=len(tasks), desc=split, unit="img", disable=not progress)
     try:
-        if archive_items is not None:
-            work = functools.partial(prepare_bytes, shorter_side=image_size, quality=jpeg_quality)
-            outcomes = _archive_outcomes(pool, archive_items, work, window=max(64, 32 * workers))
+        work = functools.partial(prepare_image if archive_items is None else prepare_bytes,
+                                 shorter_side=image_size, quality=jpeg_quality,
+                                 send_kept=pool is None)
+        if pool is None:
+            outcomes = map(work, tasks if archive_items is None else archive_items)
+        elif archive_items is None:
+            outcomes = pool.imap(work, tasks, chunksize=16)
         else:
-            work = functools.partial(prepare_image, shorter_side=image_size, quality=jpeg_quality,
-                                     send_kept=not use_pool)
-            outcomes = (pool.imap(work, tasks, chunksize=16) if pool is not None
-                        else map(work, tasks))
+            outcomes = _archive_outcomes(pool, archive_items, work, window=max(64, 32 * workers))
         for outcome in outcomes:
             bar.update()
             task = outcome.task

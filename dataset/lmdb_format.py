@@ -1,9 +1,6 @@
-"""The original WSLD LMDB record format, encoded and decoded in this one place.
-
-A record's key is the list line (``wnid/file.JPEG``) and its value is
-``msgpack.packb(image_bytes + label.to_bytes(2, 'little'), use_bin_type=True)``: a single
-msgpack bin object whose last two bytes are the class index. LMDBs built by the original
-tool read unchanged.
+"""The original WSLD LMDB record format, encoded and decoded in this one place: LMDBs built by
+the original tool read unchanged. Key: the list line (``wnid/file.JPEG``); value:
+``msgpack.packb(image_bytes + label.to_bytes(2, 'little'), use_bin_type=True)``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """Write ``<output_path>/<split>_list.txt`` for every split folder of an ImageNet-layout tree.
 
-A split folder is a folder of class folders (``train/n01440764/...``); each list has one
-``wnid/file`` line per image file (.jpeg, .jpg, .png in any case), sorted, so lists are the
-same on every file system. A rerun replaces the lists (the original appended to them, which
-duplicated every line).
-
-    python3 dataset/mk_img_list.py --image_path /path/to/imagenet --output_path /path/to/imagenet
-
-When the image path holds ImageNet's three official archives and no train/ folder, the lists
-come from the archives, which are read in place (see dataset/imagenet_archives.py). With
-``--val_labels`` (Kaggle's LOC_val_solution.csv, or the devkit's ground truth with ``--devkit``),
-a flat val/ folder is listed as if sorted into class folders. Either way the lines are those of
-the sorted class folders: ``n01440764/ILSVRC2012_val_00000293.JPEG``.
-
-The list format itself lives in dataset/image_list.py.
+One sorted ``wnid/file`` line per image file (.jpeg, .jpg, .png in any case) of a split's class
+folders, of the official archives, or of a flat val/ folder with ``--val_labels`` as if sorted
+into class folders. A rerun replaces the lists (the original appended, duplicating every line).
 """
 
 from __future__ import annotations
@@ -25,6 +14,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataset import imagenet_archives  # noqa: E402
 from dataset.image_list import (  # noqa: E402
     class_folders,
     is_image_file,
@@ -33,10 +23,6 @@ from dataset.image_list import (  # noqa: E402
     write_list,
 )
 from utils.errors import DataError  # noqa: E402
-
-__all__ = ["add_label_arguments", "flat_val_labels", "list_flat_images", "list_images", "main",
-           "make_lists",
-           "split_folders"]
 
 
 def split_folders(image_path: str) -> list[str]:
@@ -49,17 +35,13 @@ def split_folders(image_path: str) -> list[str]:
 
 
 def list_images(split_dir: str) -> list[str]:
-    """Sorted ``class/file`` paths (with '/' on every OS) of the image files under split_dir's
-    class folders."""
+    """Sorted ``class/file`` lines ('/' on every OS) of the image files in split_dir's classes."""
     lines = []
     for wnid in class_folders(split_dir):
-        class_dir = os.path.join(split_dir, wnid)
-        for folder, subfolders, files in os.walk(class_dir, followlinks=True):
+        for folder, subfolders, files in os.walk(os.path.join(split_dir, wnid), followlinks=True):
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             relative = os.path.relpath(folder, split_dir).replace(os.sep, "/")
-            for name in files:
-                if not is_image_file(name):
-                    continue
+            for name in filter(is_image_file, files):
                 if "\n" in name or "\r" in name:
                     raise DataError(f"file name {os.path.join(folder, name)!r} has a line break; "
                                     "rename it")
@@ -82,33 +64,25 @@ def list_flat_images(folder: str) -> list[str]:
 
 def flat_val_labels(image_path: str, val_labels: str, devkit: str | None) -> dict[str, str]:
     """Name -> wnid of every image in the flat ``<image_path>/val`` folder, from the labels file."""
-    from dataset.imagenet_archives import read_val_labels
-
     val_dir = os.path.join(image_path, "val")
     if os.path.isdir(val_dir) and visible_subfolders(val_dir):
         raise DataError(f"'{val_dir}' is already in class folders; leave out --val_labels")
-    return read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
+    return imagenet_archives.read_val_labels(val_labels, list_flat_images(val_dir), val_dir, devkit)
 
 
 def make_lists(image_path: str, output_path: str, val_labels: str | None = None,
                devkit: str | None = None) -> dict[str, int]:
-    """Write one list per split (folder, or official archive); returns the number of images per
-    split.
-
-    Every list is worked out before any is written, so that an error leaves the old lists as they
-    were.
-    """
-    from dataset.imagenet_archives import archive_lists, find_archives, val_lines
-
-    archives = find_archives(image_path)
+    """Write one list per split; returns each split's image count. Every list is worked out
+    before any is written, so that an error leaves the old lists as they were."""
+    archives = imagenet_archives.find_archives(image_path)
     if archives is not None:
-        lists = archive_lists(archives, val_labels)
+        lists = imagenet_archives.archive_lists(archives, val_labels)
     else:
         splits = split_folders(image_path)
         lists = {split: list_images(os.path.join(image_path, split)) for split in splits}
         if val_labels is not None:
             wnid_by_name = flat_val_labels(image_path, val_labels, devkit)
-            lists["val"] = val_lines(list(wnid_by_name), wnid_by_name)
+            lists["val"] = imagenet_archives.val_lines(wnid_by_name)
         if not lists:
             raise DataError(f"no split folders (folders of class folders such as train/n01440764/) "
                             f"under '{image_path}', nor the official archives")
