@@ -8,11 +8,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
-BLOCKS = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
-    (1024, 2), (1024, 1),
-)
+BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5,
+          (1024, 2), (1024, 1))
 STEM_CHANNELS = 32
 
 
