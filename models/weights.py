@@ -18,9 +18,7 @@ from torch import Tensor, nn
 
 from utils.errors import DataError, first_line
 
-# Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel,
-# torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # of every key: DDP / DataParallel, torch.compile
 # Keys under which training scripts nest the state dict beside the optimizer, epoch, ...
 NESTING_KEYS = ("state_dict", "model")
 MAX_LISTED_KEYS = 10
@@ -93,11 +91,9 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
     problems = [f"{len(keys)} {what} ({_listed(keys)})" for what, keys in (
         ("missing keys", missing), ("unexpected keys", unexpected),
         ("shapes differ, checkpoint vs model", mismatched)) if keys]
-    if not problems:
-        return
-    target = name or type(model).__name__
-    raise DataError(f"{source} does not fit {target}: {'; '.join(problems)}; "
-                    "check the model name and cfg.model.num_classes")
+    if problems:
+        raise DataError(f"{source} does not fit {name or type(model).__name__}: "
+                        f"{'; '.join(problems)}; check the model name and cfg.model.num_classes")
 
 
 def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -> nn.Module:
