@@ -153,7 +153,6 @@ class _DistillationLoss(_ClassificationLoss):
         self.standardize = bool(standardize)
 
     def soft_logits(self, fc_s: Tensor, fc_t: Tensor) -> tuple[Tensor, Tensor]:
-        """The logits of the soft term divided by T, standardised first when asked."""
         if self.standardize:
             fc_s, fc_t = standardize(fc_s), standardize(fc_t)
         return fc_s / self.temperature, fc_t / self.temperature
@@ -209,13 +208,12 @@ def _kl(log_q: Tensor, log_p: Tensor, keep: Tensor | None = None) -> Tensor:
 
 
 class DKDLoss(_DistillationLoss):
-    """Decoupled KD (Zhao et al., CVPR 2022): ``term_i = warmup * (a * TCKD_i + b * NCKD_i)``.
+    """Decoupled KD (Zhao et al., CVPR 2022): ``term_i = warmup * (a * TCKD_i + b * NCKD_i)``,
+    the KLs of softmax(z / T)'s binary (target, rest) and non-target distributions.
 
-    TCKD is the KL of the binary (target, rest) distributions, NCKD the KL of the distributions
-    over the non-target classes, both of softmax(z / T); warmup = min(epoch / warmup_epochs, 1).
-    The official code takes the log of summed probabilities and masks the target with -1000;
-    here the binary log-probabilities come from the target logit and the log-sum-exp of the
-    rest, and the target is masked with -inf, so certain networks stay finite.
+    Where the official code takes the log of summed probabilities and masks the target with -1000,
+    the binary log-probabilities here come from the target logit and the log-sum-exp of the rest,
+    and the mask is -inf, so certain networks stay finite.
     """
 
     def __init__(self, *args: object, dkd_alpha: float = 1.0, dkd_beta: float = 0.5,
@@ -254,11 +252,9 @@ def _pearson_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 class DISTLoss(_DistillationLoss):
-    """DIST (Huang et al., NeurIPS 2022): ``term = beta * inter + gamma * intra``.
-
-    inter is 1 - the mean Pearson correlation of softmax(z_s / T) and softmax(z_t / T) over each
-    row (sample); intra the same over each column (class) of this process's batch.
-    """
+    """DIST (Huang et al., NeurIPS 2022): ``term = beta * inter + gamma * intra``, 1 - the mean
+    Pearson correlation of softmax(z_s / T) and softmax(z_t / T) over each row (sample), and over
+    each column (class) of this process's batch."""
 
     def __init__(self, *args: object, beta: float = 1.0, gamma: float = 1.0,
                  **kwargs: object) -> None:

@@ -35,8 +35,7 @@ from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
-# Written beside the teacher's checkpoint once its training has finished: the configuration it
-# was trained with. Absent or different, the teacher is trained again.
+# The teacher's configuration, written beside its checkpoint once its training has finished
 TEACHER_RECORD = "trained_with.json"
 # metrics.jsonl's per-epoch share of samples where the student beats the teacher on the label
 SHARE_KEY = "train_regularisation_share"
