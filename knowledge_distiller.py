@@ -225,17 +225,17 @@ class DKDLoss(_DistillationLoss):
 
     def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
         s, t = self.soft_logits(fc_s, fc_t)
-        other = torch.ones_like(s, dtype=torch.bool).scatter_(1, label.long().unsqueeze(1), False)
+        target = label.long().unsqueeze(1)
+        other = torch.ones_like(s, dtype=torch.bool).scatter_(1, target, False)
 
-        def binary(z: Tensor) -> Tensor:  # log (p_target, 1 - p_target)
-            rest = torch.logsumexp(z.masked_fill(~other, -math.inf), 1, keepdim=True)
-            return stable_log_softmax(torch.cat([z.gather(1, label.long().unsqueeze(1)), rest], 1))
+        def log_probs(z: Tensor) -> tuple[Tensor, Tensor]:  # binary (target, rest); non-target
+            rest = z.masked_fill(~other, -math.inf)
+            binary = torch.cat([z.gather(1, target), torch.logsumexp(rest, 1, keepdim=True)], 1)
+            return stable_log_softmax(binary), stable_log_softmax(rest)
 
-        def non_target(z: Tensor) -> Tensor:
-            return stable_log_softmax(z.masked_fill(~other, -math.inf))
-
-        tckd = _kl(binary(t), binary(s))
-        nckd = _kl(non_target(t), non_target(s), other)
+        (binary_s, rest_s), (binary_t, rest_t) = log_probs(s), log_probs(t)
+        tckd = _kl(binary_t, binary_s)
+        nckd = _kl(rest_t, rest_s, other)
         warmup = min(self.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         return warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
 
@@ -310,9 +310,7 @@ def build_loss(cfg: Mapping) -> nn.Module:
 
 def freeze(net: nn.Module) -> nn.Module:
     """Put net in eval mode with gradients off, in place; returns it."""
-    net.eval()
-    net.requires_grad_(False)
-    return net
+    return net.eval().requires_grad_(False)
 
 
 class WSLDistiller(nn.Module):
@@ -320,9 +318,9 @@ class WSLDistiller(nn.Module):
     ``(student logits, loss, loss.batch_stats)``.
 
     The teacher is not a registered submodule, so the optimizer, DDP, ``train()`` and checkpoints
-    never see it; ``.to()`` and the like still move it, through ``_apply``. ``teacher_bn='batch'``
-    runs it in train mode, normalising with each process's batch as the original's
-    ``t_net.train()`` did, with BatchNorm not tracking, so the stored statistics never move.
+    never see it; ``.to()`` and the like still move it, through ``_apply``. ``teacher_bn``:
+    ``'running'``, eval mode; ``'batch'``, train mode with each process's batch, as the original's
+    ``t_net.train()``, BatchNorm not tracking, so the stored statistics never move.
     """
 
     def __init__(self, t_net: nn.Module | None, s_net: nn.Module, loss: nn.Module,
