@@ -1,14 +1,8 @@
-"""Distillation losses and the teacher-student wrapper.
+"""Distillation losses, ``loss(fc_s, fc_t, label)``, and the frozen-teacher wrapper.
 
-The losses share one signature, ``loss(fc_s, fc_t, label)``, and ``build_loss(cfg)`` picks one
-by ``cfg.distill.method``: ``none`` (the student alone), ``kd`` (Hinton et al.), ``wsld`` (Zhou et
-al., ICLR 2021, weighted soft labels), and the logit-based methods it is compared with, ``dkd``
-and ``dist``, each as its official code computes it. ``WSLDistiller`` runs a frozen teacher
-beside the student and hands both outputs to the loss.
-
-All losses are computed in float32 from log-probabilities that stay accurate when a network is
-certain (see ``stable_log_softmax``), so they match the paper's equation to float32 rounding
-for any finite logits.
+``build_loss(cfg)`` picks the loss by ``cfg.distill.method``: the student alone, Hinton's KD, WSLD
+(Zhou et al., ICLR 2021) and the methods it is compared with (DKD, DIST), each as its official code
+computes it. All are float32 and, through ``stable_log_softmax``, accurate for certain networks.
 """
 
 from __future__ import annotations
@@ -28,9 +22,7 @@ from utils.errors import ConfigError
 
 LOSS_METHODS = ("wsld", "kd", "dkd", "dist", "none")
 STANDARDIZED_METHODS = ("kd", "wsld", "dkd")  # those whose soft term logit standardisation changes
-# 'running': the stored statistics (eval mode); 'batch': each process's batch, as the original's
-# train-mode teacher
-TEACHER_BN_MODES = ("running", "batch")
+TEACHER_BN_MODES = ("running", "batch")  # the teacher's BatchNorm statistics; see WSLDistiller
 
 # Added to the teacher's cross-entropy before dividing, as in the paper: a certain, correct
 # teacher (CE_t = 0) then gives the weight 1 wherever the student is not also certain.
@@ -40,9 +32,8 @@ WEIGHT_EPSILON = 1e-7
 def stable_log_softmax(logits: Tensor) -> Tensor:
     """``log_softmax`` over dim 1, accurate to relative rounding even for near-certain rows.
 
-    The usual form rounds the sum to 1 when every other class is far below the top one, so a
-    loss of 1e-9 reads as 0 (and the WSLD weight, a ratio of two, is off by 100%). Here the top
-    class is left out of the sum and ``log1p`` takes the rest, so no term cancels.
+    The usual form rounds the sum to 1, so a loss of 1e-9 reads as 0 (and the WSLD weight, a ratio
+    of two, is off by 100%); here ``log1p`` takes the sum without the top class.
     """
     top, top_index = logits.max(dim=1, keepdim=True)
     shifted = logits - top
@@ -51,33 +42,17 @@ def stable_log_softmax(logits: Tensor) -> Tensor:
 
 
 def hard_cross_entropy(log_probs: Tensor, label: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Per-sample cross-entropy with the label; with smoothing eps the target is
-    ``(1 - eps) * one_hot + eps / C``, as torch and the original define it."""
+    """Per-sample cross-entropy with the target ``(1 - eps) * one_hot + eps / C``, as torch's."""
     nll = -log_probs.gather(1, label.long().unsqueeze(1)).squeeze(1)
     if label_smoothing == 0.0:
         return nll
     return (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=1)
 
 
-def soft_cross_entropy(fc_s: Tensor, fc_t: Tensor, temperature: float) -> Tensor:
-    """Per-sample cross-entropy of the softened distributions: the paper's ``soft_i``, the KL
-    divergence plus the teacher's entropy, which has no gradient."""
-    teacher_probs = F.softmax(fc_t / temperature, dim=1)
-    return -(teacher_probs * stable_log_softmax(fc_s / temperature)).sum(dim=1)
-
-
 def standardize(logits: Tensor) -> Tensor:
-    """Logit standardisation (Sun et al., CVPR 2024): each row to zero mean and unit unbiased std,
-    as the official code writes it, ``(z - mean) / (1e-7 + std)``, so that the student need not
-    match the teacher's logit range, only its shape."""
+    """Logit standardisation (Sun et al., CVPR 2024), with the official 1e-7 and unbiased std:
+    the student need not match the teacher's logit range, only its shape."""
     return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
-
-
-def label_cross_entropies(fc_s: Tensor, fc_t: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample un-softened cross-entropies (CE_s, CE_t) on the label, float32, no gradient."""
-    with torch.no_grad():
-        return (hard_cross_entropy(stable_log_softmax(fc_s.detach().float()), label),
-                hard_cross_entropy(stable_log_softmax(fc_t.detach().float()), label))
 
 
 def wsld_weights(ce_s: Tensor, ce_t: Tensor) -> Tensor:
@@ -95,7 +70,8 @@ def _number(key: str, value: object, positive: bool = False) -> float:
 
 
 class _ClassificationLoss(nn.Module):
-    """Shared checks, the float32 hard term ``ce_weight * CE(s, y)`` and the batch statistics."""
+    """Shared checks, the float32 loss ``ce_weight * CE(s, y)`` (with a teacher, plus
+    ``alpha * T^2 * mean_i term_i``) and the batch statistics."""
 
     needs_teacher: bool = True
     epoch: int = 1  # 1-based, as the official DKD trainer counts; see set_epoch
@@ -127,17 +103,27 @@ class _ClassificationLoss(nn.Module):
             raise ValueError(f"teacher logits must have the student's shape {tuple(fc_s.shape)}, "
                              f"got {got}")
 
-    def _hard(self, log_probs_s: Tensor, label: Tensor) -> Tensor:
-        return self.ce_weight * hard_cross_entropy(log_probs_s, label, self.label_smoothing).mean()
+    def forward(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> Tensor:
+        self._check(fc_s, fc_t, label)
+        # Logits may arrive in bf16/fp16 from an autocast region; the loss is always float32.
+        with torch.autocast(device_type=fc_s.device.type, enabled=False):
+            fc_s = fc_s.float()
+            log_probs_s = stable_log_softmax(fc_s)
+            ce = hard_cross_entropy(log_probs_s, label, self.label_smoothing)
+            hard = self.ce_weight * ce.mean()
+            if not self.needs_teacher:
+                return hard
+            term = self.term(fc_s, fc_t.detach().float(), label, log_probs_s).mean()
+            return hard + (self.alpha * self.temperature ** 2) * term
 
     def batch_stats(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> dict[str, Tensor]:
-        """Detached 0-dim float32 batch sums for the training log, computed on the device:
-        ``regularisation_samples``, the samples where the student beats the teacher on the label
-        (CE_s < CE_t, the paper's regularisation samples), for every loss with a teacher."""
+        """Detached 0-dim float32 batch sums for the training log, on the device: with a teacher,
+        ``regularisation_samples``, where the student beats it on the label (CE_s < CE_t)."""
         if not self.needs_teacher or fc_t is None:
             return {}
-        with torch.autocast(device_type=fc_s.device.type, enabled=False):
-            ce_s, ce_t = label_cross_entropies(fc_s, fc_t, label)
+        with torch.autocast(device_type=fc_s.device.type, enabled=False), torch.no_grad():
+            ce_s, ce_t = (hard_cross_entropy(stable_log_softmax(z.detach().float()), label)
+                          for z in (fc_s, fc_t))
             stats = {"regularisation_samples": (ce_s < ce_t).float().sum()}
             return {**stats, **self._stats(ce_s, ce_t)}
 
@@ -154,14 +140,9 @@ class CrossEntropyLoss(_ClassificationLoss):
 
     needs_teacher = False
 
-    def forward(self, fc_s: Tensor, fc_t: Tensor | None, label: Tensor) -> Tensor:
-        self._check(fc_s, fc_t, label)
-        with torch.autocast(device_type=fc_s.device.type, enabled=False):
-            return self._hard(stable_log_softmax(fc_s.float()), label)
-
 
 class _DistillationLoss(_ClassificationLoss):
-    """``ce_weight * CE(s, y) + alpha * T^2 * mean_i term_i``; subclasses give term_i."""
+    """The losses with a teacher, softened by temperature T; subclasses give term_i."""
 
     def __init__(self, temperature: float = 2.0, alpha: float = 2.5, num_classes: int = 1000,
                  label_smoothing: float = 0.0, ce_weight: float = 1.0,
@@ -172,7 +153,6 @@ class _DistillationLoss(_ClassificationLoss):
         self.standardize = bool(standardize)
 
     def soft_logits(self, fc_s: Tensor, fc_t: Tensor) -> tuple[Tensor, Tensor]:
-        """The logits of the soft term divided by T, standardised first when asked."""
         if self.standardize:
             fc_s, fc_t = standardize(fc_s), standardize(fc_t)
         return fc_s / self.temperature, fc_t / self.temperature
@@ -181,15 +161,6 @@ class _DistillationLoss(_ClassificationLoss):
         """The distillation term, per sample or already averaged, before ``alpha * T^2``."""
         raise NotImplementedError
 
-    def forward(self, fc_s: Tensor, fc_t: Tensor, label: Tensor) -> Tensor:
-        self._check(fc_s, fc_t, label)
-        # Logits may arrive in bf16/fp16 from an autocast region; the loss is always float32.
-        with torch.autocast(device_type=fc_s.device.type, enabled=False):
-            fc_s, fc_t = fc_s.float(), fc_t.detach().float()
-            log_probs_s = stable_log_softmax(fc_s)
-            term = self.term(fc_s, fc_t, label, log_probs_s).mean()
-            return self._hard(log_probs_s, label) + (self.alpha * self.temperature ** 2) * term
-
     def extra_repr(self) -> str:
         standardize = ", logit_standardization=True" if self.standardize else ""
         return (f"temperature={self.temperature}, alpha={self.alpha}, " + super().extra_repr()
@@ -197,21 +168,21 @@ class _DistillationLoss(_ClassificationLoss):
 
 
 class KDLoss(_DistillationLoss):
-    """Hinton's knowledge distillation: ``CE(s, y) + alpha * T^2 * mean_i soft_i`` (see
-    ``soft_cross_entropy``: the KL divergence's gradient)."""
+    """Hinton's knowledge distillation: ``CE(s, y) + alpha * T^2 * mean_i soft_i``, soft_i the
+    cross-entropy of the softened outputs (the KL divergence plus the teacher's entropy, which has
+    no gradient)."""
 
     def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
         s, t = self.soft_logits(fc_s, fc_t)
-        return soft_cross_entropy(s, t, 1.0)
+        return -(F.softmax(t, dim=1) * stable_log_softmax(s)).sum(dim=1)
 
 
 class WSLDLoss(KDLoss):
     """Weighted soft label distillation: ``CE(s, y) + alpha * T^2 * mean_i w_i * soft_i``.
 
-    ``w_i = 1 - exp(-CE_s,i / (CE_t,i + 1e-7))`` from the un-softened, un-smoothed
-    cross-entropies: near 0 where the student already beats the teacher on the true class (the
-    soft label would only add variance), near 1 where it lags. The weight carries no gradient,
-    and is computed from the raw logits even when the soft term's are standardised.
+    ``w_i`` (``wsld_weights``) from the raw, un-smoothed CE_s and CE_t: near 0 where the student
+    already beats the teacher on the true class (the soft label would only add variance), near 1
+    where it lags. It carries no gradient and ignores logit standardisation.
     """
 
     def sample_weights(self, log_probs_s: Tensor, fc_t: Tensor, label: Tensor) -> Tensor:
@@ -237,13 +208,12 @@ def _kl(log_q: Tensor, log_p: Tensor, keep: Tensor | None = None) -> Tensor:
 
 
 class DKDLoss(_DistillationLoss):
-    """Decoupled KD (Zhao et al., CVPR 2022): ``term_i = warmup * (a * TCKD_i + b * NCKD_i)``.
+    """Decoupled KD (Zhao et al., CVPR 2022): ``term_i = warmup * (a * TCKD_i + b * NCKD_i)``,
+    the KLs of softmax(z / T)'s binary (target, rest) and non-target distributions.
 
-    TCKD is the KL of the binary (target, rest) distributions, NCKD the KL of the distributions
-    over the non-target classes, both of softmax(z / T); warmup = min(epoch / warmup_epochs, 1).
-    The official code takes the log of summed probabilities and masks the target with -1000;
-    here the binary log-probabilities come from the target logit and the log-sum-exp of the
-    rest, and the target is masked with -inf, so certain networks stay finite.
+    Where the official code takes the log of summed probabilities and masks the target with -1000,
+    the binary log-probabilities here come from the target logit and the log-sum-exp of the rest,
+    and the mask is -inf, so certain networks stay finite.
     """
 
     def __init__(self, *args: object, dkd_alpha: float = 1.0, dkd_beta: float = 0.5,
@@ -255,17 +225,17 @@ class DKDLoss(_DistillationLoss):
 
     def term(self, fc_s: Tensor, fc_t: Tensor, label: Tensor, log_probs_s: Tensor) -> Tensor:
         s, t = self.soft_logits(fc_s, fc_t)
-        other = torch.ones_like(s, dtype=torch.bool).scatter_(1, label.long().unsqueeze(1), False)
+        target = label.long().unsqueeze(1)
+        other = torch.ones_like(s, dtype=torch.bool).scatter_(1, target, False)
 
-        def binary(z: Tensor) -> Tensor:  # log (p_target, 1 - p_target)
-            rest = torch.logsumexp(z.masked_fill(~other, -math.inf), 1, keepdim=True)
-            return stable_log_softmax(torch.cat([z.gather(1, label.long().unsqueeze(1)), rest], 1))
+        def log_probs(z: Tensor) -> tuple[Tensor, Tensor]:  # binary (target, rest); non-target
+            rest = z.masked_fill(~other, -math.inf)
+            binary = torch.cat([z.gather(1, target), torch.logsumexp(rest, 1, keepdim=True)], 1)
+            return stable_log_softmax(binary), stable_log_softmax(rest)
 
-        def non_target(z: Tensor) -> Tensor:
-            return stable_log_softmax(z.masked_fill(~other, -math.inf))
-
-        tckd = _kl(binary(t), binary(s))
-        nckd = _kl(non_target(t), non_target(s), other)
+        (binary_s, rest_s), (binary_t, rest_t) = log_probs(s), log_probs(t)
+        tckd = _kl(binary_t, binary_s)
+        nckd = _kl(rest_t, rest_s, other)
         warmup = min(self.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs else 1.0
         return warmup * (self.dkd_alpha * tckd + self.dkd_beta * nckd)
 
@@ -282,11 +252,9 @@ def _pearson_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 class DISTLoss(_DistillationLoss):
-    """DIST (Huang et al., NeurIPS 2022): ``term = beta * inter + gamma * intra``.
-
-    inter is 1 - the mean Pearson correlation of softmax(z_s / T) and softmax(z_t / T) over each
-    row (sample); intra the same over each column (class) of this process's batch.
-    """
+    """DIST (Huang et al., NeurIPS 2022): ``term = beta * inter + gamma * intra``, 1 - the mean
+    Pearson correlation of softmax(z_s / T) and softmax(z_t / T) over each row (sample), and over
+    each column (class) of this process's batch."""
 
     def __init__(self, *args: object, beta: float = 1.0, gamma: float = 1.0,
                  **kwargs: object) -> None:
@@ -333,9 +301,8 @@ def build_loss(cfg: Mapping) -> nn.Module:
     alpha = 1.0 if d["method"] == "dkd" else d["alpha"]
     args = (d["temperature"], alpha, *base, d["logit_standardization"])
     if d["method"] == "dkd":
-        dkd = d["dkd"]
-        return DKDLoss(*args, dkd_alpha=dkd["alpha"], dkd_beta=dkd["beta"],
-                       warmup_epochs=dkd["warmup_epochs"])
+        return DKDLoss(*args, dkd_alpha=d["dkd"]["alpha"], dkd_beta=d["dkd"]["beta"],
+                       warmup_epochs=d["dkd"]["warmup_epochs"])
     if d["method"] == "dist":
         return DISTLoss(*args, beta=d["dist"]["beta"], gamma=d["dist"]["gamma"])
     return (WSLDLoss if d["method"] == "wsld" else KDLoss)(*args)
@@ -343,23 +310,17 @@ def build_loss(cfg: Mapping) -> nn.Module:
 
 def freeze(net: nn.Module) -> nn.Module:
     """Put net in eval mode with gradients off, in place; returns it."""
-    net.eval()
-    net.requires_grad_(False)
-    return net
+    return net.eval().requires_grad_(False)
 
 
 class WSLDistiller(nn.Module):
-    """A trainable student, a frozen teacher and the loss between them.
+    """A trainable student, a frozen teacher and the loss; ``forward(x, label)`` returns
+    ``(student logits, loss, loss.batch_stats)``.
 
-    ``forward(x, label)`` returns ``(student logits, loss, stats)``, stats being the loss's
-    ``batch_stats``. The teacher is held outside the registered submodules: ``parameters()``,
-    ``state_dict()``, ``train()`` and DDP see only the student (and the loss), so the teacher never
-    reaches the optimizer or DDP's gradient buckets, and checkpoints do not store it again.
-    ``.to()``/``.cuda()``/``.half()`` still move it, through ``_apply``.
-
-    ``teacher_bn='running'`` runs the teacher in eval mode; ``'batch'`` in train mode, normalising
-    with each process's batch as the original's ``t_net.train()`` did, its BatchNorm layers set
-    not to track statistics, so the stored ones never move (and eval mode still uses them).
+    The teacher is not a registered submodule, so the optimizer, DDP, ``train()`` and checkpoints
+    never see it; ``.to()`` and the like still move it, through ``_apply``. ``teacher_bn``:
+    ``'running'``, eval mode; ``'batch'``, train mode with each process's batch, as the original's
+    ``t_net.train()``, BatchNorm not tracking, so the stored statistics never move.
     """
 
     def __init__(self, t_net: nn.Module | None, s_net: nn.Module, loss: nn.Module,
@@ -413,14 +374,11 @@ class WSLDistiller(nn.Module):
 
 
 def build_distiller(cfg: Mapping, loss: nn.Module, device: torch.device) -> WSLDistiller:
-    """cfg.model's student, and its teacher when the loss needs one, on device in the memory
-    format the networks use there."""
-    memory_format = memory_format_for(device)
-    teacher = None
-    if loss.needs_teacher:
-        teacher = build_model(cfg["model"]["teacher"], cfg["model"]["num_classes"],
-                              cfg["model"]["teacher_weights"])
-    student = build_model(cfg["model"]["student"], cfg["model"]["num_classes"],
-                          cfg["model"]["student_weights"] or None)
+    """cfg.model's student, and its teacher when the loss needs one, on device in its memory
+    format."""
+    model = cfg["model"]
+    teacher = (build_model(model["teacher"], model["num_classes"], model["teacher_weights"])
+               if loss.needs_teacher else None)
+    student = build_model(model["student"], model["num_classes"], model["student_weights"] or None)
     distiller = WSLDistiller(teacher, student, loss, teacher_bn=cfg["distill"]["teacher_bn"])
-    return distiller.to(device, memory_format=memory_format)
+    return distiller.to(device, memory_format=memory_format_for(device))

@@ -1,12 +1,7 @@
-"""The demo: the paper's table in miniature on scikit-learn's handwritten digits.
-
-    python3 train_with_distillation.py --demo
-
-builds ./demo_data once (real 8x8 digit scans as 32 px RGB JPEGs in ImageNet's folder layout),
-packs it with dataset/mk_img_list.py and dataset/img2lmdb.py, then trains the three rows below
-with the same code that trains on ImageNet. Command-line overrides apply to every row, e.g.
-``train_params.epochs=1`` for a quick check; ``train_params.epochs`` is the students' count, and
-the teacher trains ``epochs_factor`` times as many.
+"""The demo, ``train_with_distillation.py --demo``: the paper's table in miniature on
+scikit-learn's 8x8 digits (./demo_data, as 32 px JPEGs in ImageNet's layout). Command-line
+overrides apply to every row; ``train_params.epochs`` is the students' count, and the teacher
+trains ``epochs_factor`` times as many.
 """
 
 base = "../imagenet_train_cfg.py"
@@ -21,8 +16,7 @@ overrides = {
     "model.num_classes": 10,
     "train_params.epochs": 2,
     "train_params.print_freq": 10,
-    # one line per epoch; the configuration and step lines go to log.txt
-    "train_params.quiet": True,
+    "train_params.quiet": True,  # one line per epoch; the configuration and steps go to log.txt
     "train_params.eval_teacher": False,  # the table's first row already reports the teacher
     "train_params.output_dir": "./output/demo",
     "train_params.use_seed": True,
@@ -36,11 +30,10 @@ overrides = {
     "distill.alpha": 1.0,
 }
 
-# The rows of the table, trained in this order, each in <output_dir>/<name>. The student rows
-# distil from the teacher row's best checkpoint, and differ in distill.method alone. The teacher
-# is trained separately and for longer, as the paper's teacher is a fully trained model: a
-# ResNet-34 given the students' epochs ends below a ResNet-18 alone, and would have nothing to
-# teach.
+# The rows of the table, trained in this order, each in <output_dir>/<name>. The students distil
+# from the teacher row's best checkpoint and differ in distill.method alone. The teacher trains
+# longer, as the paper's is fully trained: given the students' epochs, a ResNet-34 ends below a
+# ResNet-18 alone.
 runs = [
     dict(name="teacher", network="ResNet 34", method="Teacher", epochs_factor=2,
          overrides={"model.student": "resnet34", "distill.method": "none"}),

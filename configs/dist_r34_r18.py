@@ -1,9 +1,6 @@
 """DIST (Huang et al., NeurIPS 2022), ResNet-34 -> ResNet-18 on ImageNet, as
 hunto/image_classification_sota's ``configs/strategies/distill/resnet_dist.yaml`` trains it
-(32 images per GPU on 8 GPUs; published: 72.07 % top-1).
-
-    python3 train_with_distillation.py --cfg configs/dist_r34_r18.py data.data_path=DIR
-"""
+(32 images per GPU on 8 GPUs; published: 72.07 % top-1); README.md has the command."""
 
 base = "../imagenet_train_cfg.py"
 

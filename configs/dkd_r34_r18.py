@@ -1,8 +1,6 @@
 """DKD (Zhao et al., CVPR 2022), ResNet-34 -> ResNet-18 on ImageNet, as mdistiller's
-``configs/imagenet/r34_r18/dkd.yaml`` trains it (published: 71.70 % top-1).
-
-    python3 train_with_distillation.py --cfg configs/dkd_r34_r18.py data.data_path=DIR
-"""
+``configs/imagenet/r34_r18/dkd.yaml`` trains it (published: 71.70 % top-1); README.md has the
+command."""
 
 base = "../imagenet_train_cfg.py"
 

@@ -1,9 +1,6 @@
 """KD with logit standardisation (Sun et al., CVPR 2024), ResNet-34 -> ResNet-18 on ImageNet, as
 its official runs (sunshangquan/logit-standardization-KD, mdistiller's ImageNet schedule; its
-official log's best top-1: 71.45 %).
-
-    python3 train_with_distillation.py --cfg configs/kd_ls_r34_r18.py data.data_path=DIR
-"""
+official log's best top-1: 71.45 %); README.md has the command."""
 
 base = "../imagenet_train_cfg.py"
 

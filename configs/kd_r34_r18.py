@@ -1,8 +1,5 @@
 """Hinton's KD as mdistiller's ImageNet baseline trains it, ResNet-34 -> ResNet-18
-(``configs/imagenet/r34_r18/kd.yaml``; published: 71.03 % top-1).
-
-    python3 train_with_distillation.py --cfg configs/kd_r34_r18.py data.data_path=DIR
-"""
+(``configs/imagenet/r34_r18/kd.yaml``; published: 71.03 % top-1); README.md has the command."""
 
 base = "../imagenet_train_cfg.py"
 

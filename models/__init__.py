@@ -1,9 +1,5 @@
-"""Networks: torchvision's ResNets and MobileNetV1, with safe weight loading.
-
-The ResNets are torchvision's own architectures, so their state-dict keys are the official ones
-and torchvision's IMAGENET1K_V1 files load into them unchanged. Every network's classifier (fc)
-computes in float32 under autocast (models/classifier.py), under the same keys.
-"""
+"""Networks: torchvision's own ResNets (so its IMAGENET1K_V1 files load unchanged) and
+MobileNetV1, each with a float32 classifier (models/classifier.py), and safe weight loading."""
 
 from __future__ import annotations
 
@@ -48,10 +44,8 @@ def teacher_student_names(net_type: str, teacher: str = "", student: str = "") -
 
 
 def official_weights_path(name: str) -> str:
-    """The cached file of torchvision's IMAGENET1K_V1 weights for name, downloaded if absent.
-
-    Useful to fetch the file once (on one process) before several processes load it.
-    """
+    """The cached file of torchvision's IMAGENET1K_V1 weights for name, downloaded if absent
+    (fetch it on one process before several load it)."""
     _, official = _architecture(name)
     if official is None:
         raise ConfigError(f"torchvision has no official weights for '{name}'; "
@@ -61,22 +55,17 @@ def official_weights_path(name: str) -> str:
 
 def build_model(name: str, num_classes: int = 1000,
                 weights: PathOrState | None = None) -> nn.Module:
-    """Build a network and load its weights.
-
-    weights: None or '' for random initialisation; 'torchvision' for the official ImageNet
-    weights (1000 classes only); otherwise a checkpoint file (a state dict, or one under
-    'state_dict'/'model', ``module.`` prefixes allowed) or a state mapping.
-    Raises ConfigError for a bad name or combination and DataError for weights that are
-    missing or cannot be used.
-    """
+    """Build a network and load its weights: None or '' for random initialisation, 'torchvision'
+    for the official ImageNet weights (1000 classes only), or a checkpoint file or state mapping
+    (see models.weights). ConfigError for a bad name or combination, DataError for bad weights."""
     constructor, _ = _architecture(name)
     if num_classes < 1:
         raise ConfigError(f"num_classes must be positive, got {num_classes}")
-    if weights == OFFICIAL_WEIGHTS and num_classes != 1000:
-        raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes is "
-                          f"{num_classes}; train this model from scratch or pass a local weights "
-                          "file")
     if weights == OFFICIAL_WEIGHTS:
+        if num_classes != 1000:
+            raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes "
+                              f"is {num_classes}; train this model from scratch or pass a local "
+                              "weights file")
         weights = official_weights_path(name)  # fetched (or found cached) before the model is built
     model = constructor(num_classes=num_classes)
     model.fc = float32_classifier(model.fc)

@@ -1,9 +1,6 @@
-"""A classifier layer that computes in float32 under autocast.
-
-Under bf16 autocast a plain ``nn.Linear`` would round the logits to an 8-bit mantissa (steps of
-0.06 to 0.125 for logits between 8 and 32) before the loss, the WSLD weight and the top-k counts
-see them. The final layer is one small matmul, so running it in float32 costs nothing measurable.
-"""
+"""A classifier layer that computes in float32 under autocast, where bf16 would round the logits
+to steps of 0.06 to 0.125 (for logits of 8 to 32) before the loss, the WSLD weight and the top-k
+counts see them. It is one small matmul, so float32 costs nothing measurable."""
 
 from __future__ import annotations
 

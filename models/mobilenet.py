@@ -1,8 +1,6 @@
 """MobileNetV1 (Howard et al., 2017), the student of the ResNet-50 pair; torchvision has none.
 
-The standard 1.0-width ImageNet network: a 3x3 stride-2 convolution to 32 channels, 13
-depthwise-separable blocks up to 1024 channels (overall stride 32), global average pooling
-and a linear classifier; about 4.2M parameters at 1000 classes.
+The standard 1.0-width ImageNet network, overall stride 32, about 4.2M parameters.
 """
 
 from __future__ import annotations
@@ -10,11 +8,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
-BLOCKS = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
-    (1024, 2), (1024, 1),
-)
+BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5,
+          (1024, 2), (1024, 1))
 STEM_CHANNELS = 32
 
 
@@ -31,10 +26,8 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: 
 
 def depthwise_separable(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     """A 3x3 depthwise convolution (carrying the stride), then a 1x1 pointwise one."""
-    return nn.Sequential(
-        conv_bn_relu(in_channels, in_channels, 3, stride, groups=in_channels),
-        conv_bn_relu(in_channels, out_channels, 1),
-    )
+    return nn.Sequential(conv_bn_relu(in_channels, in_channels, 3, stride, groups=in_channels),
+                         conv_bn_relu(in_channels, out_channels, 1))
 
 
 class MobileNetV1(nn.Module):
@@ -53,7 +46,6 @@ class MobileNetV1(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal convolutions for ReLU, unit BatchNorm, a small random classifier."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

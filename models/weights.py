@@ -1,9 +1,7 @@
-"""Loading weights safely: local checkpoints in their common forms, and torchvision's official
-files.
+"""Loading weights safely: local checkpoints in their common forms, and torchvision's files.
 
-Every file goes through ``torch.load(weights_only=True)``: only tensors and plain containers are
-unpickled, so a checkpoint that would run code is refused before any of it runs. Keys must match
-the model exactly; nothing is copied into the model until they do.
+``torch.load(weights_only=True)`` refuses a checkpoint that would run code before any of it runs.
+Keys must match the model exactly; nothing is copied into the model until they do.
 """
 
 from __future__ import annotations
@@ -20,21 +18,17 @@ from torch import Tensor, nn
 
 from utils.errors import DataError, first_line
 
-# Wrappers whose checkpoints prefix every key: DistributedDataParallel / DataParallel,
-# torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # of every key: DDP / DataParallel, torch.compile
 # Keys under which training scripts nest the state dict beside the optimizer, epoch, ...
 NESTING_KEYS = ("state_dict", "model")
 MAX_LISTED_KEYS = 10
 
 PathOrState = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """The unpickled contents of a checkpoint file, tensors on the CPU.
 
-    Raises DataError for a file that is missing, unreadable, or
-    would run code when unpickled.
-    """
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """The unpickled contents of a checkpoint file, tensors on the CPU; DataError if it cannot be
+    read or would run code."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"weights file '{path}' does not exist; check the path")
@@ -42,35 +36,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise DataError(f"weights path '{path}' is a directory; pass the checkpoint file inside it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        blocked = _blocked_global(str(exc))
-        if blocked is not None:
+    except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
+        # The weights-only unpickler names the global it refused.
+        blocked = isinstance(exc, pickle.UnpicklingError) and (
+            re.search(r"GLOBAL ([\w.]+)", str(exc))
+            or re.search(r"([\w.]+) was not an allowed global", str(exc)))
+        if blocked:
             raise DataError(
-                f"refused to load '{path}': it holds a Python object ({blocked}) that could run "
+                f"refused to load '{path}': it holds a Python object ({blocked[1]}) that could run "
                 "code when unpickled; load it only if you trust it and re-save just the tensors "
                 "with torch.save(model.state_dict(), path)") from None
         raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
                         f"({first_line(exc)}); is the file complete?") from None
-    except Exception as exc:  # torch.load fails in many ways on damaged files (zip, EOF, OS errors)
-        raise DataError(f"cannot read '{path}': not a PyTorch checkpoint, or corrupt "
-                        f"({first_line(exc)}); is the file complete?") from None
-
-
-def _blocked_global(message: str) -> str | None:
-    """The name of the global the weights-only unpickler refused, if that is why it failed."""
-    for pattern in (r"GLOBAL ([\w.]+)", r"([\w.]+) was not an allowed global"):
-        match = re.search(pattern, message)
-        if match:
-            return match.group(1)
-    return None
 
 
 def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, Tensor]:
-    """The parameter tensors of a checkpoint, wrapper prefixes removed.
-
-    Accepts a plain state dict, or one nested under 'state_dict' or 'model' (at any depth), with
-    keys carrying a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix or not.
-    """
+    """The parameter tensors of a checkpoint, nested under NESTING_KEYS at any depth or not, with
+    WRAPPER_PREFIXES removed."""
     state = checkpoint
     while isinstance(state, Mapping):
         nested = next((state[k] for k in NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -87,52 +69,36 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str,
                         f"({_listed(not_tensors)}); expected tensors by parameter name, or a "
                         f"dict with them under {' or '.join(map(repr, NESTING_KEYS))}")
     state = {str(k): v for k, v in state.items()}
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(key.startswith(prefix) for key in state):
-                state = {key[len(prefix):]: value for key, value in state.items()}
-                stripped = True
+    while prefix := next((p for p in WRAPPER_PREFIXES
+                          if all(key.startswith(p) for key in state)), None):
+        state = {key[len(prefix):]: value for key, value in state.items()}
     return state
 
 
 def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    if len(keys) > MAX_LISTED_KEYS:
-        shown += f", ... ({len(keys) - MAX_LISTED_KEYS} more)"
-    return shown
+    more = len(keys) - MAX_LISTED_KEYS
+    return ", ".join(keys[:MAX_LISTED_KEYS]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str,
                      name: str = "") -> None:
-    """Raise DataError, listing the differences, unless state fits model key for key and shape for
-    shape."""
+    """Raise DataError, listing the differences, unless state fits model key for key and shape."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if not (missing or unexpected or mismatched):
-        return
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({_listed(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_listed(unexpected)})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shapes differ, checkpoint vs model "
-                        f"({_listed(mismatched)})")
-    target = name or type(model).__name__
-    raise DataError(f"{source} does not fit {target}: {'; '.join(problems)}; "
-                    "check the model name and cfg.model.num_classes")
+    problems = [f"{len(keys)} {what} ({_listed(keys)})" for what, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("shapes differ, checkpoint vs model", mismatched)) if keys]
+    if problems:
+        raise DataError(f"{source} does not fit {name or type(model).__name__}: "
+                        f"{'; '.join(problems)}; check the model name and cfg.model.num_classes")
 
 
 def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -> nn.Module:
-    """Load a checkpoint file or a state mapping into model, strictly; returns model.
-
-    On any error (a DataError) the model is left as it was.
-    """
+    """Load a checkpoint file or a state mapping into model, strictly, and return it; on any
+    error (a DataError) the model is left as it was."""
     if isinstance(path_or_state, Mapping):
         source, checkpoint = "the given state dict", path_or_state
     else:
@@ -145,11 +111,8 @@ def load_weights(model: nn.Module, path_or_state: PathOrState, name: str = "") -
 
 
 def official_checkpoint(url: str) -> str:
-    """The local path of an official weights file: torch hub's cache, downloaded there if absent.
-
-    Raises DataError, naming the file and the folder it belongs in, when it cannot be had
-    (offline, say).
-    """
+    """The local path of an official weights file in torch hub's cache, downloaded if absent;
+    DataError, naming the file and the folder it belongs in, when it cannot be had (offline)."""
     filename = os.path.basename(urlparse(url).path)
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     path = os.path.join(folder, filename)

@@ -1,15 +1,9 @@
-"""The demo behind ``train_with_distillation.py --demo``: the paper's table in miniature.
+"""The demo behind ``train_with_distillation.py --demo``: the paper's table in miniature, in
+minutes, through the ImageNet pipeline (folders -> list -> LMDB -> DDP) on scikit-learn's digits;
+the rows are configs/demo_cfg.py's. The teacher takes longest, so a finished one is reused.
 
-It runs the pipeline a user runs on ImageNet (folders -> list -> LMDB -> DDP training), on
-real digit scans that scikit-learn ships, so a fresh machine shows the method working in
-minutes. What to train lives in the demo's config module (configs/demo_cfg.py), not here.
-
-The teacher row takes longest, and the students only read its best checkpoint, so a finished
-teacher is kept and reused by the next demo whose teacher configuration is the same.
-
-The driver trains nothing and reads no images itself: the script hands it the training call and
-the data preparation (``dataset.demo_data.prepare_demo_data``), so that no module of utils/
-imports dataset/. From the layers above it reads only the loss names, to check ``--methods``.
+The script hands in the training and the data preparation, so that no module of utils/ imports
+dataset/; from above, only the loss names are read, to check ``--methods``.
 """
 
 from __future__ import annotations
@@ -41,11 +35,9 @@ from utils.logger import CURVES_NAME, LOG_NAME, METRICS_NAME, read_metrics
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "demo_cfg.py")
 CPU_PROCESSES = 2  # DDP on the CPU: the demo shows the distributed path even without a GPU
-# Written beside the teacher's checkpoint once its training has finished: the configuration it
-# was trained with. Absent or different, the teacher is trained again.
+# The teacher's configuration, written beside its checkpoint once its training has finished
 TEACHER_RECORD = "trained_with.json"
-# The metrics.jsonl key of the share of training samples whose student beats the teacher on the
-# label (WSLD's regularisation samples); written per epoch for the rows with a teacher.
+# metrics.jsonl's per-epoch share of samples where the student beats the teacher on the label
 SHARE_KEY = "train_regularisation_share"
 
 
@@ -79,14 +71,10 @@ def method_runs(runs: Sequence[dict], methods: Sequence[str], default_method: st
         raise ConfigError("--methods copies the demo config's last student row, and its 'runs' "
                           "hold only the teacher; add a student row to them")
     present = {run["overrides"].get("distill.method", default_method) for run in runs[1:]}
-    template, added = runs[-1], []
-    for method in methods:
-        if method in present:
-            continue
-        present.add(method)
-        added.append(dict(template, name=method, method=method.upper(),
-                          overrides={**template["overrides"], "distill.method": method}))
-    return added
+    template = runs[-1]
+    return [dict(template, name=method, method=method.upper(),
+                 overrides={**template["overrides"], "distill.method": method})
+            for method in dict.fromkeys(methods) if method not in present]
 
 
 def run_configs(cfg_path: str, overrides: Sequence[str],
@@ -94,8 +82,7 @@ def run_configs(cfg_path: str, overrides: Sequence[str],
     """(row description, config) for each row of the demo, the user's overrides applied to all;
     methods adds a student row for each distill.method the config's rows do not already train."""
     names = split_methods(methods)
-    module = load_config_module(cfg_path)
-    runs = getattr(module, "runs", None)
+    runs = getattr(load_config_module(cfg_path), "runs", None)
     if not runs:
         raise ConfigError(f"demo config '{cfg_path}' defines no 'runs'")
     defaults = load_config_file(cfg_path)
@@ -137,8 +124,7 @@ def last_share(output_dir: str) -> float | None:
 
 
 def format_table(rows: Sequence[DemoRow], total_seconds: float) -> str:
-    """The demo's table in Markdown, then its total time. The regularisation share (the share of
-    training samples where the student beats the teacher on the label) is '-' where unknown."""
+    """The demo's table in Markdown, then its total time; '-' for an unknown share."""
     lines = ["| Network | Method | top-1 acc | top-5 acc | time | regularisation share |",
              "|:---:|:---:|:---:|:---:|:---:|:---:|"]
     for r in rows:
@@ -168,12 +154,9 @@ def cached_teacher(cfg: AttrDict) -> bool:
 
 
 def train_teacher(train: Callable[[AttrDict], None], cfg: AttrDict) -> None:
-    """Train the teacher row, recording its configuration only once it has finished.
-
-    The record goes first, so a run stopped halfway through is never taken for a finished one.
-    """
+    """Train the teacher row, recording its configuration (as asked for, before train() sees it)
+    only once it has finished, so that a run stopped halfway is never taken for a finished one."""
     record = os.path.join(cfg.train_params.output_dir, TEACHER_RECORD)
-    # as asked for, before train() sees it
     trained_with = json.dumps(_as_json(cfg), indent=2) + "\n"
     if os.path.exists(record):
         os.remove(record)
@@ -186,9 +169,7 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
              methods: str | Sequence[str] = ()) -> list[DemoRow]:
     """Prepare the data with ``prepare(data_path)``, train every row with ``train(cfg)`` (the
     teacher only when no finished one with the same configuration is there) and print the table.
-
-    methods (``--methods``) adds a student row per distill.method; they are checked, with the
-    overrides, before anything is prepared or trained.
+    The overrides and methods (``--methods``) are checked before anything is prepared or trained.
     """
     start = time.time()
     configs = run_configs(cfg_path, overrides, methods)
@@ -210,8 +191,7 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
             train(cfg)
         top1, top5 = best_result(output_dir)
         print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, "
-              f"{BEST_NAME})",
-              flush=True)
+              f"{BEST_NAME})", flush=True)
         seconds = None if reused else time.time() - run_start
         rows.append(DemoRow(run["network"], run["method"], top1, top5, seconds,
                             last_share(output_dir)))
