@@ -145,10 +145,8 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
 def prepare_for_storage(data: bytes, shorter_side: int | None = None,
                         quality: int = DEFAULT_JPEG_QUALITY) -> tuple[bytes, bool]:
     """The JPEG bytes to store for an image file, and whether they are the file itself: a
-    storable JPEG already of shorter_side (any size, without it) that decodes is kept; anything
-    else is decoded, scaled to shorter_side if given and re-encoded. Raises ImageDecodeError
-    for truncated or unreadable data.
-    """
+    storable JPEG already of shorter_side (or any, without it) that decodes is kept; anything
+    else is decoded, scaled and re-encoded. ImageDecodeError for truncated or unreadable data."""
     try:
         header = parse_jpeg_header(data)
         if header is None or not header.storable:

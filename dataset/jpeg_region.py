@@ -1,10 +1,8 @@
-"""Decoding only the rows and columns of a JPEG that a crop needs, with libjpeg-turbo.
-
-A random crop covers about half a training image, and decoding is most of the input pipeline's
-work. Neither OpenCV nor Pillow exposes libjpeg-turbo's region decoding, so ``csrc/jpeg_region.c``
-does, built on first use against the system libjpeg-turbo (Debian and Ubuntu: ``apt install gcc
-libjpeg-turbo8-dev``, or ``libjpeg62-turbo-dev``) and cached in ``~/.cache/wsld``. Without it
-the transforms decode whole images with OpenCV: the same pixels, more slowly.
+"""Decoding only the rows and columns of a JPEG that a crop needs (about half a training image),
+with libjpeg-turbo through ``csrc/jpeg_region.c``: neither OpenCV nor Pillow exposes it. Built on
+first use against the system libjpeg-turbo (Debian and Ubuntu: ``apt install gcc
+libjpeg-turbo8-dev``, or ``libjpeg62-turbo-dev``), cached in ``~/.cache/wsld``. Without it the
+transforms decode whole images with OpenCV: the same pixels, more slowly.
 """
 
 from __future__ import annotations

@@ -47,23 +47,22 @@ class DevicePrefetcher:
                 yield self.normalize(images.to(self.device)), labels.to(self.device)
 
     def _iter_cuda(self) -> Iterator[Batch]:
-        side = self.stream
         # The side stream must see everything queued before it (mean and std among them).
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         batches = iter(self.loader)
-        pending = self._copy_next(batches, side)
+        pending = self._copy_next(batches)
         while pending is not None:
             compute = torch.cuda.current_stream(self.device)
-            compute.wait_stream(side)
+            compute.wait_stream(self.stream)
             images, labels = pending
             # Allocated on the side stream but used on the compute stream: without this, the
             # caching allocator could hand their memory to the next copy while still in use.
             images.record_stream(compute)
             labels.record_stream(compute)
-            pending = self._copy_next(batches, side)
+            pending = self._copy_next(batches)
             yield images, labels
 
-    def _copy_next(self, batches: Iterator[Batch], side: torch.cuda.Stream) -> Batch | None:
+    def _copy_next(self, batches: Iterator[Batch]) -> Batch | None:
         """Queue the next batch's copy and normalisation on the side stream; None at the end."""
         try:
             images, labels = next(batches)
@@ -71,7 +70,7 @@ class DevicePrefetcher:
             return None
         if not images.is_pinned():  # a pageable source makes non_blocking copies synchronous
             images, labels = images.pin_memory(), labels.pin_memory()
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(self.stream):
             images = self.normalize(images.to(self.device, non_blocking=True))
             labels = labels.to(self.device, non_blocking=True)
         return images, labels

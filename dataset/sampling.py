@@ -1,6 +1,5 @@
-"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index)
-alone: a seeded run gives the same batches for any ``data.num_workers``, and a run resumed
-mid-epoch recomputes the permutation and skips ahead.
+"""The training order and each sample's draws as functions of (seed, epoch, index) alone: the
+same batches for any ``data.num_workers``, and a resumed epoch recomputes its order and skips.
 """
 
 from __future__ import annotations

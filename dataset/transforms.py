@@ -1,9 +1,7 @@
-"""torchvision's crop, flip, resize and colour-jitter augmentations, decoding each JPEG once.
-
-Same random parameters and antialiased bilinear filter, less work: the crop is chosen from the
-JPEG header, then decoded with DCT scaling (1/2, 1/4, 1/8) where it keeps enough pixels, and
-only its window where ``dataset.jpeg_region`` can. Each transform returns a contiguous
-3 x H x W RGB uint8 tensor and draws from the ``rng`` it is given (``dataset.sampling``).
+"""torchvision's crop, flip, resize and colour jitter, choosing the crop from the JPEG header
+and decoding only what it needs: DCT-scaled (1/2, 1/4, 1/8) where that keeps enough pixels, just
+the crop's window where ``dataset.jpeg_region`` can. Each returns a contiguous 3 x H x W RGB
+uint8 tensor and draws from the ``rng`` it is given (``dataset.sampling``).
 """
 
 from __future__ import annotations
@@ -26,14 +24,12 @@ from dataset.image_io import CV_COLOR_AT_SCALE, decode_rgb, imdecode, parse_jpeg
 from utils.errors import ConfigError
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
-SizeHW = tuple[int, int]
 Rng = Union[random.Random, ModuleType]  # a random.Random, or the random module itself
 
 # A DCT-scaled decode averages f x f blocks; resampling that at nearly 1:1 blurs each output
-# pixel by its sub-pixel phase, unlike one resize of the full image. Worst mean absolute error
-# against torchvision measured over photos, for margins 1, 1.25 and 1.5: 2.6, 1.35 and 0.7 levels
-# for random crops; 4.9, 3.0 and 2.0 for validation crops (0.2 and less without scaling). Each
-# kind takes the smallest margin whose worst case stays well inside the 3-level tolerance.
+# pixel by its sub-pixel phase. Worst mean absolute error against torchvision over photos, for
+# margins 1, 1.25 and 1.5: 2.6, 1.35 and 0.7 levels for random crops, 4.9, 3.0 and 2.0 for
+# validation crops (0.2 unscaled); each takes the smallest well inside the 3-level tolerance.
 REDUCED_DECODE_MARGIN = 1.5
 RANDOM_CROP_MARGIN = 1.25
 
@@ -47,12 +43,10 @@ class Box(NamedTuple):
     width: int
 
 
-def as_size(size: int | Sequence[int]) -> SizeHW:
+def as_size(size: int | Sequence[int]) -> tuple[int, int]:
     """(height, width) from an int or a pair."""
-    if isinstance(size, int):
-        return size, size
-    height, width = (int(s) for s in size)
-    return height, width
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(height), int(width)
 
 
 def sample_resized_crop_box(width: int, height: int, scale: Sequence[float],
@@ -122,9 +116,8 @@ def resize_antialiased(image: np.ndarray, height: int, width: int) -> torch.Tens
 
 def resize_region(image: np.ndarray, region: tuple[float, float, float, float], height: int,
                   width: int) -> torch.Tensor:
-    """Crop region = (x0, y0, x1, y1) and resize it to 3 x height x width, antialiased, the
-    filter seeing only the region's pixels. A fractional region (left by a scaled decode) goes
-    to PIL, the one library that resamples a sub-pixel box with this filter."""
+    """Region (x0, y0, x1, y1) alone resized to 3 x height x width; a fractional one (left by a
+    scaled decode) by PIL, the one library that resamples a sub-pixel box with this filter."""
     x0, y0, x1, y1 = region
     ix0, iy0 = math.floor(x0), math.floor(y0)
     ix1, iy1 = min(math.ceil(x1), image.shape[1]), min(math.ceil(y1), image.shape[0])
@@ -197,9 +190,8 @@ def decode_window(decoder: jpeg_region.RegionDecoder, data: bytes, width: int, h
 
 
 def _decode(source: _Source, factor: int, box: Box | None = None) -> _Decoded:
-    """Decode at 1/factor: only box's window where one is given and can be, else the whole
-    image. A whole image's scales come from the result, so that one whose decoder ignored the
-    request (or whose header misstated its size) still lines up."""
+    """Decode at 1/factor, only box's window where one is given and can be. A whole image's
+    scales come from the result, which a full-size fallback or a wrong header may size otherwise."""
     if isinstance(source.sample, np.ndarray):
         return _Decoded(source.sample, 1.0, 1.0, False)
     if box is not None and source.region_decodable and (decoder := jpeg_region.region_decoder()):
@@ -269,8 +261,8 @@ class RandomResizedCropFlip(RandomTransform):
                        decoded.bgr)
 
 
-def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int, size: SizeHW,
-                             flip: bool) -> torch.Tensor:
+def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int,
+                             size: tuple[int, int], flip: bool) -> torch.Tensor:
     """torchvision's Resize(shorter), then the size crop at (top, left). The whole image is
     resized, so the crop's border pixels see the filter support a resize-then-crop gives."""
     new_w, new_h = shorter_side_size(source.width, source.height, shorter)
