@@ -116,10 +116,9 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
 def _error_line(stderr: str) -> str:
     """The compiler's or linker's error line (not collect2's summary of it), else the first."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in lines:
-        if (": error:" in line or "cannot find" in line) and not line.startswith("collect2"):
-            return line
-    return lines[0] if lines else "no output"
+    errors = (line for line in lines
+              if (": error:" in line or "cannot find" in line) and not line.startswith("collect2"))
+    return next(errors, lines[0] if lines else "no output")
 
 
 def self_check(decoder: RegionDecoder) -> None:
