@@ -1,9 +1,6 @@
-"""Reading image files: decoding to RGB, telling JPEGs that can be stored as they are, converting
-the rest.
-
-ImageNet is almost all RGB or greyscale JPEGs, which the packer keeps byte for byte (re-encoding
-is lossy and the slowest step); a PNG named .JPEG, CMYK JPEGs and anything else get converted
-once, at pack time, to an RGB JPEG that every decoder reads the same way.
+"""Decoding image files, and choosing what the packer stores: ImageNet's RGB and greyscale JPEGs
+byte for byte (re-encoding is lossy and slow), anything else (a PNG named .JPEG, CMYK) converted
+once to an RGB JPEG that every decoder reads the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ _SOI, _EOI, _SOS, _APP14 = 0xD8, 0xD9, 0xDA, 0xEE
 CV_COLOR_AT_SCALE = {scale: flag | cv2.IMREAD_IGNORE_ORIENTATION for scale, flag in (
     (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
     (8, cv2.IMREAD_REDUCED_COLOR_8))}
-_CV_COLOR = CV_COLOR_AT_SCALE[1]
 _CV_CHECK = cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
 
 
@@ -55,18 +51,13 @@ class JpegHeader:
 
     @property
     def storable(self) -> bool:
-        """True for an 8-bit Huffman-coded greyscale or colour JPEG every decoder reads as is.
-
-        Four components mean CMYK or YCCK (the Adobe transform says which), which decoders
-        disagree on; those, and everything else, are converted.
-        """
+        """An 8-bit Huffman greyscale or colour JPEG every decoder reads alike (not CMYK/YCCK)."""
         return (self.frame_marker in _STORABLE_SOF and self.precision == 8 and self.height > 0
                 and self.width > 0 and self.components in (1, 3) and self.adobe_transform != 2)
 
 
 def parse_jpeg_header(data: bytes) -> JpegHeader | None:
-    """The frame header of a JPEG file, or None when data is not a well-formed JPEG up to its first
-    scan."""
+    """The frame header of a JPEG file; None unless it is well-formed up to its first scan."""
     if data[:2] != b"\xff\xd8":
         return None
     frame: tuple[int, int, int, int, int] | None = None
@@ -103,17 +94,14 @@ def parse_jpeg_header(data: bytes) -> JpegHeader | None:
     return None
 
 
-def imdecode(data: bytes, flags: int = _CV_COLOR) -> np.ndarray | None:
+def imdecode(data: bytes, flags: int = CV_COLOR_AT_SCALE[1]) -> np.ndarray | None:
     """OpenCV's decode of the bytes of an image file (BGR), or None where it cannot read them."""
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags) if data else None
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """An H x W x 3 uint8 RGB array from the bytes of an image file.
-
-    OpenCV (libjpeg-turbo) reads nearly everything; PIL is the fallback for the rest. Raises
-    ImageDecodeError (a DataError) when neither can read the bytes.
-    """
+    """An H x W x 3 uint8 RGB array from the bytes of an image file: OpenCV's decode, else
+    PIL's; ImageDecodeError when neither reads them."""
     image = imdecode(data)
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -125,12 +113,9 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 def _decode_bgr_any(data: bytes) -> np.ndarray:
-    """A BGR array from any file PIL or OpenCV reads, with PIL's colour conversions.
-
-    PIL goes first: it handles CMYK/YCCK JPEGs (Adobe's inverted channels included) and
-    palettes, and its strict loader raises on truncated files, where libjpeg builds may only
-    warn. OpenCV is asked only about formats PIL does not know at all.
-    """
+    """A BGR array from any file PIL or OpenCV reads. PIL goes first: it converts CMYK/YCCK
+    (Adobe's inverted channels too) and palettes, and raises on truncated files where libjpeg
+    builds may only warn."""
     try:
         with Image.open(io.BytesIO(data)) as pil:
             pil.load()
@@ -146,26 +131,6 @@ def _decode_bgr_any(data: bytes) -> np.ndarray:
     return image
 
 
-def _require_end(header: JpegHeader) -> None:
-    # Some libjpeg builds only warn about a file cut short and return grey rows in its place.
-    if not header.has_end:
-        raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
-
-
-def _decode_jpeg_bgr(data: bytes, header: JpegHeader, min_shorter_side: int) -> np.ndarray:
-    """Decode a storable JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps its shorter
-    side >= min_shorter_side."""
-    _require_end(header)
-    shorter = min(header.height, header.width)
-    scale = 8
-    while scale > 1 and shorter // scale < min_shorter_side:
-        scale //= 2
-    image = imdecode(data, CV_COLOR_AT_SCALE[scale])
-    if image is None:
-        raise ImageDecodeError("damaged JPEG data")
-    return image
-
-
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     """Scale image so that its shorter side is size pixels, keeping the aspect ratio."""
     height, width = image.shape[:2]
@@ -177,46 +142,35 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, new_size, interpolation=interpolation)
 
 
-def encode_jpeg_bgr(image: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ImageDecodeError("OpenCV could not encode the image as JPEG")
-    return buf.tobytes()
-
-
-def check_jpeg_decodes(data: bytes, header: JpegHeader) -> None:
-    """Raise ImageDecodeError unless a storable JPEG is complete and its compressed data decodes.
-
-    The cheapest real decode: 1/8 scale, luminance only. libjpeg still entropy-decodes every
-    block of every component (the colour ones too), so damaged data anywhere is caught, but it
-    skips most of the inverse DCT and the colour conversion.
-    """
-    _require_end(header)
-    if imdecode(data, _CV_CHECK) is None:
-        raise ImageDecodeError("damaged JPEG data")
-
-
 def prepare_for_storage(data: bytes, shorter_side: int | None = None,
                         quality: int = DEFAULT_JPEG_QUALITY) -> tuple[bytes, bool]:
-    """The JPEG bytes to store for an image file, and whether they are the file itself.
-
-    Without shorter_side, a storable JPEG (see JpegHeader.storable) is checked (see
-    check_jpeg_decodes) and returned unchanged; anything else is decoded and re-encoded as an
-    RGB JPEG. With shorter_side, the image is scaled to that shorter side first (a storable
-    file already that size is kept as is). Raises ImageDecodeError for truncated or unreadable
-    data.
-    """
+    """The JPEG bytes to store for an image file, and whether they are the file itself: a
+    storable JPEG already of shorter_side (or any, without it) that decodes is kept; anything
+    else is decoded, scaled and re-encoded. ImageDecodeError for truncated or unreadable data."""
     try:
         header = parse_jpeg_header(data)
-        if header is not None and header.storable:
-            if shorter_side is None or min(header.height, header.width) == shorter_side:
-                check_jpeg_decodes(data, header)
-                return data, True
-            image = _decode_jpeg_bgr(data, header, min_shorter_side=shorter_side)
-        else:
+        if header is None or not header.storable:
             image = _decode_bgr_any(data)
+        else:
+            # Some libjpeg builds only warn about a file cut short and return grey rows for it.
+            if not header.has_end:
+                raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
+            shorter = min(header.height, header.width)
+            keep = shorter_side is None or shorter == shorter_side
+            # A kept file still gets the cheapest real decode, 1/8 scale luminance: libjpeg
+            # entropy-decodes every block of every component, so it sees damage anywhere. One
+            # to convert is decoded at the smallest DCT scale that leaves shorter_side.
+            scale = 1 if keep else next((s for s in (8, 4, 2) if shorter // s >= shorter_side), 1)
+            image = imdecode(data, _CV_CHECK if keep else CV_COLOR_AT_SCALE[scale])
+            if image is None:
+                raise ImageDecodeError("damaged JPEG data")
+            if keep:
+                return data, True
         if shorter_side is not None:
             image = resize_shorter_side(image, shorter_side)
-        return encode_jpeg_bgr(image, quality), False
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        if not ok:
+            raise ImageDecodeError("OpenCV could not encode the image as JPEG")
+        return buf.tobytes(), False
     except cv2.error as exc:  # e.g. an image beyond OpenCV's pixel limit
         raise ImageDecodeError(f"OpenCV failed: {str(exc).strip().splitlines()[-1]}") from None

@@ -1,15 +1,8 @@
-"""Decoding only the rows and columns of a JPEG that a crop needs, with libjpeg-turbo.
-
-A random crop covers about half of a training image on average, and decoding is most of the
-input pipeline's work. libjpeg-turbo can skip what lies outside the crop: the rows below it are
-never read, and the rows above and the columns beside it skip the inverse DCT, upsampling and
-colour conversion (whole block rows and columns: the blocks the crop's edges cut through are
-decoded in full). Neither OpenCV nor Pillow exposes this, so ``csrc/jpeg_region.c`` does, built
-on first use with the system C compiler against the system libjpeg-turbo (Debian and Ubuntu:
-``apt install gcc libjpeg-turbo8-dev``, or ``libjpeg62-turbo-dev``) and cached under
-``$XDG_CACHE_HOME/wsld`` (``~/.cache/wsld``). Where that cannot be done, the transforms decode
-whole images with OpenCV, which gives the same pixels more slowly; ``describe()`` says which
-decoder a run uses and why.
+"""Decoding only the rows and columns of a JPEG that a crop needs (about half a training image),
+with libjpeg-turbo through ``csrc/jpeg_region.c``: neither OpenCV nor Pillow exposes it. Built on
+first use against the system libjpeg-turbo (Debian and Ubuntu: ``apt install gcc
+libjpeg-turbo8-dev``, or ``libjpeg62-turbo-dev``), cached in ``~/.cache/wsld``. Without it the
+transforms decode whole images with OpenCV: the same pixels, more slowly.
 """
 
 from __future__ import annotations
@@ -58,13 +51,12 @@ class RegionDecoder:
 
     def decode(self, data: bytes | bytearray | memoryview, x: int, y: int, width: int, height: int,
                scale: int = 1) -> tuple[np.ndarray, int]:
-        """Rows [y, y + height) and at least columns [x, x + width) of the image scaled by 1/scale
-        (1, 2, 4 or 8) as an RGB array, and the column of the image its first column is.
+        """Rows [y, y + height) and at least columns [x, x + width) of the image at 1/scale as
+        an RGB array, and the image column its first column is (a block boundary at or before x).
 
-        libjpeg-turbo starts the columns at a block boundary at or before x, and its chroma
-        upsampling treats the first and last columns decoded as the image's edges: ask for one
-        column more on each side than you use, where the image has one. The array is a view of
-        a buffer as wide as x + width: keep a copy, not the view, of a small region kept long.
+        Chroma upsampling treats the first and last columns decoded as image edges: ask for one
+        column more each side than you use, where there is one. The array views a buffer as
+        wide as x + width: copy a small region you keep long.
         """
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, not {scale}")
@@ -77,8 +69,7 @@ class RegionDecoder:
         info = (ctypes.c_int * 4)()
         message = ctypes.create_string_buffer(_MESSAGE_SIZE)
         status = self._decode(data, len(data), scale, x, y, width, height, out.ctypes.data,
-                              out.size,
-                              info, message, _MESSAGE_SIZE)
+                              out.size, info, message, _MESSAGE_SIZE)
         if status == 1:
             raise RegionDecodeError(message.value.decode("utf-8", "replace") or "damaged JPEG data")
         if status != 0:
@@ -94,13 +85,9 @@ def cache_dir() -> Path:
 
 
 def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = False) -> Path:
-    """Compile source into a shared library in directory (once per source text and processor
-    architecture, unless rebuild), and return it.
-
-    Several processes may build at once: each compiles to its own temporary file and renames it
-    into place, so a reader never sees a half-written library. Raises RuntimeError, quoting the
-    compiler's or linker's error line, when there is no compiler or the build fails.
-    """
+    """The shared library compiled from source in directory, once per source text and processor
+    architecture unless rebuild. Each build goes to its own temporary file, renamed into place,
+    so processes building at once never see a half-written library."""
     directory = directory if directory is not None else cache_dir()
     key = source.read_bytes() + platform.machine().encode()
     target = directory / f"jpeg_region-{hashlib.sha256(key).hexdigest()[:16]}.so"
@@ -112,16 +99,14 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
     directory.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=directory, prefix=".building-", suffix=".so")
     os.close(fd)
+    command = [compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ljpeg"]
     try:
-        try:
-            result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial,
-                                     str(source), "-ljpeg"],
-                                    capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"building {source.name} took over {_BUILD_TIMEOUT_S} s") from None
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"building {source.name} failed: {_error_line(result.stderr)}")
         os.replace(partial, target)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"building {source.name} took over {_BUILD_TIMEOUT_S} s") from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
@@ -129,20 +114,17 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
 
 
 def _error_line(stderr: str) -> str:
-    """The line that says what went wrong: the compiler's error, or the linker's (not collect2's
-    summary of it), else the first line."""
+    """The compiler's or linker's error line (not collect2's summary of it), else the first."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in lines:
-        if (": error:" in line or "cannot find" in line) and not line.startswith("collect2"):
-            return line
-    return lines[0] if lines else "no output"
+    errors = (line for line in lines
+              if (": error:" in line or "cannot find" in line) and not line.startswith("collect2"))
+    return next(errors, lines[0] if lines else "no output")
 
 
 def self_check(decoder: RegionDecoder) -> None:
-    """Decode a region of a textured JPEG made here, at every scale, and compare it with OpenCV's
-    decode of the whole image; raises RuntimeError on any difference. The region starts several
-    block rows and columns in, off block boundaries, so the skipping and cropping both work; a
-    libjpeg that misbehaves, or one built against other headers, shows here, not in training."""
+    """Raise RuntimeError unless a region off block boundaries of a JPEG made here decodes, at
+    every scale, as in OpenCV's whole-image decode: a libjpeg that misbehaves, or one built
+    against other headers, shows here, not in training."""
     noise = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
     image = cv2.resize(noise, (320, 240), interpolation=cv2.INTER_CUBIC)
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])

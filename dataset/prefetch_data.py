@@ -1,8 +1,5 @@
-"""Moves uint8 batches to the training device and normalises them there.
-
-The loaders deliver uint8 images, a quarter of the bytes of float32 ones, so the host-to-device
-copy is cheap and the per-pixel arithmetic runs on the device. On CUDA, the copy and the
-normalisation of batch k + 1 run on a side stream while the model computes on batch k.
+"""Moves uint8 batches (a quarter of float32's bytes) to the training device, normalising them
+there; on CUDA on a side stream, batch k + 1 while the model computes on batch k.
 """
 
 from __future__ import annotations
@@ -26,11 +23,8 @@ class DevicePrefetcher:
         self.loader = loader
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        shape = (1, len(mean), 1, 1)
-        self.mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32,
-                                 device=self.device).view(shape)
-        self.std = torch.tensor([255.0 * s for s in std], dtype=torch.float32,
-                                device=self.device).view(shape)
+        scaled = torch.tensor([mean, std], dtype=torch.float64) * 255.0  # rounded to float32 once
+        self.mean, self.std = scaled.to(self.device, torch.float32).view(2, 1, -1, 1, 1)
         # One side stream for every pass: the caching allocator reuses a freed block only on the
         # stream that allocated it, so a new stream per pass would strand each pass's buffers.
         self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -47,31 +41,28 @@ class DevicePrefetcher:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.device.type == "cuda":
-            return self._iter_cuda()
-        return self._iter_sync()
-
-    def _iter_sync(self) -> Iterator[Batch]:
-        for images, labels in self.loader:
-            yield self.normalize(images.to(self.device)), labels.to(self.device)
+            yield from self._iter_cuda()
+        else:
+            for images, labels in self.loader:
+                yield self.normalize(images.to(self.device)), labels.to(self.device)
 
     def _iter_cuda(self) -> Iterator[Batch]:
-        side = self.stream
         # The side stream must see everything queued before it (mean and std among them).
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         batches = iter(self.loader)
-        pending = self._copy_next(batches, side)
+        pending = self._copy_next(batches)
         while pending is not None:
             compute = torch.cuda.current_stream(self.device)
-            compute.wait_stream(side)
+            compute.wait_stream(self.stream)
             images, labels = pending
             # Allocated on the side stream but used on the compute stream: without this, the
             # caching allocator could hand their memory to the next copy while still in use.
             images.record_stream(compute)
             labels.record_stream(compute)
-            pending = self._copy_next(batches, side)
+            pending = self._copy_next(batches)
             yield images, labels
 
-    def _copy_next(self, batches: Iterator[Batch], side: torch.cuda.Stream) -> Batch | None:
+    def _copy_next(self, batches: Iterator[Batch]) -> Batch | None:
         """Queue the next batch's copy and normalisation on the side stream; None at the end."""
         try:
             images, labels = next(batches)
@@ -79,7 +70,7 @@ class DevicePrefetcher:
             return None
         if not images.is_pinned():  # a pageable source makes non_blocking copies synchronous
             images, labels = images.pin_memory(), labels.pin_memory()
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(self.stream):
             images = self.normalize(images.to(self.device, non_blocking=True))
             labels = labels.to(self.device, non_blocking=True)
         return images, labels

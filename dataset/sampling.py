@@ -1,8 +1,5 @@
-"""The training order and each sample's augmentation draws, as functions of (seed, epoch, index).
-
-The sampler hands the dataset a ``SampleKey``, from which the sample's own generator is seeded.
-Nothing depends on the loader worker, so a seeded run gives the same batches for any
-``data.num_workers``, and a run resumed mid-epoch recomputes the permutation and skips ahead.
+"""The training order and each sample's draws as functions of (seed, epoch, index) alone: the
+same batches for any ``data.num_workers``, and a resumed epoch recomputes its order and skips.
 """
 
 from __future__ import annotations
@@ -29,12 +26,9 @@ def sample_generator(key: SampleKey) -> random.Random:
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's shuffled shard, yielding ``SampleKey``s.
-
-    ``set_epoch(epoch, skip)`` leaves out the first skip samples of this process's shard (the
-    steps done before an interruption); ``len()`` counts what is left, so the loader's ``len()``
-    is the steps still to run. A resumed run sets ``seed`` to its checkpoint's.
-    """
+    """DistributedSampler's shuffled shard, as ``SampleKey``s. ``set_epoch(epoch, skip)`` leaves
+    out the shard's first skip samples (steps done before an interruption), and ``len()`` counts
+    the rest. A resumed run sets ``seed`` to its checkpoint's."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,

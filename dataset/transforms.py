@@ -1,17 +1,7 @@
-"""Training and validation augmentations that decode each JPEG once, at reduced size where they
-can.
-
-torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip``, shorter-side scaling +
-``RandomCrop``, ``Resize`` + ``CenterCrop`` and ``ColorJitter``, with the same random parameters
-and the same antialiased bilinear filter, but less work: the crop is chosen from the JPEG header
-first, the image is decoded with DCT scaling (1/2, 1/4, 1/8) when the crop keeps enough pixels
-per output pixel, and only the crop's window where libjpeg-turbo's region decoder could be built
-(``dataset.jpeg_region``). Images stay uint8; the one resize runs on the crop only.
-
-Every transform returns a contiguous 3 x H x W RGB uint8 tensor, which the collate function
-copies as it is and ``torchvision.transforms.v2`` transforms take (``RandomChain``). Random draws
-come from the ``rng`` a call is given (each sample's own, see ``dataset.sampling``), else from
-Python's ``random`` module.
+"""torchvision's crop, flip, resize and colour jitter, choosing the crop from the JPEG header
+and decoding only what it needs: DCT-scaled (1/2, 1/4, 1/8) where that keeps enough pixels, just
+the crop's window where ``dataset.jpeg_region`` can. Each returns a contiguous 3 x H x W RGB
+uint8 tensor and draws from the ``rng`` it is given (``dataset.sampling``).
 """
 
 from __future__ import annotations
@@ -34,17 +24,12 @@ from dataset.image_io import CV_COLOR_AT_SCALE, decode_rgb, imdecode, parse_jpeg
 from utils.errors import ConfigError
 
 Sample = Union[bytes, np.ndarray]  # image file bytes, or a decoded H x W x 3 RGB array
-SizeHW = tuple[int, int]
 Rng = Union[random.Random, ModuleType]  # a random.Random, or the random module itself
 
-# torchvision's validation convention: resize to size / 0.875 (256 for 224), centre-crop size.
-VAL_RESIZE_RATIO = 0.875
-JPEG_REDUCTIONS = (8, 4, 2)
 # A DCT-scaled decode averages f x f blocks; resampling that at nearly 1:1 blurs each output
-# pixel by its sub-pixel phase, unlike one resize of the full image. Worst mean absolute error
-# against torchvision measured over photos, for margins 1, 1.25 and 1.5: 2.6, 1.35 and 0.7 levels
-# for random crops; 4.9, 3.0 and 2.0 for validation crops (0.2 and less without scaling). Each
-# kind takes the smallest margin whose worst case stays well inside the 3-level tolerance.
+# pixel by its sub-pixel phase. Worst mean absolute error against torchvision over photos, for
+# margins 1, 1.25 and 1.5: 2.6, 1.35 and 0.7 levels for random crops, 4.9, 3.0 and 2.0 for
+# validation crops (0.2 unscaled); each takes the smallest well inside the 3-level tolerance.
 REDUCED_DECODE_MARGIN = 1.5
 RANDOM_CROP_MARGIN = 1.25
 
@@ -58,12 +43,10 @@ class Box(NamedTuple):
     width: int
 
 
-def as_size(size: int | Sequence[int]) -> SizeHW:
+def as_size(size: int | Sequence[int]) -> tuple[int, int]:
     """(height, width) from an int or a pair."""
-    if isinstance(size, int):
-        return size, size
-    height, width = (int(s) for s in size)
-    return height, width
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(height), int(width)
 
 
 def sample_resized_crop_box(width: int, height: int, scale: Sequence[float],
@@ -79,13 +62,11 @@ def sample_resized_crop_box(width: int, height: int, scale: Sequence[float],
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return Box(rng.randint(0, height - h), rng.randint(0, width - w), h, w)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
+    w, h = width, height
+    if width / height < min(ratio):
+        h = int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        w = int(round(height * max(ratio)))
     return Box((height - h) // 2, (width - w) // 2, h, w)
 
 
@@ -101,45 +82,33 @@ def image_header(data: bytes) -> tuple[int, int, bool] | None:
     jpeg = parse_jpeg_header(data)
     if jpeg is not None:
         return jpeg.width, jpeg.height, True
-    size = _other_image_size(data)
-    return None if size is None else (*size, False)
-
-
-def _other_image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a file that is not a JPEG, from PIL's header parse."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.size
+            return (*image.size, False)
     except Exception:  # PIL raises many types for unreadable headers; decoding reports them
         return None
 
 
 def jpeg_reduction(width: float, height: float, need_width: float, need_height: float,
                    margin: float = REDUCED_DECODE_MARGIN) -> int:
-    """The largest DCT scale-down factor that leaves a width x height region at least margin
-    times as large as need_width x need_height; 1 when none does."""
-    for factor in JPEG_REDUCTIONS:
+    """The largest DCT scale-down factor that leaves width x height at least margin times
+    need_width x need_height; 1 when none does."""
+    for factor in (8, 4, 2):
         if width >= factor * margin * need_width and height >= factor * margin * need_height:
             return factor
     return 1
 
 
 def decode_scaled(data: bytes, factor: int = 1) -> np.ndarray:
-    """The image at 1/factor of its size (JPEG DCT scaling), H x W x 3 uint8 in BGR order.
-
-    EXIF orientation is ignored, as PIL (and so torchvision) ignores it. Files OpenCV cannot
-    read go through ``decode_rgb`` at full size; undecodable bytes raise its ImageDecodeError.
-    """
+    """The image at 1/factor of its size (JPEG DCT scaling), H x W x 3 uint8 BGR; full size
+    from ``decode_rgb`` where OpenCV cannot read it."""
     image = imdecode(data, CV_COLOR_AT_SCALE[factor])
-    if image is None:
-        image = np.ascontiguousarray(decode_rgb(data)[:, :, ::-1])
-    return image
+    return image if image is not None else np.ascontiguousarray(decode_rgb(data)[:, :, ::-1])
 
 
 def resize_antialiased(image: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """H x W x 3 uint8 -> 3 x height x width uint8, antialiased bilinear (PIL's filter, to one
-    level), channel order kept. A strided view (a crop) goes in as it is: copying it first
-    costs as much as the kernel's own strided reads."""
+    """H x W x 3 -> 3 x height x width, antialiased bilinear (PIL's filter, to one level). A
+    strided crop goes in as it is: copying it costs as much as the kernel's strided reads."""
     tensor = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
     return F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True,
                          align_corners=False)[0]
@@ -147,12 +116,8 @@ def resize_antialiased(image: np.ndarray, height: int, width: int) -> torch.Tens
 
 def resize_region(image: np.ndarray, region: tuple[float, float, float, float], height: int,
                   width: int) -> torch.Tensor:
-    """Crop region = (x0, y0, x1, y1) and resize it to 3 x height x width, antialiased; the
-    filter sees only the region's pixels, as in torchvision's crop-then-resize.
-
-    A fractional region (left by a scaled decode) goes to PIL, the one library that resamples
-    a sub-pixel box with this filter; it is cropped to the whole pixels around it first.
-    """
+    """Region (x0, y0, x1, y1) alone resized to 3 x height x width; a fractional one (left by a
+    scaled decode) by PIL, the one library that resamples a sub-pixel box with this filter."""
     x0, y0, x1, y1 = region
     ix0, iy0 = math.floor(x0), math.floor(y0)
     ix1, iy1 = min(math.ceil(x1), image.shape[1]), min(math.ceil(y1), image.shape[0])
@@ -199,25 +164,22 @@ class _Decoded(NamedTuple):
 
 
 def _inspect(sample: Sample) -> _Source:
-    if isinstance(sample, np.ndarray):
-        return _Source(sample, sample.shape[1], sample.shape[0], False)
-    jpeg = parse_jpeg_header(sample)
-    if jpeg is not None:
-        return _Source(sample, jpeg.width, jpeg.height, True, jpeg.storable and jpeg.has_end)
-    size = _other_image_size(sample)  # not image_header: the JPEG parse above is not repeated
-    if size is None:  # no parsable header: decode now, raising the error that says why
-        decoded = decode_rgb(sample)
-        return _Source(decoded, decoded.shape[1], decoded.shape[0], False)
-    return _Source(sample, *size, False)
+    if not isinstance(sample, np.ndarray):
+        jpeg = parse_jpeg_header(sample)
+        if jpeg is not None:
+            return _Source(sample, jpeg.width, jpeg.height, True, jpeg.storable and jpeg.has_end)
+        header = image_header(sample)  # PIL's parse, after a JPEG one that fails fast again
+        if header is not None:
+            return _Source(sample, *header)
+        sample = decode_rgb(sample)  # no parsable header: this raises the error saying why
+    return _Source(sample, sample.shape[1], sample.shape[0], False)
 
 
 def decode_window(decoder: jpeg_region.RegionDecoder, data: bytes, width: int, height: int,
                   box: Box, factor: int = 1) -> _Decoded:
-    """The rows and columns of box (full-size pixels) of a width x height JPEG at 1/factor.
-
-    One column more is decoded on each side where the image has one: libjpeg-turbo's chroma
-    upsampling treats the window's outer columns as image edges, and those stay outside box.
-    """
+    """The rows and columns of box (full-size pixels) of a width x height JPEG at 1/factor,
+    and one column more each side where there is one: libjpeg-turbo's chroma upsampling treats
+    the window's outer columns as image edges, so those must lie outside box."""
     full_width, full_height = -(-width // factor), -(-height // factor)  # libjpeg rounds up
     x0 = max(0, math.floor(box.left / factor) - 1)
     x1 = min(full_width, math.ceil((box.left + box.width) / factor) + 1)
@@ -227,15 +189,12 @@ def decode_window(decoder: jpeg_region.RegionDecoder, data: bytes, width: int, h
     return _Decoded(image, 1.0 / factor, 1.0 / factor, False, first_column, y0)
 
 
-def _decode(source: _Source, factor: int, box: Box | None = None, region: bool = False) -> _Decoded:
-    """Decode at 1/factor: only box's window when region is asked and possible, else the
-    whole image. The scales of a whole image come from the result, so that an image whose
-    decoder ignored the request (or whose header misstated its size) still lines up."""
+def _decode(source: _Source, factor: int, box: Box | None = None) -> _Decoded:
+    """Decode at 1/factor, only box's window where one is given and can be. A whole image's
+    scales come from the result, which a full-size fallback or a wrong header may size otherwise."""
     if isinstance(source.sample, np.ndarray):
         return _Decoded(source.sample, 1.0, 1.0, False)
-    wanted = region and source.region_decodable and box is not None
-    decoder = jpeg_region.region_decoder() if wanted else None
-    if decoder is not None:
+    if box is not None and source.region_decodable and (decoder := jpeg_region.region_decoder()):
         try:
             return decode_window(decoder, source.sample, source.width, source.height, box, factor)
         except jpeg_region.RegionDecodeError:
@@ -256,12 +215,9 @@ class RandomTransform:
 
 
 def apply_transform(transform: Callable[..., Any], sample: Any, rng: Rng) -> Any:
-    """``transform`` applied to sample, every random draw in it coming from rng.
-
-    Ours are handed rng. Any other callable (a ``torchvision.transforms.v2`` transform,
-    ``v2.Compose``) runs with torch's and Python's generators seeded from rng and restored
-    afterwards, so its draws depend on the sample alone, not on the worker that runs it.
-    """
+    """``transform`` applied to sample, every random draw in it coming from rng: ours are handed
+    rng; any other callable (``torchvision.transforms.v2``) runs with torch's and Python's
+    generators seeded from rng and restored afterwards, so not the worker decides its draws."""
     if isinstance(transform, RandomTransform):
         return transform(sample, rng)
     seed = rng.getrandbits(63)
@@ -279,9 +235,8 @@ def apply_transform(transform: Callable[..., Any], sample: Any, rng: Rng) -> Any
 
 
 class RandomResizedCropFlip(RandomTransform):
-    """torchvision's RandomResizedCrop(size, scale, ratio) (bilinear, antialiased) followed by
-    RandomHorizontalFlip(flip_p), from file bytes or a decoded RGB array. region: decode only
-    the crop where libjpeg-turbo's region decoder is available (see ``dataset.jpeg_region``)."""
+    """torchvision's RandomResizedCrop(size, scale, ratio), then RandomHorizontalFlip(flip_p).
+    region: decode only the crop, where ``dataset.jpeg_region`` can."""
 
     def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
@@ -301,16 +256,15 @@ class RandomResizedCropFlip(RandomTransform):
         out_h, out_w = self.size
         factor = (jpeg_reduction(box.width, box.height, out_w, out_h, RANDOM_CROP_MARGIN)
                   if source.is_jpeg else 1)
-        decoded = _decode(source, factor, box, self.region)
+        decoded = _decode(source, factor, box if self.region else None)
         return _finish(resize_region(decoded.image, decoded.region(box), out_h, out_w), flip,
                        decoded.bgr)
 
 
-def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int, size: SizeHW,
-                             flip: bool) -> torch.Tensor:
-    """torchvision's Resize(shorter), then the size crop at (top, left) of the resized image.
-    The resize covers the whole (reduced) image, so the crop's border pixels see the same
-    filter support as in a resize-then-crop."""
+def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int,
+                             size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """torchvision's Resize(shorter), then the size crop at (top, left). The whole image is
+    resized, so the crop's border pixels see the filter support a resize-then-crop gives."""
     new_w, new_h = shorter_side_size(source.width, source.height, shorter)
     factor = jpeg_reduction(source.width, source.height, new_w, new_h) if source.is_jpeg else 1
     decoded = _decode(source, factor)
@@ -340,9 +294,10 @@ class RandomScaleCropFlip(RandomTransform):
 
 
 class ResizeCenterCrop:
-    """Validation: shorter side to round(size / 0.875) (256 for 224), centre crop of size."""
+    """Validation, torchvision's convention: shorter side to round(size / 0.875) (256 for 224),
+    centre crop of size."""
 
-    def __init__(self, size: int | Sequence[int], resize_ratio: float = VAL_RESIZE_RATIO) -> None:
+    def __init__(self, size: int | Sequence[int], resize_ratio: float = 0.875) -> None:
         self.size = as_size(size)
         self.shorter = int(round(max(self.size) / resize_ratio))
 
@@ -404,10 +359,8 @@ class ColorJitter(RandomTransform):
 
 
 class RandomChain(RandomTransform):
-    """Transforms applied in turn, all drawing from the one generator the call is given,
-    each step as ``apply_transform`` runs it: ours take the generator, others run with the
-    process's generators seeded from it. ``v2.Compose`` of the same steps gives batches as
-    reproducible, though not the same ones (it hands our steps no generator)."""
+    """Steps applied in turn by ``apply_transform``, all drawing from the generator the call is
+    given. ``v2.Compose`` of them is as reproducible, with other draws (it passes no generator)."""
 
     def __init__(self, steps: Sequence[Callable[..., Any]]) -> None:
         self.steps = list(steps)
