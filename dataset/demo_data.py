@@ -1,18 +1,16 @@
-"""ImageNet-layout trees of real images that installed packages ship, for tests, benchmarks and the
-demo.
-
-scikit-learn bundles two colour photographs and 1,797 handwritten digits; nothing is downloaded.
-A tree can also be written as ImageNet's three official archives (``write_official_archives``),
-and ``prepare_demo_data`` lists and packs the digits as a user prepares ImageNet.
+"""ImageNet-layout trees, and ImageNet's official archives, of the real images scikit-learn ships
+(two photographs, 1,797 digits), for tests, benchmarks and the demo: nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import gzip as gzip_module
 import io
 import os
 import shutil
 import tarfile
 import tempfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -87,10 +85,10 @@ def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32,
 
 def prepare_demo_data(root: str) -> None:
     """The demo's digits in root, listed and packed into LMDBs with the tools a user runs on
-    ImageNet (mk_img_list, img2lmdb), so the demo trains on the pipeline it demonstrates.
+    ImageNet, so the demo trains on the pipeline it demonstrates.
 
     The tree is written once, atomically, so an interrupted build is redone rather than
-    half-used. Packing again is cheap: img2lmdb skips the records already stored.
+    half-used; packing again is cheap, as img2lmdb skips the records already stored.
     """
     from dataset import img2lmdb, mk_img_list  # the packer's imports cost only the demo
 
@@ -114,8 +112,7 @@ def prepare_demo_data(root: str) -> None:
 
 
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-                 "wordnet_height",
-                 "num_train_images")
+                 "wordnet_height", "num_train_images")
 DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
 
 
@@ -132,37 +129,26 @@ def tar_bytes(files: dict[str, bytes]) -> bytes:
 
 def write_tar(path: str, files: dict[str, bytes], gzip: bool = False) -> None:
     data = tar_bytes(files)
-    if gzip:
-        import gzip as gzip_module
-
-        data = gzip_module.compress(data)
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(gzip_module.compress(data) if gzip else data)
 
 
 def folder_files(folder: str) -> dict[str, bytes]:
     """name -> bytes of the files in folder, sorted by name."""
-    files = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            files[name] = f.read()
-    return files
+    return {name: Path(folder, name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
 def devkit_meta_mat(class_ids: dict[str, int], parents: dict[str, list[int]]) -> bytes:
     """meta.mat as the devkit lays it out: a one-column struct array ``synsets``, the leaf classes
     first in ID order, then non-leaf synsets (num_children > 0) numbered after them."""
+    import scipy.io
+
     rows = [(class_id, wnid, f"class {wnid}", f"gloss of {wnid}", 0, np.zeros((1, 0)), 0, 1300)
             for wnid, class_id in sorted(class_ids.items(), key=lambda item: item[1])]
     rows += [(len(class_ids) + k, wnid, "parent", "a parent synset", len(children),
               np.array(children), 2, 0)
              for k, (wnid, children) in enumerate(parents.items(), start=1)]
-    synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
-    for i, row in enumerate(rows):
-        for name, value in zip(SYNSET_FIELDS, row):
-            synsets[i, 0][name] = value
-    import scipy.io
-
+    synsets = np.array([[row] for row in rows], dtype=[(name, object) for name in SYNSET_FIELDS])
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {"synsets": synsets})
     return buffer.getvalue()
@@ -183,11 +169,11 @@ def write_devkit(path: str, class_ids: dict[str, int], ground_truth: list[int] |
 
 
 def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str, int]:
-    """Write tree's train/ and val/ class folders as ImageNet's three official files in out_dir.
+    """Write tree's train/ and val/ class folders as ImageNet's three official files in out_dir;
+    returns wnid -> ID.
 
-    The train tar holds one ``<wnid>.tar`` per class; the val tar holds the validation files
-    flat (they should have unique names, such as ILSVRC2012_val_<number>.JPEG); the devkit
-    numbers the classes in a shuffled order, unlike the sorted wnids. Returns wnid -> ID.
+    The val tar holds the validation files flat, so their names must be unique; the devkit
+    numbers the classes in a shuffled order, unlike the sorted wnids.
     """
     train, val = os.path.join(tree, "train"), os.path.join(tree, "val")
     wnids = sorted(os.listdir(train))
