@@ -1,9 +1,6 @@
-"""ImageNet12: the original's entry point for the train and validation loaders.
-
-Batches are uint8 N x 3 x H x W with int64 labels: ``DevicePrefetcher`` normalises them on the
-device, so no worker builds a float batch four times the size. Under a process group each
-process reads its own shard; the validation shards are disjoint and cover the set once.
-"""
+"""ImageNet12: the original's entry point for the train and validation loaders. Batches are uint8
+N x 3 x H x W with int64 labels: ``DevicePrefetcher`` normalises them on the device, so no worker
+builds a float batch four times the size."""
 
 from __future__ import annotations
 
@@ -33,9 +30,6 @@ from utils.config import require_choice
 from utils.errors import ConfigError, DataError
 from utils.preemption import loader_worker_signals
 
-DATA_TYPES = ("lmdb", "img")
-AUGMENTATIONS = ("random_sized", "rand_scale")
-DECODERS = ("auto", "region", "opencv")
 # The original's colour jitter (data.color=True): brightness, contrast and saturation 0.4.
 COLOR_JITTER = 0.4
 RAND_SCALE_SIDES = (256, 480)
@@ -77,11 +71,7 @@ class ShardSampler(Sampler[int]):
 
 
 class ImageNet12:
-    """Train and validation loaders over ImageNet-layout data, configured by ``cfg.data``.
-
-    The list files lie beside the split folders, in their parent; ``seed`` and the epoch fix
-    the training shuffle.
-    """
+    """Train and validation loaders over ImageNet-layout data, configured by ``cfg.data``."""
 
     def __init__(self, trainFolder: str, testFolder: str, num_workers: int = 8,
                  type_of_data_augmentation: str = "random_sized",
@@ -93,15 +83,15 @@ class ImageNet12:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
         self.augmentation = str(type_of_data_augmentation).lower()
-        require_choice("data.type_of_data_aug", self.augmentation, AUGMENTATIONS)
+        require_choice("data.type_of_data_aug", self.augmentation, ("random_sized", "rand_scale"))
         self.size = tuple(int(s) for s in config.get("input_size", (3, 224, 224))[1:3])
         self.train_data_type = config.get("train_data_type", "lmdb")
         self.val_data_type = config.get("val_data_type", "lmdb")
-        require_choice("data.train_data_type", self.train_data_type, DATA_TYPES)
-        require_choice("data.val_data_type", self.val_data_type, DATA_TYPES)
+        require_choice("data.train_data_type", self.train_data_type, ("lmdb", "img"))
+        require_choice("data.val_data_type", self.val_data_type, ("lmdb", "img"))
         self.min_scale = float(config.get("random_sized", {}).get("min_scale", 0.08))
         self.decoder = config.get("decoder", "auto")
-        require_choice("data.decoder", self.decoder, DECODERS)
+        require_choice("data.decoder", self.decoder, ("auto", "region", "opencv"))
         if (self.decoder == "region" and self.augmentation == "random_sized"
                 and jpeg_region.region_decoder() is None):
             raise ConfigError("data.decoder='region' but JPEG decoding is "
