@@ -1,6 +1,5 @@
 """How a process uses its device: the autocast precision, the SGD kernels, cuDNN and determinism,
-each chosen once from the hardware, for training and ``--evaluate`` alike.
-"""
+each chosen once from the hardware, for training and ``--evaluate`` alike."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from utils import distributed
 from utils.config import require_choice
 from utils.errors import ConfigError
 
-# cuDNN runs bf16 convolutions from this compute capability (Ampere) on; below it they fall
-# back to slow generic kernels.
+# cuDNN runs bf16 convolutions from this compute capability (Ampere) on, below on slow kernels.
 BF16_CAPABILITY = (8, 0)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 AMP_MODES = ("auto", *_DTYPES)
@@ -62,11 +60,8 @@ def choose_precision(setting: str, device: torch.device) -> Precision:
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN and determinism settings for device, the same for training and evaluation.
-
-    use_deterministic_algorithms also fills every new tensor with NaN, an extra pass over every
-    allocation that determinism does not need, so that fill is turned off.
-    """
+    """cuDNN and determinism settings; use_deterministic_algorithms's NaN fill of every new
+    tensor, a pass over every allocation that determinism does not need, is turned off."""
     if device.type != "cuda":
         return  # on the CPU the kernels used give the same results for the same thread count
     if deterministic:
@@ -79,11 +74,8 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
 
 def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any],
               device: torch.device) -> tuple[torch.optim.SGD, str]:
-    """The optimizer of cfg.optim and one line saying which SGD kernels it runs.
-
-    On CUDA fused kernels: they take the fp16 grad scaler's overflow flag on the device, where
-    the others make ``GradScaler.step`` wait for the GPU every step.
-    """
+    """The optimizer of cfg.optim and one line naming its SGD kernels: on CUDA fused ones, which
+    take the fp16 grad scaler's overflow flag on the device (others make it wait for the GPU)."""
     params = list(params)
     settings = {"lr": optim_cfg["init_lr"], "momentum": optim_cfg["momentum"],
                 "weight_decay": optim_cfg["weight_decay"], "nesterov": optim_cfg["nesterov"]}
@@ -100,12 +92,10 @@ def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any]
 
 
 def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
-    """Give every parameter that has none a momentum buffer of zeros.
-
-    Fused SGD makes its buffers at the first step with ``torch.empty_like``; when the fp16 grad
-    scaler skips that step, they keep whatever memory the allocator handed out. Zeros give plain
-    SGD's first step exactly where dampening is 0, as in cfg.optim.
-    """
+    """Give every parameter that has none a momentum buffer of zeros: fused SGD makes its buffers
+    with ``torch.empty_like`` at the first step, and when the fp16 grad scaler skips that step
+    they keep whatever memory the allocator handed out. With dampening 0, as in cfg.optim, zeros
+    give plain SGD's first step exactly."""
     for group in optimizer.param_groups:
         if group.get("momentum", 0) == 0:
             continue
@@ -178,17 +168,13 @@ def select_device(local_rank: int, local_world_size: int = 1) -> torch.device:
 
 
 def check_device_count(nprocs: int, local_world_size: int | None = None) -> None:
-    """ConfigError when more processes would share this machine's CUDA devices than it has.
-
-    local_world_size is the count a launcher started on this machine (None without one); SLURM
-    tasks that each see only their share of the devices are not counted against them.
-    """
+    """ConfigError when more processes would share this machine's CUDA devices than it has
+    (local_world_size: a launcher's count, None without one), unless SLURM split them per task."""
     devices = torch.cuda.device_count()
     if devices and nprocs > devices:
         raise ConfigError(f"dist.nprocs={nprocs} but this machine has {devices} CUDA devices; "
                           f"use at most {devices} (0 means one process per device)")
-    if devices and local_world_size is not None and local_world_size > devices \
-            and not _devices_split_per_task(devices):
+    if devices and (local_world_size or 0) > devices and not _devices_split_per_task(devices):
         raise ConfigError(f"the launcher started {local_world_size} processes on a machine with "
                           f"{devices} CUDA devices; use --nproc_per_node={devices} or fewer")
 
