@@ -1,7 +1,5 @@
-"""Training and validation statistics: top-k counts, exact distributed sums, and the step meter.
-
-Sums, not averages of per-process averages, so that N processes report exactly what one does.
-"""
+"""Training and validation statistics: top-k counts, the step meter, and sums rather than averages
+of per-process averages, so that N processes report exactly what one does."""
 
 from __future__ import annotations
 
@@ -63,10 +61,9 @@ def non_finite(what: str) -> UserError:
 class StepMeter:
     """One process's bookkeeping for a training epoch: sums, log lines, ETA, data wait.
 
-    Sums and the first non-finite loss's step stay on the device and are read every
-    ``print_freq`` steps in one transfer. The data wait is the host's time inside the loader's
-    ``next()`` (a compute-bound CUDA run waits at that read instead, a data-bound one here).
-    A resumed epoch starts at ``start_step`` with the sums it had then.
+    Sums and the first non-finite loss's step stay on the device, read every ``print_freq``
+    steps in one transfer. The data wait is the host's time inside the loader's ``next()`` (a
+    compute-bound CUDA run waits at that read instead, a data-bound one here).
     """
 
     def __init__(self, device: torch.device, epoch: int, epochs: int, steps: int,
@@ -89,10 +86,9 @@ class StepMeter:
 
     def timed(self, batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
         """(step, batch) pairs from start_step on, timing each ``next()`` as data wait."""
-        step = self.start_step
         start = time.perf_counter()
         iterator = iter(batches)  # may start loader processes: part of the wait
-        while step < self.steps:
+        for step in range(self.start_step, self.steps):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -100,7 +96,6 @@ class StepMeter:
             finally:
                 self.data_wait += time.perf_counter() - start
             yield step, batch
-            step += 1
             start = time.perf_counter()
 
     @torch.no_grad()
