@@ -1,8 +1,6 @@
 """Start-up checks of the data, so that a damaged LMDB or a list out of step with it stops the
-run before training, with one line, instead of a SIGBUS or an error an hour into an epoch.
-
-They read metadata only: a few seconds at ImageNet's 1.28M keys (``bench_list_check.py``).
-"""
+run before training, with one line, instead of a SIGBUS or an error an hour into an epoch. They
+read metadata only: a few seconds at ImageNet's 1.28M keys (``bench_list_check.py``)."""
 
 from __future__ import annotations
 
@@ -22,11 +20,8 @@ REPACK = "copy it again or rerun img2lmdb.py"
 
 
 def check_lmdb_whole(path: str) -> None:
-    """DataError unless the LMDB's data.mdb holds every page its metadata names.
-
-    An interrupted copy leaves a file shorter than the pages the meta page counts; reading a
-    record past its end is a SIGBUS that kills the process without a word.
-    """
+    """DataError unless the LMDB's data.mdb holds every page its metadata names: reading past
+    the end of an interrupted copy is a SIGBUS that kills the process without a word."""
     require_lmdb(path)
     size = os.path.getsize(os.path.join(path, "data.mdb"))
     try:
@@ -54,11 +49,8 @@ def check_list_in_lmdb(list_path: str, path: str) -> None:
 
 def check_class_count(classes: int, where: str, num_classes: int,
                       teacher_outputs: int | None = None) -> None:
-    """ConfigError when the data has more classes than the networks' classifiers have outputs.
-
-    A label past the classifier is an IndexError in the loss on the CPU and, on CUDA, a
-    device-side assert that names nothing; checked here, it is one line before training.
-    """
+    """ConfigError when the data has more classes than the networks' classifiers have outputs,
+    which on CUDA would be a device-side assert in the loss that names nothing."""
     if classes > num_classes:
         raise ConfigError(f"{where} has {classes} classes but model.num_classes is "
                           f"{num_classes}; set model.num_classes={classes} (and a teacher "

@@ -1,7 +1,6 @@
 """A dataset over ImageNet's JPEG class folders that mirrors ``LMDBDataset``: a class's index is
 its position among the train split's sorted class folders, as the LMDB packer numbers it, so a
-split can move between ``img`` and ``lmdb`` without changing a single label.
-"""
+split can move between ``img`` and ``lmdb`` without changing a single label."""
 
 from __future__ import annotations
 

@@ -35,12 +35,9 @@ def with_context(exc: DataError, context: str) -> DataError:
 
 
 class ListDataset(Dataset):
-    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list.
-
-    With ``decode=False`` the transform receives the file's bytes, so that it can decode at a
-    reduced size. ``ds[SampleKey(seed, epoch, i)]`` is the same sample, its transform drawing
-    from the generator of that key (``dataset.sampling``) rather than from the process's own.
-    """
+    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list; with ``decode=False`` the
+    transform receives the file's bytes, to decode at a reduced size. ``ds[SampleKey(...)]`` is
+    the same sample, its transform drawing from that key's generator (``dataset.sampling``)."""
 
     def __init__(self, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True) -> None:

@@ -1,6 +1,5 @@
 """An ImageFolder-style dataset over an LMDB of the original WSLD format (ours or the original
-tool's), opened lazily in whichever process first reads a sample, so fork and spawn workers work.
-"""
+tool's), opened lazily in whichever process first reads a sample, so fork and spawn workers work."""
 
 from __future__ import annotations
 
