@@ -14,7 +14,7 @@ from utils import distributed
 from utils.config import require_choice
 from utils.errors import ConfigError
 
-# cuDNN runs bf16 convolutions from this compute capability (Ampere) on, below on slow kernels.
+# cuDNN runs bf16 convolutions on fast kernels from this compute capability (Ampere) on.
 BF16_CAPABILITY = (8, 0)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 AMP_MODES = ("auto", *_DTYPES)
