@@ -1,14 +1,10 @@
 """Start-up checks of the data, so that a damaged LMDB or a list out of step with it stops the
-run before training, with one line, instead of a SIGBUS or an error an hour into an epoch.
-
-Each check reads metadata only: the LMDB's meta page, its keys without their values, the list
-lines. At ImageNet's 1.28M keys they cost a few seconds (``benchmarks/bench_list_check.py``).
-"""
+run before training, with one line, instead of a SIGBUS or an error an hour into an epoch. They
+read metadata only: a few seconds at ImageNet's 1.28M keys (``bench_list_check.py``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import lmdb
@@ -24,14 +20,10 @@ REPACK = "copy it again or rerun img2lmdb.py"
 
 
 def check_lmdb_whole(path: str) -> None:
-    """DataError unless the LMDB's data.mdb holds every page its metadata names.
-
-    An interrupted copy leaves a file shorter than the pages the meta page counts; reading a
-    record past its end is a SIGBUS that kills the process without a word.
-    """
+    """DataError unless the LMDB's data.mdb holds every page its metadata names: reading past
+    the end of an interrupted copy is a SIGBUS that kills the process without a word."""
     require_lmdb(path)
-    data_file = os.path.join(path, "data.mdb")
-    size = os.path.getsize(data_file)
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
     try:
         env = open_lmdb_readonly(path)
         needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
@@ -42,10 +34,7 @@ def check_lmdb_whole(path: str) -> None:
 
 
 def check_list_in_lmdb(list_path: str, path: str) -> None:
-    """DataError unless every line of the list is a key of the LMDB at path.
-
-    Walks the keys only (no values are read), so it costs about a second per million keys.
-    """
+    """DataError unless every line of the list is a key of the LMDB at path."""
     env = open_lmdb_readonly(path)
     with env.begin(buffers=False) as txn, txn.cursor() as cursor:
         keys = set(cursor.iternext(keys=True, values=False))
@@ -58,18 +47,10 @@ def check_list_in_lmdb(list_path: str, path: str) -> None:
                         f"list it was packed with")
 
 
-def list_classes(list_path: str) -> list[str]:
-    """The sorted class folders (``wnid`` of ``wnid/file``) that a list's lines name."""
-    return sorted({line.split("/", 1)[0] for line in read_list(list_path)})
-
-
 def check_class_count(classes: int, where: str, num_classes: int,
                       teacher_outputs: int | None = None) -> None:
-    """ConfigError when the data has more classes than the networks' classifiers have outputs.
-
-    A label past the classifier is an IndexError in the loss on the CPU and, on CUDA, a
-    device-side assert that names nothing; checked here, it is one line before training.
-    """
+    """ConfigError when the data has more classes than the networks' classifiers have outputs,
+    which on CUDA would be a device-side assert in the loss that names nothing."""
     if classes > num_classes:
         raise ConfigError(f"{where} has {classes} classes but model.num_classes is "
                           f"{num_classes}; set model.num_classes={classes} (and a teacher "
@@ -79,22 +60,17 @@ def check_class_count(classes: int, where: str, num_classes: int,
                           f"{teacher_outputs} outputs; use a teacher trained on these classes")
 
 
-def check_splits(splits: Sequence[tuple[str, str, str]]) -> None:
-    """Every LMDB whole and every list line one of its keys: splits are (type, root, list)."""
-    for data_type, root, list_path in splits:
-        if data_type == "lmdb":
-            check_lmdb_whole(root)
-            check_list_in_lmdb(list_path, root)
-
-
 def check_data(data: ImageNet12, num_classes: int, teacher_outputs: int | None = None) -> None:
     """All start-up checks of an ``ImageNet12``'s files, and its training classes against the
     classifiers; call once per machine, before the training processes read anything."""
-    check_splits([(data.train_data_type, data.trainFolder, data.train_list),
-                  (data.val_data_type, data.testFolder, data.val_list)])
+    for data_type, root, list_path in [(data.train_data_type, data.trainFolder, data.train_list),
+                                       (data.val_data_type, data.testFolder, data.val_list)]:
+        if data_type == "lmdb":
+            check_lmdb_whole(root)
+            check_list_in_lmdb(list_path, root)
     if data.train_data_type == "img":
         classes, where = len(data.class_names()), f"the training folder '{data.trainFolder}'"
     else:
-        classes = len(list_classes(data.train_list))
+        classes = len({line.split("/", 1)[0] for line in read_list(data.train_list)})
         where = f"the training list '{data.train_list}'"
     check_class_count(classes, where, num_classes, teacher_outputs)

@@ -1,18 +1,15 @@
-"""ImageNet-layout trees of real images that installed packages ship, for tests, benchmarks and the
-demo.
-
-scikit-learn bundles two colour photographs and 1,797 handwritten digits; nothing is downloaded.
-A tree can also be written as ImageNet's three official archives (``write_official_archives``),
-and ``prepare_demo_data`` lists and packs the digits as a user prepares ImageNet.
-"""
+"""ImageNet-layout trees, and ImageNet's official archives, of the real images scikit-learn ships
+(two photographs, 1,797 digits), for tests, benchmarks and the demo: nothing is downloaded."""
 
 from __future__ import annotations
 
+import gzip as gzip_module
 import io
 import os
 import shutil
 import tarfile
 import tempfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -60,16 +57,13 @@ def write_photo_tree(root: str, images_per_class: dict[str, int], num_classes: i
 
 
 def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32,
-                      seed: int = 0) -> dict[str, int]:
-    """scikit-learn's handwritten digits as RGB JPEGs in ``root/{train,val}/<digit>/``.
-
-    The split is stratified and fixed by seed. Returns the number of images per split.
-    """
+                      seed: int = 0) -> None:
+    """scikit-learn's digits as RGB JPEGs in ``root/{train,val}/<digit>/``, split stratified and
+    fixed by seed."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    counts = {"train": 0, "val": 0}
     for label in range(10):
         indices = np.flatnonzero(digits.target == label)
         rng.shuffle(indices)
@@ -81,17 +75,12 @@ def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32,
             grey = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
             image = Image.fromarray(grey).resize((size, size), Image.BICUBIC).convert("RGB")
             image.save(os.path.join(folder, f"{index:04d}.JPEG"), quality=95)
-            counts[split] += 1
-    return counts
 
 
 def prepare_demo_data(root: str) -> None:
     """The demo's digits in root, listed and packed into LMDBs with the tools a user runs on
-    ImageNet (mk_img_list, img2lmdb), so the demo trains on the pipeline it demonstrates.
-
-    The tree is written once, atomically, so an interrupted build is redone rather than
-    half-used. Packing again is cheap: img2lmdb skips the records already stored.
-    """
+    ImageNet. The tree is written once, atomically, so an interrupted build is redone rather
+    than half-used; packing again is cheap, as img2lmdb skips the records already stored."""
     from dataset import img2lmdb, mk_img_list  # the packer's imports cost only the demo
 
     if not os.path.isdir(os.path.join(root, "train")):
@@ -114,8 +103,7 @@ def prepare_demo_data(root: str) -> None:
 
 
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-                 "wordnet_height",
-                 "num_train_images")
+                 "wordnet_height", "num_train_images")
 DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
 
 
@@ -132,37 +120,26 @@ def tar_bytes(files: dict[str, bytes]) -> bytes:
 
 def write_tar(path: str, files: dict[str, bytes], gzip: bool = False) -> None:
     data = tar_bytes(files)
-    if gzip:
-        import gzip as gzip_module
-
-        data = gzip_module.compress(data)
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(gzip_module.compress(data) if gzip else data)
 
 
 def folder_files(folder: str) -> dict[str, bytes]:
     """name -> bytes of the files in folder, sorted by name."""
-    files = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            files[name] = f.read()
-    return files
+    return {name: Path(folder, name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
 def devkit_meta_mat(class_ids: dict[str, int], parents: dict[str, list[int]]) -> bytes:
     """meta.mat as the devkit lays it out: a one-column struct array ``synsets``, the leaf classes
     first in ID order, then non-leaf synsets (num_children > 0) numbered after them."""
+    import scipy.io
+
     rows = [(class_id, wnid, f"class {wnid}", f"gloss of {wnid}", 0, np.zeros((1, 0)), 0, 1300)
             for wnid, class_id in sorted(class_ids.items(), key=lambda item: item[1])]
     rows += [(len(class_ids) + k, wnid, "parent", "a parent synset", len(children),
               np.array(children), 2, 0)
              for k, (wnid, children) in enumerate(parents.items(), start=1)]
-    synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
-    for i, row in enumerate(rows):
-        for name, value in zip(SYNSET_FIELDS, row):
-            synsets[i, 0][name] = value
-    import scipy.io
-
+    synsets = np.array([[row] for row in rows], dtype=[(name, object) for name in SYNSET_FIELDS])
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {"synsets": synsets})
     return buffer.getvalue()
@@ -170,8 +147,7 @@ def devkit_meta_mat(class_ids: dict[str, int], parents: dict[str, list[int]]) ->
 
 def write_devkit(path: str, class_ids: dict[str, int], ground_truth: list[int] | None,
                  with_meta: bool = True) -> None:
-    """ILSVRC2012_devkit_t12.tar.gz with data/meta.mat and
-    data/ILSVRC2012_validation_ground_truth.txt."""
+    """The devkit's tar.gz with data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt."""
     files = {f"{DEVKIT_FOLDER}/COPYING": b"devkit"}
     if with_meta:
         parents = {"n09000001": [1, 2], "n09000002": [len(class_ids) + 1, 3]}
@@ -183,12 +159,9 @@ def write_devkit(path: str, class_ids: dict[str, int], ground_truth: list[int] |
 
 
 def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str, int]:
-    """Write tree's train/ and val/ class folders as ImageNet's three official files in out_dir.
-
-    The train tar holds one ``<wnid>.tar`` per class; the val tar holds the validation files
-    flat (they should have unique names, such as ILSVRC2012_val_<number>.JPEG); the devkit
-    numbers the classes in a shuffled order, unlike the sorted wnids. Returns wnid -> ID.
-    """
+    """Write tree's train/ and val/ class folders as ImageNet's three official files in out_dir
+    and return wnid -> ID. The val tar holds the validation files flat, so their names must be
+    unique; the devkit numbers the classes in a shuffled order, unlike the sorted wnids."""
     train, val = os.path.join(tree, "train"), os.path.join(tree, "val")
     wnids = sorted(os.listdir(train))
     ids = np.random.default_rng(seed).permutation(len(wnids)) + 1
@@ -196,13 +169,10 @@ def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str,
     os.makedirs(out_dir, exist_ok=True)
     write_tar(os.path.join(out_dir, "ILSVRC2012_img_train.tar"),
               {f"{wnid}.tar": tar_bytes(folder_files(os.path.join(train, wnid))) for wnid in wnids})
-    val_files = {}
-    for wnid in sorted(os.listdir(val)):
-        val_files.update((name, (wnid, data))
-                         for name, data in folder_files(os.path.join(val, wnid)).items())
-    names = sorted(val_files)
+    val_files = sorted((name, wnid, data) for wnid in os.listdir(val)
+                       for name, data in folder_files(os.path.join(val, wnid)).items())
     write_tar(os.path.join(out_dir, "ILSVRC2012_img_val.tar"),
-              {name: val_files[name][1] for name in names})
+              {name: data for name, _, data in val_files})
     write_devkit(os.path.join(out_dir, "ILSVRC2012_devkit_t12.tar.gz"), class_ids,
-                 [class_ids[val_files[name][0]] for name in names])
+                 [class_ids[wnid] for _, wnid, _ in val_files])
     return class_ids

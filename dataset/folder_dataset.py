@@ -1,9 +1,6 @@
-"""A dataset over ImageNet's JPEG class folders, read through the same list file as the LMDB.
-
-It mirrors ``dataset.lmdb_dataset.LMDBDataset`` (same list, same labels, same ``decode`` switch),
-so a split can move between ``img`` and ``lmdb`` without changing a single label: a class's index
-is its position among the sorted class folders of the train split, as the LMDB packer numbers it.
-"""
+"""A dataset over ImageNet's JPEG class folders that mirrors ``LMDBDataset``: a class's index is
+its position among the train split's sorted class folders, as the LMDB packer numbers it, so a
+split can move between ``img`` and ``lmdb`` without changing a single label."""
 
 from __future__ import annotations
 
@@ -36,11 +33,8 @@ def labels_for(names: np.ndarray, classes: Sequence[str], list_path: str) -> np.
 
 
 class FolderDataset(ListDataset):
-    """The samples of a list, read from the class folders under root.
-
-    ``classes`` gives the label order (the train split's sorted class folders); it defaults to
-    root's own class folders.
-    """
+    """The samples of a list, read from the class folders under root; ``classes`` (the label
+    order) defaults to root's own class folders."""
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True,

@@ -1,18 +1,6 @@
-"""ImageNet12: the original's entry point for the train and validation loaders.
-
-    imagenet = ImageNet12(trainFolder=os.path.join(data_path, 'train'),
-                          testFolder=os.path.join(data_path, 'val'),
-                          num_workers=8, type_of_data_augmentation='random_sized',
-                          data_config=cfg.data)
-    train_loader, val_loader = imagenet.getTrainTestLoader(batch_size_per_process)
-
-Loaders yield a uint8 N x 3 x H x W tensor and int64 labels; ``DevicePrefetcher`` normalises
-them on the device, so no worker builds a float batch four times the size.
-
-Under a process group each process reads its own shard: the training shard is reshuffled per
-epoch (``loader.sampler.set_epoch(epoch)``, see ``dataset.sampling``), the validation shards are
-disjoint and cover the set once, so counts summed over ranks are the single-process result.
-"""
+"""ImageNet12: the original's entry point for the train and validation loaders. Batches are uint8
+N x 3 x H x W with int64 labels: ``DevicePrefetcher`` normalises them on the device, so no worker
+builds a float batch four times the size."""
 
 from __future__ import annotations
 
@@ -42,9 +30,6 @@ from utils.config import require_choice
 from utils.errors import ConfigError, DataError
 from utils.preemption import loader_worker_signals
 
-DATA_TYPES = ("lmdb", "img")
-AUGMENTATIONS = ("random_sized", "rand_scale")
-DECODERS = ("auto", "region", "opencv")
 # The original's colour jitter (data.color=True): brightness, contrast and saturation 0.4.
 COLOR_JITTER = 0.4
 RAND_SCALE_SIDES = (256, 480)
@@ -52,8 +37,7 @@ RAND_SCALE_SIDES = (256, 480)
 
 def collate_uint8(batch: Sequence[tuple[torch.Tensor | np.ndarray, int]]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack uint8 images, 3 x H x W tensors as the transforms return them (or H x W x 3
-    arrays, as a dataset without a transform gives them), into one N x 3 x H x W uint8 tensor,
+    """Stack uint8 3 x H x W images (or H x W x 3, untransformed) into one N x 3 x H x W tensor,
     each written once into place: no float copy, no intermediate tensors."""
     images = None
     for i, (image, _) in enumerate(batch):
@@ -72,8 +56,7 @@ def collate_uint8(batch: Sequence[tuple[torch.Tensor | np.ndarray, int]]
 
 class ShardSampler(Sampler[int]):
     """Rank r of n takes indices r, r + n, r + 2n, ...: disjoint shards that cover the dataset
-    exactly once, without the padding DistributedSampler adds (which would count some
-    validation images twice). Shard lengths differ by at most one."""
+    once, without the padding DistributedSampler adds (it would count some images twice)."""
 
     def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0) -> None:
         if not 0 <= rank < num_replicas:
@@ -86,51 +69,29 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(range(self.rank, self.dataset_size, self.num_replicas))
 
-    @property
-    def smallest_shard(self) -> int:
-        """The length of the last rank's shard, the shortest."""
-        return self.dataset_size // self.num_replicas
-
-
-
-
-def open_split(data_type: str, root: str, list_path: str, transform: Callable,
-               classes: Sequence[str] | None = None) -> Dataset:
-    """The dataset of one split: an LMDB or a JPEG class-folder tree, handing file bytes to
-    transform so that it decodes each image once, at reduced size where it can."""
-    if data_type == "lmdb":
-        lmdb_dataset.require_lmdb(root, hint=", or set data.*_data_type='img'")
-        return lmdb_dataset.LMDBDataset(root, list_path, transform=transform, decode=False)
-    return FolderDataset(root, list_path, transform=transform, decode=False, classes=classes)
-
 
 class ImageNet12:
-    """Train and validation loaders over ImageNet-layout data, configured by ``cfg.data``.
-
-    The list files are ``<parent of trainFolder>/<data.train_list>`` and
-    ``<parent of testFolder>/<data.val_list>``. ``pin_memory`` defaults to whether CUDA is
-    available; ``seed`` fixes the training shuffle (together with the epoch).
-    """
+    """Train and validation loaders over ImageNet-layout data, configured by ``cfg.data``."""
 
     def __init__(self, trainFolder: str, testFolder: str, num_workers: int = 8,
                  type_of_data_augmentation: str = "random_sized",
                  data_config: Mapping[str, Any] | None = None, pin_memory: bool | None = None,
                  seed: int = 0) -> None:
-        config = data_config if data_config is not None else {}
+        config = data_config or {}
         self.trainFolder, self.testFolder = trainFolder, testFolder
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
         self.augmentation = str(type_of_data_augmentation).lower()
-        require_choice("data.type_of_data_aug", self.augmentation, AUGMENTATIONS)
+        require_choice("data.type_of_data_aug", self.augmentation, ("random_sized", "rand_scale"))
         self.size = tuple(int(s) for s in config.get("input_size", (3, 224, 224))[1:3])
         self.train_data_type = config.get("train_data_type", "lmdb")
         self.val_data_type = config.get("val_data_type", "lmdb")
-        require_choice("data.train_data_type", self.train_data_type, DATA_TYPES)
-        require_choice("data.val_data_type", self.val_data_type, DATA_TYPES)
+        require_choice("data.train_data_type", self.train_data_type, ("lmdb", "img"))
+        require_choice("data.val_data_type", self.val_data_type, ("lmdb", "img"))
         self.min_scale = float(config.get("random_sized", {}).get("min_scale", 0.08))
         self.decoder = config.get("decoder", "auto")
-        require_choice("data.decoder", self.decoder, DECODERS)
+        require_choice("data.decoder", self.decoder, ("auto", "region", "opencv"))
         if (self.decoder == "region" and self.augmentation == "random_sized"
                 and jpeg_region.region_decoder() is None):
             raise ConfigError("data.decoder='region' but JPEG decoding is "
@@ -142,8 +103,6 @@ class ImageNet12:
         self.train_num_examples: int | None = None
         self.test_num_examples: int | None = None
 
-    # -- transforms and datasets ---------------------------------------------------------------
-
     def describe_decoder(self) -> str:
         """One line for logs: how the training crops are decoded."""
         if self.decoder == "opencv":
@@ -153,9 +112,8 @@ class ImageNet12:
         return jpeg_region.describe()
 
     def train_transform(self) -> Callable:
-        """The training pipeline: the decode-aware crop first, then steps on its uint8
-        3 x H x W tensor. Any torchvision.transforms.v2 transform on uint8 tensors may be
-        appended to ``steps`` (see the README); RandomChain seeds it per sample too."""
+        """The decode-aware crop, then steps on its uint8 3 x H x W tensor: any
+        torchvision.transforms.v2 transform may follow (see the README)."""
         if self.augmentation == "random_sized":
             crop: Callable = RandomResizedCropFlip(self.size, scale=(self.min_scale, 1.0),
                                                    region=self.decoder != "opencv")
@@ -178,19 +136,25 @@ class ImageNet12:
         return class_folders(self.trainFolder)
 
     def train_set(self) -> Dataset:
-        return open_split(self.train_data_type, self.trainFolder, self.train_list,
-                          self.train_transform(), self.class_names())
+        return self._open_split(self.train_data_type, self.trainFolder, self.train_list,
+                                self.train_transform())
 
     def val_set(self) -> Dataset:
-        classes = self.class_names() if self.val_data_type == "img" else None
-        return open_split(self.val_data_type, self.testFolder, self.val_list, self.val_transform(),
-                          classes)
+        return self._open_split(self.val_data_type, self.testFolder, self.val_list,
+                                self.val_transform())
 
-    # -- loaders -------------------------------------------------------------------------------
+    def _open_split(self, data_type: str, root: str, list_path: str,
+                    transform: Callable) -> Dataset:
+        """Datasets hand transform the file's bytes, so that it decodes each image once, at
+        reduced size where it can."""
+        if data_type == "lmdb":
+            lmdb_dataset.require_lmdb(root, hint=", or set data.*_data_type='img'")
+            return lmdb_dataset.LMDBDataset(root, list_path, transform=transform, decode=False)
+        return FolderDataset(root, list_path, transform=transform, decode=False,
+                             classes=self.class_names())
 
     def getTrainLoader(self, batch_size: int, persistent_workers: bool = True) -> DataLoader:
-        """Shuffled, reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size per process.
-        persistent_workers=False starts fresh workers for every pass."""
+        """Reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size is per process."""
         dataset = self.train_set()
         self.train_num_examples = len(dataset)
         sampler = EpochSampler(dataset, num_replicas=distributed.get_world_size(),
@@ -213,20 +177,14 @@ class ImageNet12:
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool,
                 persistent_workers: bool = True) -> DataLoader:
         workers = self.num_workers
-        if workers > 0:
-            one_opencv_thread_before_fork()
+        if workers > 0 and cv2.getNumThreads() != 1:
+            # before forking: a forked worker changing the thread count of a pool that has run
+            # can wait forever (4 forks in 15 hung in a trial); at one thread it is a no-op
+            cv2.setNumThreads(1)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_uint8, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=persistent_workers and workers > 0,
                           worker_init_fn=loader_worker_init)
-
-
-def one_opencv_thread_before_fork() -> None:
-    """OpenCV on one thread in this process, before it forks loader workers: a forked worker
-    changing the thread count of a pool that has run can wait forever (4 forks in 15 hung in a
-    trial); at one thread already, its own setting is a no-op."""
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
 
 
 def loader_worker_init(worker_id: int = 0) -> None:
@@ -249,7 +207,8 @@ def open_imagenet(data_cfg: Mapping[str, Any], num_workers: int, seed: int = 0) 
 def batches_in_every_shard(loader: DataLoader) -> int:
     """How many batches every process's validation shard holds (ShardSampler loaders): a
     collective asked once per batch must be asked no more often than this."""
-    return math.ceil(loader.sampler.smallest_shard / loader.batch_size)
+    shortest = loader.sampler.dataset_size // loader.sampler.num_replicas  # the last rank's
+    return math.ceil(shortest / loader.batch_size)
 
 
 def _beside(folder: str, name: str) -> str:

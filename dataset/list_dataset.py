@@ -1,9 +1,5 @@
 """What the LMDB and the JPEG-folder datasets share: samples named by a list file, read, decoded,
-transformed.
-
-Subclasses say only where the bytes and the label of a sample come from (``read_raw``) and how
-to name a sample in an error (``where``).
-"""
+transformed."""
 
 from __future__ import annotations
 
@@ -20,12 +16,9 @@ from utils.errors import DataError
 
 
 def read_list(list_path: str) -> np.ndarray:
-    """The list file's lines (``wnid/file``), UTF-8 encoded, as one compact fixed-width numpy bytes
-    array.
-
-    A Python list of 1.28M strings would be copied page by page into every forked loader
-    worker as reference counts are touched; one numpy array is not.
-    """
+    """The list file's lines, UTF-8 encoded, as one fixed-width numpy bytes array: a Python list
+    of 1.28M strings would be copied into every forked loader worker as reference counts are
+    touched; one numpy array is not."""
     names = [line.encode("utf-8") for line in read_list_lines(list_path)]
     if not names:
         raise DataError(f"image list '{list_path}' is empty; remake it with dataset/mk_img_list.py")
@@ -33,8 +26,7 @@ def read_list(list_path: str) -> np.ndarray:
 
 
 def with_context(exc: DataError, context: str) -> DataError:
-    """exc with context in front of its message, of the same type where its constructor takes a
-    message."""
+    """exc with context in front of its message, of exc's type where it can be."""
     message = f"{context}: {exc}"
     try:
         return type(exc)(message)
@@ -43,15 +35,9 @@ def with_context(exc: DataError, context: str) -> DataError:
 
 
 class ListDataset(Dataset):
-    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list.
-
-    ``sample`` is the decoded RGB image (H x W x 3 uint8) passed through ``transform``; with
-    ``decode=False`` the transform receives the file's bytes instead, so that it can decode at
-    a reduced size. ``target`` is the class index (an int) passed through ``target_transform``.
-    ``ds[SampleKey(seed, epoch, i)]`` is the same sample, its transform drawing from the
-    generator of that key (``dataset.sampling``) rather than from the process's own: any
-    transform, ours or torchvision's (``dataset.transforms.apply_transform``).
-    """
+    """``ds[i]`` is ``(sample, target)`` for the i-th line of the list; with ``decode=False`` the
+    transform receives the file's bytes, to decode at a reduced size. ``ds[SampleKey(...)]`` is
+    the same sample, its transform drawing from that key's generator (``dataset.sampling``)."""
 
     def __init__(self, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True) -> None:
@@ -78,9 +64,7 @@ class ListDataset(Dataset):
         rng = None
         if isinstance(index, SampleKey):
             index, rng = index.index, sample_generator(index)
-        # A damaged record fails in read_raw, a damaged image in the decode or in a transform
-        # that decodes the bytes itself; each error names the sample, so the user knows which
-        # one to replace.
+        # a damaged record or image fails here: the error names the sample to replace
         try:
             data, target = self.read_raw(index)
             sample: Any = decode_rgb(data) if self.decode else data

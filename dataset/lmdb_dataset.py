@@ -1,9 +1,5 @@
 """An ImageFolder-style dataset over an LMDB of the original WSLD format (ours or the original
-tool's).
-
-The environment is opened lazily, in whichever process first reads a sample, so the dataset
-works in the main process and in fork or spawn DataLoader workers.
-"""
+tool's), opened lazily in whichever process first reads a sample, so fork and spawn workers work."""
 
 from __future__ import annotations
 
@@ -23,8 +19,7 @@ _OPEN_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
 def open_lmdb_readonly(path: str) -> lmdb.Environment:
-    """This process's read-only, lock-free handle on the LMDB environment at path (any spelling of
-    it)."""
+    """This process's read-only, lock-free handle on the LMDB at path (any spelling of it)."""
     return _open_resolved(os.path.realpath(path))
 
 
@@ -36,11 +31,8 @@ def require_lmdb(path: str, hint: str = "") -> None:
 
 
 def _open_resolved(real_path: str) -> lmdb.Environment:
-    """open_lmdb_readonly for a path os.path.realpath already resolved: the per-read call.
-
-    Resolving walks every component of the path with a system call each, about 3% of the input
-    pipeline when done per image, so datasets resolve their root once.
-    """
+    """open_lmdb_readonly for a path already resolved: resolving costs a system call per path
+    component, about 3% of the input pipeline when done per image."""
     cached = _OPEN_ENVS.get(real_path)
     if cached is not None:
         pid, env = cached
@@ -56,15 +48,13 @@ def _open_resolved(real_path: str) -> lmdb.Environment:
 
 
 class LMDBDataset(ListDataset):
-    """The samples of a list, read from the LMDB at root; the label is the one stored in the
-    record."""
+    """The samples of a list, read from the LMDB at root, with the labels stored there."""
 
     def __init__(self, root: str, list_path: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, decode: bool = True) -> None:
         super().__init__(list_path, transform, target_transform, decode)
         self.root = root
-        # the LMDB cache key, resolved once (see _open_resolved)
-        self._real_root = os.path.realpath(root)
+        self._real_root = os.path.realpath(root)  # resolved once: see _open_resolved
 
     def where(self, index: int) -> str:
         return f"image '{self.name(index)}' in the LMDB at '{self.root}'"

@@ -1,9 +1,5 @@
-"""How a process uses its device: the autocast precision, the SGD kernels, cuDNN and determinism.
-
-Each choice depends on the hardware (a V100 has no bf16 convolutions; fused SGD keeps the fp16
-grad scaler's overflow check on the GPU), so each is made here, once, from the device, and the
-training script and ``--evaluate`` share them.
-"""
+"""How a process uses its device: the autocast precision, the SGD kernels, cuDNN and determinism,
+each chosen once from the hardware, for training and ``--evaluate`` alike."""
 
 from __future__ import annotations
 
@@ -18,8 +14,7 @@ from utils import distributed
 from utils.config import require_choice
 from utils.errors import ConfigError
 
-# cuDNN runs bf16 convolutions from this compute capability (Ampere) on; below it they fall
-# back to slow generic kernels.
+# cuDNN runs bf16 convolutions on fast kernels from this compute capability (Ampere) on.
 BF16_CAPABILITY = (8, 0)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 AMP_MODES = ("auto", *_DTYPES)
@@ -43,9 +38,7 @@ def check_amp(setting: str) -> None:
 
 
 def choose_precision(setting: str, device: torch.device) -> Precision:
-    """train_params.amp for this device: 'auto' is bf16 on CUDA capability >= 8.0, fp16 (with the
-    grad scaler) below it, full precision on the CPU; 'bf16', 'fp16' and 'off' are taken as
-    given."""
+    """train_params.amp for this device; an explicit setting is taken as given."""
     if device.type != "cuda":
         if setting == "auto":
             return Precision(None, f"train_params.amp='auto' on {device.type}")
@@ -67,13 +60,8 @@ def choose_precision(setting: str, device: torch.device) -> Precision:
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN and determinism settings for device, the same for training and evaluation.
-
-    Deterministic runs pick kernels whose results do not vary run to run; the others let cuDNN
-    time its algorithms for each input shape. Determinism here does not need torch to fill every
-    new tensor with NaN (which use_deterministic_algorithms turns on), so that fill is turned off:
-    it would cost an extra pass over every allocation, batch collation's included.
-    """
+    """cuDNN and determinism settings; use_deterministic_algorithms's NaN fill of every new
+    tensor, a pass over every allocation that determinism does not need, is turned off."""
     if device.type != "cuda":
         return  # on the CPU the kernels used give the same results for the same thread count
     if deterministic:
@@ -86,12 +74,8 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
 
 def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any],
               device: torch.device) -> tuple[torch.optim.SGD, str]:
-    """The optimizer of cfg.optim and one line saying which SGD kernels it runs.
-
-    On CUDA the fused kernels: they take the fp16 grad scaler's overflow flag on the device, where
-    the others make ``GradScaler.step`` wait for the GPU every step. Where fused kernels are
-    unavailable, the foreach ones.
-    """
+    """The optimizer of cfg.optim and one line naming its SGD kernels: on CUDA fused ones, which
+    take the fp16 grad scaler's overflow flag on the device (others make it wait for the GPU)."""
     params = list(params)
     settings = {"lr": optim_cfg["init_lr"], "momentum": optim_cfg["momentum"],
                 "weight_decay": optim_cfg["weight_decay"], "nesterov": optim_cfg["nesterov"]}
@@ -108,14 +92,10 @@ def build_sgd(params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any]
 
 
 def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
-    """Give every parameter that has none a momentum buffer of zeros.
-
-    Fused SGD makes its buffers at the first step with ``torch.empty_like`` and has the kernel
-    fill them; when the fp16 grad scaler skips that step (an overflow at the initial scale), the
-    buffers keep whatever memory the allocator handed out, and the next step adds 0.9 times it.
-    Zeros give exactly plain SGD's first step (buffer = gradient) where dampening is 0, as in
-    cfg.optim, and a skipped step then leaves them at zero, as plain SGD leaves no buffer.
-    """
+    """Give every parameter that has none a momentum buffer of zeros: fused SGD makes its buffers
+    with ``torch.empty_like`` at the first step, and when the fp16 grad scaler skips that step
+    they keep whatever memory the allocator handed out. With dampening 0, as in cfg.optim, zeros
+    give plain SGD's first step exactly."""
     for group in optimizer.param_groups:
         if group.get("momentum", 0) == 0:
             continue
@@ -127,7 +107,7 @@ def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
 
 def fused_sgd_unavailable(params: list[torch.nn.Parameter]) -> str:
     """Why fused SGD cannot step these parameters ('' when it can), found by one step of a copy
-    of the first parameter: torch checks the device and dtype only at the first step."""
+    of the first: torch checks the device and dtype only at the first step."""
     if not params:
         return ""
     probe = torch.zeros(1, dtype=params[0].dtype, device=params[0].device, requires_grad=True)
@@ -140,11 +120,8 @@ def fused_sgd_unavailable(params: list[torch.nn.Parameter]) -> str:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """Load a saved optimizer state, keeping the kernels optimizer was built with.
-
-    ``Optimizer.load_state_dict`` takes every group setting from the file, 'fused' and 'foreach'
-    included; a fused optimizer given a foreach checkpoint would then fail at its first fp16 step.
-    """
+    """Load a saved optimizer state, keeping the kernels optimizer was built with ('fused' and
+    'foreach' from a foreach checkpoint would fail a fused optimizer's first fp16 step)."""
     kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
                for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
@@ -180,9 +157,8 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 def select_device(local_rank: int, local_world_size: int = 1) -> torch.device:
-    """This process's device, made current: ``cuda:local_rank`` when the process sees a device
-    for each process on its machine, and ``local_rank % device_count`` when it sees fewer (SLURM's
-    ``--gpus-per-task=1`` shows each task only its own GPU); the CPU without CUDA."""
+    """This process's device, made current; ``local_rank % device_count`` when the process sees
+    fewer devices than processes (SLURM's ``--gpus-per-task=1`` shows each task only its own)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     devices = torch.cuda.device_count()
@@ -192,19 +168,13 @@ def select_device(local_rank: int, local_world_size: int = 1) -> torch.device:
 
 
 def check_device_count(nprocs: int, local_world_size: int | None = None) -> None:
-    """ConfigError when more processes would share this machine's CUDA devices than it has.
-
-    nprocs is dist.nprocs (0: one per device); local_world_size is the count a launcher such as
-    torchrun started on this machine, None without one. A launcher whose processes each see
-    fewer devices than there are processes (SLURM's --gpus-per-task) is not counted against
-    them: ``select_device`` then picks each process's device from what it sees.
-    """
+    """ConfigError when more processes would share this machine's CUDA devices than it has
+    (local_world_size: a launcher's count, None without one), unless SLURM split them per task."""
     devices = torch.cuda.device_count()
     if devices and nprocs > devices:
         raise ConfigError(f"dist.nprocs={nprocs} but this machine has {devices} CUDA devices; "
                           f"use at most {devices} (0 means one process per device)")
-    if devices and local_world_size is not None and local_world_size > devices \
-            and not _devices_split_per_task(devices):
+    if devices and (local_world_size or 0) > devices and not _devices_split_per_task(devices):
         raise ConfigError(f"the launcher started {local_world_size} processes on a machine with "
                           f"{devices} CUDA devices; use --nproc_per_node={devices} or fewer")
 
@@ -231,12 +201,8 @@ def shm_bytes(path: str = "/dev/shm") -> int | None:
 
 def shm_warning(workers: int, prefetch_factor: int, batch_bytes: int,
                 shm_size: int | None = None) -> str:
-    """A one-line warning when /dev/shm cannot hold the batches the loader workers keep in
-    flight (workers x prefetch_factor batches of batch_bytes); '' when it can, or without workers.
-
-    Docker's default /dev/shm of 64 MB makes workers die with a bus error at the first batches.
-    shm_size: the size to check (default: /dev/shm's).
-    """
+    """A one-line warning when /dev/shm (or shm_size) cannot hold the batches the loader workers
+    keep in flight, as Docker's default 64 MB cannot; '' when it can, or without workers."""
     size = shm_bytes() if shm_size is None else shm_size
     needed = workers * prefetch_factor * batch_bytes
     if workers <= 0 or size is None or size >= needed:

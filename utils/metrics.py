@@ -1,10 +1,5 @@
-"""Training and validation statistics: top-k counts, exact distributed sums, and the step meter.
-
-Validation reports counts (correct predictions, images, summed loss) rather than averages of
-per-process averages, so that N processes report exactly what one process reports. Training
-keeps its per-step sums on the device (``StepMeter``) and reads them every ``print_freq`` steps,
-so the GPU is never made to wait for the CPU at a step.
-"""
+"""Training and validation statistics: top-k counts, the step meter, and sums rather than averages
+of per-process averages, so that N processes report exactly what one does."""
 
 from __future__ import annotations
 
@@ -29,16 +24,11 @@ DEVICE_SUMS = ("loss", "top1", "top5", "regularisation_samples", "weight_sum")
 @torch.no_grad()
 def topk_correct(logits: torch.Tensor, target: torch.Tensor,
                  ks: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
-    """For each k, how many rows have the target among the k highest logits (int64 tensors).
-
-    k is capped at the number of classes, so top-5 stays defined on a 4-class test set. The
-    counts stay on the logits' device: reading them needs no synchronisation until asked.
-    """
-    num_classes = logits.shape[1]
-    max_k = min(max(ks), num_classes)
-    top = logits.topk(max_k, dim=1).indices
+    """For each k, how many rows have the target among the k highest logits, as int64 tensors
+    on the logits' device. k is capped at the number of classes (top-5 of 4 classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top.eq(target.view(-1, 1))
-    return [hits[:, : min(k, num_classes)].any(dim=1).sum() for k in ks]
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
 def error_percent(correct: float, count: float) -> float:
@@ -53,12 +43,8 @@ def wait_share(wait_seconds: float, seconds: float) -> float:
 
 def all_reduce_sums(values: Mapping[str, float | torch.Tensor],
                     device: torch.device | str) -> dict[str, float]:
-    """Sum each named number over all processes, in float64, in one collective.
-
-    Without an initialised process group the values come back unchanged, so single-process
-    code calls this too. float64 keeps integer counts exact up to 2**53 and makes the summed
-    loss independent of how the images were split among the processes, up to rounding.
-    """
+    """Sum each named number over all processes (none without a process group) in one collective,
+    in float64: integer counts stay exact up to 2**53."""
     names = list(values)
     packed = torch.zeros(len(names), dtype=torch.float64, device=device)
     for i, name in enumerate(names):
@@ -75,12 +61,9 @@ def non_finite(what: str) -> UserError:
 class StepMeter:
     """One process's bookkeeping for a training epoch: sums, log lines, ETA, data wait.
 
-    The loss, correct counts and the distiller's statistics are summed on the device; the host
-    reads them every ``print_freq`` steps (one transfer), checks then whether any step's loss
-    was not finite (tracked on the device too), and writes the step line. The data wait is the
-    host's time inside the loader's ``next()``: on CUDA the loop runs ahead of the GPU, so a
-    compute-bound run waits at the periodic read instead, and a data-bound run waits here with
-    nothing queued. A resumed epoch starts at ``start_step`` with the sums it had then.
+    Sums and the first non-finite loss's step stay on the device, read every ``print_freq``
+    steps in one transfer. The data wait is the host's time inside the loader's ``next()`` (a
+    compute-bound CUDA run waits at that read instead, a data-bound one here).
     """
 
     def __init__(self, device: torch.device, epoch: int, epochs: int, steps: int,
@@ -89,8 +72,8 @@ class StepMeter:
         self.epoch, self.epochs, self.steps, self.start_step = epoch, epochs, steps, start_step
         self.print_freq, self.log, self.lr, self.world_size = print_freq, log, lr, world_size
         start = dict(zip(SUM_NAMES, start_sums))
-        self._device_sums = torch.tensor([start.get(n, 0.0) for n in DEVICE_SUMS],
-                                         dtype=torch.float64, device=device)
+        device_start = [start.get(n, 0.0) for n in DEVICE_SUMS]
+        self._device_sums = torch.tensor(device_start, dtype=torch.float64, device=device)
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         # For statistics a method does not report: made once, not a new tensor every step.
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -99,15 +82,13 @@ class StepMeter:
         self.data_wait = float(start.get("data_wait", 0.0))
         now = time.perf_counter()
         self._start = now - float(start.get("seconds", 0.0))
-        self._window = (now, self.images, start_step, self.data_wait,
-                        [start.get(n, 0.0) for n in DEVICE_SUMS])
+        self._window = (now, self.images, start_step, self.data_wait, device_start)
 
     def timed(self, batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
         """(step, batch) pairs from start_step on, timing each ``next()`` as data wait."""
-        step = self.start_step
         start = time.perf_counter()
         iterator = iter(batches)  # may start loader processes: part of the wait
-        while step < self.steps:
+        for step in range(self.start_step, self.steps):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -115,7 +96,6 @@ class StepMeter:
             finally:
                 self.data_wait += time.perf_counter() - start
             yield step, batch
-            step += 1
             start = time.perf_counter()
 
     @torch.no_grad()
