@@ -1,18 +1,10 @@
 """Starting and joining the training processes: one per device, torchrun, or a single process.
 
-``launch`` runs ``fn(proc, *args)`` once per process, where ``proc`` says which process this
-is. Under torchrun the process is already one of many and ``fn`` runs directly; otherwise N > 1
-processes are started on this machine (forks of a fresh server process, multiprocessing's
-forkserver: no CUDA state is inherited, and torch is imported once, not once per process),
-rendezvous on a free localhost port, and the first one to fail stops the others, so a dead
-process never leaves its peers waiting on a collective.
-
-A process counts as started by torchrun (or any launcher that sets the same environment, such as
-a SLURM script) when RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are all set; see
-``local_world_size`` for how many share this machine's cores and loader workers.
-
-SIGTERM and SIGUSR1 sent to the launching process are passed on to the spawned ones (see
-``utils.preemption``); when they all stop with ``PREEMPTED_EXIT_CODE``, so does ``launch``.
+Under torchrun (or any launcher that sets its environment, such as a SLURM script) ``fn`` runs
+directly. Otherwise N > 1 processes are forked from a forkserver (no CUDA state inherited),
+rendezvous on a free localhost port, and the first to fail stops the others, so that none waits
+forever on a collective. SIGTERM and SIGUSR1 are passed on to them (see ``utils.preemption``);
+when all stop with ``PREEMPTED_EXIT_CODE``, so does ``launch``.
 """
 
 from __future__ import annotations
@@ -81,15 +73,11 @@ def torchrun_process() -> ProcessInfo | None:
 
 
 def local_world_size(world_size: int) -> int:
-    """How many processes of the job run on this machine, from the launcher's environment.
-
-    LOCAL_WORLD_SIZE when set (torchrun sets it). Otherwise, when SLURM_LOCALID equals LOCAL_RANK
-    (srun started this process as one of its tasks), SLURM_NTASKS_PER_NODE or this node's entry of
-    SLURM_TASKS_PER_NODE. Otherwise one process per visible CUDA device, at most world_size; on
-    a machine without CUDA devices, world_size (every process on this machine).
-    """
+    """How many processes of the job run on this machine (they share its cores and loader
+    workers): torchrun's or srun's count, else one per visible CUDA device."""
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
+    # SLURM_LOCALID equal to LOCAL_RANK: srun started this process as one of its tasks.
     local_id = os.environ.get("SLURM_LOCALID")
     if local_id is not None and local_id == os.environ.get("LOCAL_RANK"):
         if os.environ.get("SLURM_NTASKS_PER_NODE", "").isdigit():
@@ -121,19 +109,15 @@ def planned_world_size(nprocs: int) -> int:
     proc = torchrun_process()
     if proc is not None:
         return proc.world_size
-    if nprocs > 0:
-        return nprocs
-    return max(1, torch.cuda.device_count())
+    return nprocs if nprocs > 0 else max(1, torch.cuda.device_count())
 
 
 def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
     """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
 
-    nprocs = 0 means one process per visible CUDA device (one on the CPU). When spawned
-    processes fail, the job reports one error, that of the first process that failed for
-    itself (not for want of a peer: see ``is_secondary``), as a LaunchError: a UserError's
-    one line with exit status 2; a bug's traceback, printed here once, with exit status 1; a
-    process killed by a signal (SIGBUS: exit status 2). Secondary errors are not printed.
+    nprocs = 0 means one process per visible CUDA device (one on the CPU). Spawned processes
+    that fail raise one LaunchError, that of the first process that failed for itself (not for
+    want of a peer: see ``is_secondary``); secondary errors are not printed.
     """
     proc = torchrun_process()
     if proc is not None:
@@ -168,14 +152,12 @@ class Report:
 def is_secondary(exc: BaseException) -> bool:
     """Whether exc only says that another process failed: a closed connection, an aborted
     collective, a stop sent by the launcher. The job reports the other process's error."""
-    if isinstance(exc, (dist.DistError, ConnectionError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
+    return isinstance(exc, (dist.DistError, ConnectionError)) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE))
 
 
 def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) -> None:
-    # Each process starts as a fork of a server that has imported torch and torchvision once
-    # (and never touches CUDA), instead of importing them anew: seconds saved per process.
+    # Forks of a server that imported torch and torchvision once: seconds saved per process.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torchvision"])
     processes, channels = [], {}
@@ -212,12 +194,9 @@ def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) 
 
 
 def _join(processes: list, channels: dict) -> tuple[list, dict[int, Report]]:
-    """Wait for every process, reading their reports; returns the failed processes, in the
-    order they ended, and the reports by rank.
-
-    A process that fails for itself (USER, BUG, or a signal) stops the others at once; one that
-    fails for want of a peer (SECONDARY) leaves the others PEER_REPORT_S to report the cause.
-    """
+    """Wait for every process and its report; returns the failed processes, in the order they
+    ended, and the reports by rank. A process that fails for itself stops the others at once;
+    one that fails for want of a peer leaves them PEER_REPORT_S to report the cause."""
     reports: dict[int, Report] = {}
     failures: list = []
     pending = {p.sentinel: p for p in processes}
@@ -244,9 +223,7 @@ def _join(processes: list, channels: dict) -> tuple[list, dict[int, Report]]:
             failures.append(process)
             if process.exitcode == PREEMPTED_EXIT_CODE:
                 continue
-            rank = processes.index(process)
-            own = rank not in reports or reports[rank].kind != SECONDARY
-            if own:
+            if _failed_for_itself(process, reports):
                 # Its peers' errors are consequences; the report is read before they stop.
                 _drain(channels, reports)
                 stopped.update(p.name for p in processes if p.is_alive())
@@ -265,16 +242,22 @@ def _drain(channels: dict, reports: dict[int, Report]) -> None:
                 reports[rank] = channel.recv()
 
 
-def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
-    """The error of the first process that failed for itself, else of the first failure; a
-    bug's traceback is printed here, once."""
-    def rank_of(process: Any) -> int:
-        return int(process.name.removeprefix("rank"))
+def _rank(process: Any) -> int:
+    return int(process.name.removeprefix("rank"))
 
+
+def _failed_for_itself(process: Any, reports: dict[int, Report]) -> bool:
+    """Whether process failed not for want of a peer (one killed by a signal sent no report)."""
+    return _rank(process) not in reports or reports[_rank(process)].kind != SECONDARY
+
+
+def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
+    """The error of the first process that failed for itself, else of the first failure: a
+    UserError's line (exit status 2), a bug's traceback, printed here once (1), or the signal
+    that killed it (SIGBUS: 2)."""
     real = [p for p in failures if p.exitcode != PREEMPTED_EXIT_CODE]
-    own = [p for p in real if rank_of(p) not in reports or reports[rank_of(p)].kind != SECONDARY]
-    process = (own or real)[0]
-    report = reports.get(rank_of(process))
+    process = ([p for p in real if _failed_for_itself(p, reports)] or real)[0]
+    report = reports.get(_rank(process))
     if report is None:
         code = 2 if process.exitcode == -signal.SIGBUS else max(1, process.exitcode or 1)
         return LaunchError(_describe_exit(process), exit_code=code)
@@ -310,9 +293,9 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, chann
             channel.send(report)
     channel.close()
     if code != 0:
-        # The report speaks for this process. What the runtime prints while it tears down a
-        # process group whose peers are gone ("terminate called without an active exception"
-        # from a gloo thread) is noise, and must not reach the console.
+        # The report speaks for this process; what the runtime prints while it tears down a
+        # group whose peers are gone (gloo's "terminate called without an active exception") is
+        # noise.
         sys.stderr.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(code)
@@ -342,10 +325,8 @@ def _describe_exit(process: Any) -> str:
     if code == -signal.SIGBUS:
         return _bus_error(process.name)
     if code is not None and code < 0:
-        try:
+        with contextlib.suppress(ValueError):  # not a signal the enum names
             return f"{process.name} was killed by {signal.Signals(-code).name}; the job was stopped"
-        except ValueError:
-            pass
     return f"{process.name} exited with status {code}; see its messages above"
 
 
@@ -421,11 +402,8 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     cfs_quota_us / cfs_period_us); None without a quota."""
     def read(*names: str) -> list[str] | None:
         for name in names:
-            try:
-                with open(os.path.join(root, name), encoding="ascii") as f:
-                    return f.read().split()
-            except OSError:
-                continue
+            with contextlib.suppress(OSError), open(f"{root}/{name}", encoding="ascii") as f:
+                return f.read().split()
         return None
 
     v2 = read("cpu.max")
