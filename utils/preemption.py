@@ -1,25 +1,13 @@
-"""Stopping on a signal at an agreed step, and checkpoints by the clock.
+"""Stopping on a signal at a step every process agrees on, and checkpoints by the clock.
 
-Clusters warn a job before they end it: SLURM sends SIGTERM, or the signal asked for with
-``--signal`` (often SIGUSR1); spot machines give 30 s to 2 min; torchrun passes SIGTERM on to
-its workers; the spawn launcher (``utils.distributed``) passes both on to its processes. The
-handlers here only raise a flag, so a signal never interrupts a step or a checkpoint write
-half-way, and a second signal changes nothing.
-
-A process that saw a signal cannot stop alone: its peers would wait for it in the next
-gradient all-reduce. So every process asks ``Preemption`` at the same points (after each
-training step, and between validation batches) and all get the same answer. The answer comes
-from one all-reduce of two integers: "some process saw a signal" and "rank 0's clock says a
-time-based checkpoint is due" (one clock, so all agree when to checkpoint).
-
-That all-reduce runs on CPU tensors, over a gloo group of its own. A CUDA tensor reduced with
-NCCL would have to be copied back to the CPU to be read, which makes the CPU wait for every
-queued kernel each step: the stall the training loop is written to avoid. Nor does it block
-the loop: training polls every ``POLL_EVERY_STEPS`` steps, each poll starting the all-reduce
-of its flags and acting on the previous poll's, whose result has long arrived. Every process
-still acts at the same step, and no process's loop waits on its slowest peer here. Only the
-first poll of an epoch, of its validation and after its checkpoint wait for their answer,
-three round trips an epoch.
+Clusters warn a job before they end it (SLURM's SIGTERM, or ``--signal``'s, often SIGUSR1). The
+handlers only raise a flag, so a signal never cuts a step or a checkpoint write short. A process
+cannot stop alone (its peers would wait for it in the next all-reduce), so all poll at the same
+points and get the same answer from one all-reduce of two flags: "some process saw a signal" and
+"rank 0's clock says a checkpoint is due". It runs on CPU tensors over a gloo group of its own
+(reading an NCCL result would make the CPU wait for every queued kernel). Training polls every
+``POLL_EVERY_STEPS`` steps and acts on the previous poll's result, long arrived, so that no loop
+waits on its slowest peer.
 
 A stopped run exits with ``PREEMPTED_EXIT_CODE`` (75, sysexits' EX_TEMPFAIL, "try again
 later"), which batch scripts test to requeue the job.
@@ -47,21 +35,16 @@ POLL_EVERY_STEPS = 16
 
 
 def loader_worker_signals(worker_id: int = 0) -> None:
-    """For loader workers (a DataLoader worker_init_fn). They ignore SIGUSR1, which a cluster may
-    send to every process of a job, so that they keep serving batches until the training process
-    has stopped; SIGTERM keeps its default action (a forked worker would otherwise inherit the
-    training process's handler), since the DataLoader and multiprocessing end workers with it.
-    """
+    """A DataLoader worker_init_fn. Workers ignore SIGUSR1, which a cluster may send to every
+    process, to serve batches until training has stopped; SIGTERM, which the DataLoader ends them
+    with, gets back its default action instead of the training process's inherited handler."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Preempted(SystemExit):
-    """The run stopped on a signal after saving its checkpoint.
-
-    A SystemExit, so that a process that does not catch it ends with ``PREEMPTED_EXIT_CODE``
-    and no traceback (a spawned process among them).
-    """
+    """The run stopped on a signal after saving its checkpoint. A SystemExit, so that uncaught
+    it ends a process with ``PREEMPTED_EXIT_CODE`` and no traceback."""
 
     def __init__(self, message: str) -> None:
         super().__init__(PREEMPTED_EXIT_CODE)
@@ -87,13 +70,9 @@ class Log(Protocol):
 class Preemption:
     """Signal handlers, and where the run stops or writes a timed checkpoint.
 
-    A context manager that installs the handlers as early as possible (before the process
-    group exists), so that a signal during start-up stops the run after its first step. The
-    training loop calls ``after_step`` once per step, ``stop_in_validation`` per validation
-    batch and ``after_epoch`` after each epoch-end checkpoint, in every process alike.
-
-    checkpoint_every_min > 0 asks for a checkpoint when that many minutes have passed, by rank
-    0's clock, since the last one (or since the start); 0 leaves checkpoints to epoch ends.
+    Entered before the process group exists, so that a signal during start-up stops the run
+    after its first step. checkpoint_every_min > 0 asks for a checkpoint that many minutes (by
+    rank 0's clock) after the last one or the start; 0 leaves checkpoints to epoch ends.
     """
 
     def __init__(self, checkpoint_every_min: float = 0.0, timeout_s: float = 600.0,
@@ -132,12 +111,9 @@ class Preemption:
     # ------------------------------------------------------------------ the loop's three calls
 
     def after_step(self, epoch: int, step: int, steps: int, save: Callable[[], str]) -> None:
-        """After step `step` of `steps` (1-based) of a 0-based epoch: checkpoint and/or stop.
-
-        save() writes the mid-epoch checkpoint, collectively, and returns its path. Polls at
-        an epoch's first step (waiting for the answer) and every POLL_EVERY_STEPS steps after
-        it (not waiting): the same steps in every process.
-        """
+        """After step `step` of `steps` (1-based) of a 0-based epoch; save() writes the mid-epoch
+        checkpoint, collectively, and returns its path. Polls at an epoch's first step (waiting
+        for the answer) and every POLL_EVERY_STEPS steps after it."""
         first_of_epoch = epoch != self._epoch
         self._epoch = epoch
         if not (first_of_epoch or (step - 1) % POLL_EVERY_STEPS == 0):
@@ -181,11 +157,10 @@ class Preemption:
     # ------------------------------------------------------------------ the agreement
 
     def poll(self, checkpoints: bool = True, blocking: bool = False) -> Decision:
-        """The same Decision in every process; a collective, so all must call it at the same
-        points. It acts on the flags the previous call sent, and sends this call's without
-        waiting; the first poll of the run, and one with blocking=True, also wait for this
-        call's. checkpoints=False (during validation) asks about stopping only.
-        """
+        """The same Decision in every process (a collective: all call it at the same points),
+        from the flags the previous call sent; this call's are sent without waiting, unless the
+        call is the run's first or blocking: it then waits for them and counts them too.
+        checkpoints=False asks about stopping only."""
         first = self._distributed is None
         if first:
             self._join_group()
