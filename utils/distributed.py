@@ -1,10 +1,8 @@
 """Starting and joining the training processes: one per device, torchrun, or a single process.
 
-Under torchrun (or any launcher that sets its environment, such as a SLURM script) ``fn`` runs
-directly. Otherwise N > 1 processes are forked from a forkserver (no CUDA state inherited),
-rendezvous on a free localhost port, and the first to fail stops the others, so that none waits
-forever on a collective. SIGTERM and SIGUSR1 are passed on to them (see ``utils.preemption``);
-when all stop with ``PREEMPTED_EXIT_CODE``, so does ``launch``.
+Spawned processes are forks of a forkserver (no CUDA state inherited); the first to fail stops
+the others, so that none waits forever on a collective, and SIGTERM and SIGUSR1 are passed on to
+them (see ``utils.preemption``).
 """
 
 from __future__ import annotations
@@ -113,19 +111,13 @@ def planned_world_size(nprocs: int) -> int:
 
 
 def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
-    """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
-
-    nprocs = 0 means one process per visible CUDA device (one on the CPU). Spawned processes
-    that fail raise one LaunchError, that of the first process that failed for itself (not for
-    want of a peer: see ``is_secondary``); secondary errors are not printed.
-    """
+    """Run ``fn(ProcessInfo, *args)`` in every process of the job (nprocs = 0: one per CUDA
+    device, or one on the CPU); returns when all are done, or raises one LaunchError, of the
+    first process that failed for itself (not for want of a peer: see ``is_secondary``)."""
     proc = torchrun_process()
-    if proc is not None:
-        fn(proc, *args)
-        return
     world_size = planned_world_size(nprocs)
-    if world_size == 1:
-        fn(ProcessInfo(), *args)
+    if proc is not None or world_size == 1:
+        fn(proc or ProcessInfo(), *args)
         return
     template = ProcessInfo(world_size=world_size, local_world_size=world_size,
                            init_method=f"tcp://127.0.0.1:{find_free_port()}")
@@ -259,8 +251,7 @@ def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
     process = ([p for p in real if _failed_for_itself(p, reports)] or real)[0]
     report = reports.get(_rank(process))
     if report is None:
-        code = 2 if process.exitcode == -signal.SIGBUS else max(1, process.exitcode or 1)
-        return LaunchError(_describe_exit(process), exit_code=code)
+        return _exit_error(process)
     if report.kind == USER:
         return LaunchError(report.text, exit_code=2)
     print(report.text, file=sys.stderr, end="", flush=True)
@@ -293,9 +284,8 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, chann
             channel.send(report)
     channel.close()
     if code != 0:
-        # The report speaks for this process; what the runtime prints while it tears down a
-        # group whose peers are gone (gloo's "terminate called without an active exception") is
-        # noise.
+        # The report speaks for it; what the runtime prints tearing down a group whose peers are
+        # gone (gloo's "terminate called without an active exception") is noise.
         sys.stderr.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(code)
@@ -320,14 +310,17 @@ def _bus_error(who: str) -> str:
             f"unchanged while training runs")
 
 
-def _describe_exit(process: Any) -> str:
+def _exit_error(process: Any) -> LaunchError:
+    """The error of a process that sent no report: a signal killed it, or it exited."""
     code = process.exitcode
     if code == -signal.SIGBUS:
-        return _bus_error(process.name)
+        return LaunchError(_bus_error(process.name), exit_code=2)
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):  # not a signal the enum names
-            return f"{process.name} was killed by {signal.Signals(-code).name}; the job was stopped"
-    return f"{process.name} exited with status {code}; see its messages above"
+            return LaunchError(f"{process.name} was killed by {signal.Signals(-code).name}; "
+                               "the job was stopped", exit_code=1)
+    return LaunchError(f"{process.name} exited with status {code}; see its messages above",
+                       exit_code=max(1, code or 1))
 
 
 def default_backend(device: torch.device) -> str:
@@ -400,24 +393,21 @@ def usable_cores() -> int:
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     """The cores' worth of CPU time this process's cgroup allows (v2's cpu.max, else v1's
     cfs_quota_us / cfs_period_us); None without a quota."""
-    def read(*names: str) -> list[str] | None:
+    def read(*names: str) -> list[str]:
         for name in names:
             with contextlib.suppress(OSError), open(f"{root}/{name}", encoding="ascii") as f:
                 return f.read().split()
-        return None
+        return []
 
-    v2 = read("cpu.max")
-    if v2 is not None:
-        quota, period = (v2 + ["100000"])[:2]
-    else:
-        v1_quota = read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")
-        v1_period = read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")
-        if not v1_quota or not v1_period:
-            return None
-        quota, period = v1_quota[0], v1_period[0]
+    fields = read("cpu.max")  # v2: "<quota> <period>"
+    if fields:
+        fields = (fields + ["100000"])[:2]
+    else:  # v1: the quota and the period, each in a file of its own
+        fields = (read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")[:1]
+                  + read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")[:1])
     try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:  # 'max': no quota
+        quota_us, period_us = map(int, fields)
+    except ValueError:  # 'max', or a file missing: no quota
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
@@ -428,12 +418,9 @@ def cpu_threads_per_process(local_world_size: int) -> int:
 
 
 def loader_workers_per_process(setting: int | str, local_world_size: int) -> int:
-    """Each process's data-loading workers from data.num_workers.
-
-    'auto': the process's share of the machine's cores, less one for the training loop itself
-    (two when the share is over 8: the loop and its pin-memory thread), at least one. A number: the
-    machine's total, divided evenly among its processes.
-    """
+    """Each process's data-loading workers from data.num_workers: a number is the machine's
+    total; 'auto' is the process's share of its cores less one for the training loop itself (two
+    when the share is over 8: the loop and its pin-memory thread)."""
     if not (setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool)
                                   and setting >= 0)):
         raise ConfigError(f"data.num_workers must be 'auto' or a non-negative integer, "
