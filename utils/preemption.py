@@ -3,14 +3,7 @@
 Clusters warn a job before they end it (SLURM's SIGTERM, or ``--signal``'s, often SIGUSR1). The
 handlers only raise a flag, so a signal never cuts a step or a checkpoint write short. A process
 cannot stop alone (its peers would wait for it in the next all-reduce), so all poll at the same
-points and get the same answer from one all-reduce of two flags: "some process saw a signal" and
-"rank 0's clock says a checkpoint is due". It runs on CPU tensors over a gloo group of its own
-(reading an NCCL result would make the CPU wait for every queued kernel). Training polls every
-``POLL_EVERY_STEPS`` steps and acts on the previous poll's result, long arrived, so that no loop
-waits on its slowest peer.
-
-A stopped run exits with ``PREEMPTED_EXIT_CODE`` (75, sysexits' EX_TEMPFAIL, "try again
-later"), which batch scripts test to requeue the job.
+points and get the same answer: see ``Preemption.poll``.
 """
 
 from __future__ import annotations
@@ -21,11 +14,16 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Callable, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from utils.logger import RunLogger
+
+# A stopped run's exit status, which batch scripts test to requeue the job: sysexits'
+# EX_TEMPFAIL, "try again later".
 PREEMPTED_EXIT_CODE = 75
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Steps between two polls during training. Starting an all-reduce costs about a tenth of a
@@ -62,21 +60,14 @@ class Decision:
     checkpoint: bool = False  # write a mid-epoch checkpoint (always done before stopping)
 
 
-class Log(Protocol):
-    def info(self, message: str) -> None: ...
-    def summary(self, message: str) -> None: ...
-
-
 class Preemption:
-    """Signal handlers, and where the run stops or writes a timed checkpoint.
-
-    Entered before the process group exists, so that a signal during start-up stops the run
-    after its first step. checkpoint_every_min > 0 asks for a checkpoint that many minutes (by
-    rank 0's clock) after the last one or the start; 0 leaves checkpoints to epoch ends.
-    """
+    """Signal handlers, and where the run stops or writes a timed checkpoint. Entered before the
+    process group exists, so that a signal during start-up stops the run after its first step.
+    checkpoint_every_min > 0 asks for a checkpoint that many minutes (by rank 0's clock) after
+    the last one or the start; 0 leaves checkpoints to epoch ends."""
 
     def __init__(self, checkpoint_every_min: float = 0.0, timeout_s: float = 600.0,
-                 log: Log | None = None) -> None:
+                 log: RunLogger | None = None) -> None:
         self.checkpoint_every_s = 60.0 * max(0.0, float(checkpoint_every_min))
         self.timeout_s = timeout_s
         self.log = log
@@ -107,8 +98,6 @@ class Preemption:
         if not self.requested.is_set():
             self.signal_name = signal.Signals(signum).name
         self.requested.set()
-
-    # ------------------------------------------------------------------ the loop's three calls
 
     def after_step(self, epoch: int, step: int, steps: int, save: Callable[[], str]) -> None:
         """After step `step` of `steps` (1-based) of a 0-based epoch; save() writes the mid-epoch
@@ -154,13 +143,13 @@ class Preemption:
             self.log.summary(message)
         raise Preempted(message)
 
-    # ------------------------------------------------------------------ the agreement
-
     def poll(self, checkpoints: bool = True, blocking: bool = False) -> Decision:
         """The same Decision in every process (a collective: all call it at the same points),
-        from the flags the previous call sent; this call's are sent without waiting, unless the
-        call is the run's first or blocking: it then waits for them and counts them too.
-        checkpoints=False asks about stopping only."""
+        from one all-reduce of two flags: "some process saw a signal" and "rank 0's clock says a
+        checkpoint is due". It acts on the flags the previous call sent, long arrived, and sends
+        this call's without waiting, so that no loop waits on its slowest peer; the run's first
+        call and a blocking one wait for them and count them too. checkpoints=False asks about
+        stopping only."""
         first = self._distributed is None
         if first:
             self._join_group()
@@ -194,8 +183,9 @@ class Preemption:
 
     def _join_group(self) -> None:
         """The CPU group the polls reduce over (the first poll is collective, so every process
-        creates it at the same point); none in a single process. A group of its own, so that
-        its messages never queue behind the gradients' on a gloo run."""
+        creates it at the same point); none in a single process. CPU, since reading an NCCL
+        result would make the CPU wait for every queued kernel; a group of its own, so that its
+        messages never queue behind the gradients' on a gloo run."""
         self._distributed = dist.is_available() and dist.is_initialized()  # one process too
         if self._distributed:
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
