@@ -382,10 +382,8 @@ def barrier() -> None:
 def usable_cores() -> int:
     """The CPU cores this process may run on: its CPU affinity, less where a cgroup CPU quota
     (a container's --cpus, a Kubernetes limit) allows fewer cores' worth of time."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     quota = cgroup_cpu_quota()
     return max(1, min(cores, int(quota))) if quota is not None else cores
 

@@ -145,11 +145,10 @@ class Preemption:
 
     def poll(self, checkpoints: bool = True, blocking: bool = False) -> Decision:
         """The same Decision in every process (a collective: all call it at the same points),
-        from one all-reduce of two flags: "some process saw a signal" and "rank 0's clock says a
-        checkpoint is due". It acts on the flags the previous call sent, long arrived, and sends
-        this call's without waiting, so that no loop waits on its slowest peer; the run's first
-        call and a blocking one wait for them and count them too. checkpoints=False asks about
-        stopping only."""
+        from one all-reduce of two flags, "some process saw a signal" and "rank 0's clock says a
+        checkpoint is due". It acts on the previous call's flags, long arrived, and sends this
+        call's without waiting, so that no loop waits on its slowest peer; the run's first call
+        and a blocking one wait for theirs too. checkpoints=False asks about stopping only."""
         first = self._distributed is None
         if first:
             self._join_group()
