@@ -1,9 +1,8 @@
 """``train_params.compile``: torch.compile for the student and the teacher's forward.
 
-The networks are compiled in place (``nn.Module.compile``), not wrapped, so state-dict keys stay
-torchvision's (no ``_orig_mod.`` prefix) and a run resumes with compilation on or off. Failures
-surface at the first forward of each new shape or mode, deep in training, and become one line
-that says how to train without it.
+In place (``nn.Module.compile``), so state-dict keys stay torchvision's (no ``_orig_mod.``) and a
+run resumes with compilation on or off. Failures surface at the first forward of each new shape
+or mode, deep in training, as one line that says how to train without it.
 """
 
 from __future__ import annotations
@@ -19,20 +18,18 @@ from utils.errors import ConfigError, first_line
 
 
 def backend_of(setting: bool | str) -> str | None:
-    """The torch.compile backend a ``train_params.compile`` value asks for; None for none.
-
-    True is inductor (a C++ compiler on the CPU); 'aot_eager' traces the same graphs without
-    generating code, a quick check of the path on any machine.
-    """
+    """The torch.compile backend a ``train_params.compile`` value asks for; None for none. True
+    is inductor (a C++ compiler on the CPU); 'aot_eager' traces the same graphs without
+    generating code, a quick check of the path on any machine."""
     if setting is False:
         return None
     if setting is True:
         return "inductor"
-    if isinstance(setting, str) and setting in torch._dynamo.list_backends(exclude_tags=()):
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if setting in backends:
         return setting
-    names = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
     raise ConfigError("train_params.compile must be True, False or a torch.compile backend "
-                      f"({names}), got {setting!r}")
+                      f"({', '.join(backends)}), got {setting!r}")
 
 
 def compile_in_place(networks: list[nn.Module | None], backend: Any = "inductor") -> None:

@@ -1,18 +1,8 @@
 """Starting and joining the training processes: one per device, torchrun, or a single process.
 
-``launch`` runs ``fn(proc, *args)`` once per process, where ``proc`` says which process this
-is. Under torchrun the process is already one of many and ``fn`` runs directly; otherwise N > 1
-processes are started on this machine (forks of a fresh server process, multiprocessing's
-forkserver: no CUDA state is inherited, and torch is imported once, not once per process),
-rendezvous on a free localhost port, and the first one to fail stops the others, so a dead
-process never leaves its peers waiting on a collective.
-
-A process counts as started by torchrun (or any launcher that sets the same environment, such as
-a SLURM script) when RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are all set; see
-``local_world_size`` for how many share this machine's cores and loader workers.
-
-SIGTERM and SIGUSR1 sent to the launching process are passed on to the spawned ones (see
-``utils.preemption``); when they all stop with ``PREEMPTED_EXIT_CODE``, so does ``launch``.
+Spawned processes are forks of a forkserver (no CUDA state inherited); the first to fail stops
+the others, so that none waits forever on a collective, and SIGTERM and SIGUSR1 are passed on to
+them (see ``utils.preemption``).
 """
 
 from __future__ import annotations
@@ -81,15 +71,11 @@ def torchrun_process() -> ProcessInfo | None:
 
 
 def local_world_size(world_size: int) -> int:
-    """How many processes of the job run on this machine, from the launcher's environment.
-
-    LOCAL_WORLD_SIZE when set (torchrun sets it). Otherwise, when SLURM_LOCALID equals LOCAL_RANK
-    (srun started this process as one of its tasks), SLURM_NTASKS_PER_NODE or this node's entry of
-    SLURM_TASKS_PER_NODE. Otherwise one process per visible CUDA device, at most world_size; on
-    a machine without CUDA devices, world_size (every process on this machine).
-    """
+    """How many processes of the job run on this machine (they share its cores and loader
+    workers): torchrun's or srun's count, else one per visible CUDA device."""
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
+    # SLURM_LOCALID equal to LOCAL_RANK: srun started this process as one of its tasks.
     local_id = os.environ.get("SLURM_LOCALID")
     if local_id is not None and local_id == os.environ.get("LOCAL_RANK"):
         if os.environ.get("SLURM_NTASKS_PER_NODE", "").isdigit():
@@ -121,27 +107,17 @@ def planned_world_size(nprocs: int) -> int:
     proc = torchrun_process()
     if proc is not None:
         return proc.world_size
-    if nprocs > 0:
-        return nprocs
-    return max(1, torch.cuda.device_count())
+    return nprocs if nprocs > 0 else max(1, torch.cuda.device_count())
 
 
 def launch(fn: Callable[..., Any], args: tuple = (), nprocs: int = 0) -> None:
-    """Run ``fn(ProcessInfo, *args)`` in every process of the job; returns when all are done.
-
-    nprocs = 0 means one process per visible CUDA device (one on the CPU). When spawned
-    processes fail, the job reports one error, that of the first process that failed for
-    itself (not for want of a peer: see ``is_secondary``), as a LaunchError: a UserError's
-    one line with exit status 2; a bug's traceback, printed here once, with exit status 1; a
-    process killed by a signal (SIGBUS: exit status 2). Secondary errors are not printed.
-    """
+    """Run ``fn(ProcessInfo, *args)`` in every process of the job (nprocs = 0: one per CUDA
+    device, or one on the CPU); returns when all are done, or raises one LaunchError, of the
+    first process that failed for itself (not for want of a peer: see ``is_secondary``)."""
     proc = torchrun_process()
-    if proc is not None:
-        fn(proc, *args)
-        return
     world_size = planned_world_size(nprocs)
-    if world_size == 1:
-        fn(ProcessInfo(), *args)
+    if proc is not None or world_size == 1:
+        fn(proc or ProcessInfo(), *args)
         return
     template = ProcessInfo(world_size=world_size, local_world_size=world_size,
                            init_method=f"tcp://127.0.0.1:{find_free_port()}")
@@ -168,14 +144,12 @@ class Report:
 def is_secondary(exc: BaseException) -> bool:
     """Whether exc only says that another process failed: a closed connection, an aborted
     collective, a stop sent by the launcher. The job reports the other process's error."""
-    if isinstance(exc, (dist.DistError, ConnectionError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
+    return isinstance(exc, (dist.DistError, ConnectionError)) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE))
 
 
 def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) -> None:
-    # Each process starts as a fork of a server that has imported torch and torchvision once
-    # (and never touches CUDA), instead of importing them anew: seconds saved per process.
+    # Forks of a server that imported torch and torchvision once: seconds saved per process.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torchvision"])
     processes, channels = [], {}
@@ -212,12 +186,9 @@ def _spawn_and_join(fn: Callable[..., Any], args: tuple, template: ProcessInfo) 
 
 
 def _join(processes: list, channels: dict) -> tuple[list, dict[int, Report]]:
-    """Wait for every process, reading their reports; returns the failed processes, in the
-    order they ended, and the reports by rank.
-
-    A process that fails for itself (USER, BUG, or a signal) stops the others at once; one that
-    fails for want of a peer (SECONDARY) leaves the others PEER_REPORT_S to report the cause.
-    """
+    """Wait for every process and its report; returns the failed processes, in the order they
+    ended, and the reports by rank. A process that fails for itself stops the others at once;
+    one that fails for want of a peer leaves them PEER_REPORT_S to report the cause."""
     reports: dict[int, Report] = {}
     failures: list = []
     pending = {p.sentinel: p for p in processes}
@@ -244,9 +215,7 @@ def _join(processes: list, channels: dict) -> tuple[list, dict[int, Report]]:
             failures.append(process)
             if process.exitcode == PREEMPTED_EXIT_CODE:
                 continue
-            rank = processes.index(process)
-            own = rank not in reports or reports[rank].kind != SECONDARY
-            if own:
+            if _failed_for_itself(process, reports):
                 # Its peers' errors are consequences; the report is read before they stop.
                 _drain(channels, reports)
                 stopped.update(p.name for p in processes if p.is_alive())
@@ -265,19 +234,24 @@ def _drain(channels: dict, reports: dict[int, Report]) -> None:
                 reports[rank] = channel.recv()
 
 
-def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
-    """The error of the first process that failed for itself, else of the first failure; a
-    bug's traceback is printed here, once."""
-    def rank_of(process: Any) -> int:
-        return int(process.name.removeprefix("rank"))
+def _rank(process: Any) -> int:
+    return int(process.name.removeprefix("rank"))
 
+
+def _failed_for_itself(process: Any, reports: dict[int, Report]) -> bool:
+    """Whether process failed not for want of a peer (one killed by a signal sent no report)."""
+    return _rank(process) not in reports or reports[_rank(process)].kind != SECONDARY
+
+
+def _launch_error(failures: list, reports: dict[int, Report]) -> LaunchError:
+    """The error of the first process that failed for itself, else of the first failure: a
+    UserError's line (exit status 2), a bug's traceback, printed here once (1), or the signal
+    that killed it (SIGBUS: 2)."""
     real = [p for p in failures if p.exitcode != PREEMPTED_EXIT_CODE]
-    own = [p for p in real if rank_of(p) not in reports or reports[rank_of(p)].kind != SECONDARY]
-    process = (own or real)[0]
-    report = reports.get(rank_of(process))
+    process = ([p for p in real if _failed_for_itself(p, reports)] or real)[0]
+    report = reports.get(_rank(process))
     if report is None:
-        code = 2 if process.exitcode == -signal.SIGBUS else max(1, process.exitcode or 1)
-        return LaunchError(_describe_exit(process), exit_code=code)
+        return _exit_error(process)
     if report.kind == USER:
         return LaunchError(report.text, exit_code=2)
     print(report.text, file=sys.stderr, end="", flush=True)
@@ -310,9 +284,8 @@ def _spawned_entry(fn: Callable[..., Any], proc: ProcessInfo, args: tuple, chann
             channel.send(report)
     channel.close()
     if code != 0:
-        # The report speaks for this process. What the runtime prints while it tears down a
-        # process group whose peers are gone ("terminate called without an active exception"
-        # from a gloo thread) is noise, and must not reach the console.
+        # The report speaks for it; what the runtime prints tearing down a group whose peers are
+        # gone (gloo's "terminate called without an active exception") is noise.
         sys.stderr.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(code)
@@ -337,16 +310,17 @@ def _bus_error(who: str) -> str:
             f"unchanged while training runs")
 
 
-def _describe_exit(process: Any) -> str:
+def _exit_error(process: Any) -> LaunchError:
+    """The error of a process that sent no report: a signal killed it, or it exited."""
     code = process.exitcode
     if code == -signal.SIGBUS:
-        return _bus_error(process.name)
+        return LaunchError(_bus_error(process.name), exit_code=2)
     if code is not None and code < 0:
-        try:
-            return f"{process.name} was killed by {signal.Signals(-code).name}; the job was stopped"
-        except ValueError:
-            pass
-    return f"{process.name} exited with status {code}; see its messages above"
+        with contextlib.suppress(ValueError):  # not a signal the enum names
+            return LaunchError(f"{process.name} was killed by {signal.Signals(-code).name}; "
+                               "the job was stopped", exit_code=1)
+    return LaunchError(f"{process.name} exited with status {code}; see its messages above",
+                       exit_code=max(1, code or 1))
 
 
 def default_backend(device: torch.device) -> str:
@@ -408,10 +382,8 @@ def barrier() -> None:
 def usable_cores() -> int:
     """The CPU cores this process may run on: its CPU affinity, less where a cgroup CPU quota
     (a container's --cpus, a Kubernetes limit) allows fewer cores' worth of time."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     quota = cgroup_cpu_quota()
     return max(1, min(cores, int(quota))) if quota is not None else cores
 
@@ -419,27 +391,21 @@ def usable_cores() -> int:
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     """The cores' worth of CPU time this process's cgroup allows (v2's cpu.max, else v1's
     cfs_quota_us / cfs_period_us); None without a quota."""
-    def read(*names: str) -> list[str] | None:
+    def read(*names: str) -> list[str]:
         for name in names:
-            try:
-                with open(os.path.join(root, name), encoding="ascii") as f:
-                    return f.read().split()
-            except OSError:
-                continue
-        return None
+            with contextlib.suppress(OSError), open(f"{root}/{name}", encoding="ascii") as f:
+                return f.read().split()
+        return []
 
-    v2 = read("cpu.max")
-    if v2 is not None:
-        quota, period = (v2 + ["100000"])[:2]
-    else:
-        v1_quota = read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")
-        v1_period = read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")
-        if not v1_quota or not v1_period:
-            return None
-        quota, period = v1_quota[0], v1_period[0]
+    fields = read("cpu.max")  # v2: "<quota> <period>"
+    if fields:
+        fields = (fields + ["100000"])[:2]
+    else:  # v1: the quota and the period, each in a file of its own
+        fields = (read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")[:1]
+                  + read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")[:1])
     try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:  # 'max': no quota
+        quota_us, period_us = map(int, fields)
+    except ValueError:  # 'max', or a file missing: no quota
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
@@ -450,12 +416,9 @@ def cpu_threads_per_process(local_world_size: int) -> int:
 
 
 def loader_workers_per_process(setting: int | str, local_world_size: int) -> int:
-    """Each process's data-loading workers from data.num_workers.
-
-    'auto': the process's share of the machine's cores, less one for the training loop itself
-    (two when the share is over 8: the loop and its pin-memory thread), at least one. A number: the
-    machine's total, divided evenly among its processes.
-    """
+    """Each process's data-loading workers from data.num_workers: a number is the machine's
+    total; 'auto' is the process's share of its cores less one for the training loop itself (two
+    when the share is over 8: the loop and its pin-memory thread)."""
     if not (setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool)
                                   and setting >= 0)):
         raise ConfigError(f"data.num_workers must be 'auto' or a non-negative integer, "

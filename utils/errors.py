@@ -27,9 +27,7 @@ def one_line(exc: BaseException) -> str:
     DataLoader worker, only the original message, not the worker's traceback."""
     text = str(exc)
     if _WORKER_TRACEBACK in text:
-        last = text.strip().splitlines()[-1]
-        prefix = f"{type(exc).__name__}: "
-        text = last[len(prefix):] if last.startswith(prefix) else last
+        text = text.strip().splitlines()[-1].removeprefix(f"{type(exc).__name__}: ")
     return " ".join(text.split()) or type(exc).__name__
 
 

@@ -1,9 +1,6 @@
-"""Files that are never seen half-written.
-
-A file is written under a temporary name in its own folder, flushed to disk and renamed over
-the old one, so a crash or a kill at any moment leaves either the previous complete file or
-the new complete file. A full disk is a one-line ``ConfigError`` that names the file, the
-bytes it needed and the space left; the temporary file is removed and the old file stays.
+"""Files that are never seen half-written: written under a temporary name in their own folder,
+flushed to disk and renamed over the old one, so a crash at any moment leaves the old or the new
+complete file. A full disk is a one-line ``ConfigError``, and the old file stays.
 """
 
 from __future__ import annotations
@@ -24,24 +21,17 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def fsync_dir(folder: str) -> None:
     """Make a rename in folder durable (not possible, nor needed, on every platform)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether exc, or an error it was raised while handling, says the disk is full.
-
-    torch.save's zip writer answers a full disk with its own RuntimeError raised while the
-    OSError is handled, so the chain is searched, not only exc.
-    """
+    """Whether exc, or an error it was raised while handling, says the disk is full (torch.save's
+    zip writer answers a full disk with a RuntimeError raised while the OSError is handled)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -57,29 +47,17 @@ def free_bytes(folder: str) -> int:
     return shutil.disk_usage(folder).free
 
 
-def disk_full_error(path: str, needed: int | None, written: int) -> ConfigError:
-    """The one line for a write of path that ran out of space after written bytes."""
-    folder = os.path.dirname(os.path.abspath(path))
-    size = f"{needed} bytes" if needed is not None else f"more than {written} bytes"
-    return ConfigError(f"no space left to write '{path}': it needs {size} and "
-                       f"{free_bytes(folder)} bytes are free there; free some space or "
-                       f"choose a folder on a larger disk")
-
-
 def _create(path: str) -> IO[bytes]:
-    """A new binary file at path (never an existing one)."""
-    # Created with mode 0666 less the process's umask, as open() creates files: the result is
-    # readable by whoever may read the folder's other outputs.
+    """A new binary file at path (never an existing one), with mode 0666 less the umask, as
+    open() creates files: readable by whoever may read the folder's other outputs."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     return os.fdopen(os.open(path, flags, 0o666), "wb")
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, needed: Callable[[], int] | None = None) -> Iterator[IO[bytes]]:
-    """A binary file that replaces path only once the ``with`` block has completed.
-
-    needed, called only when the disk is full, gives the file's full size for the message.
-    """
+    """A binary file that replaces path only once the ``with`` block has completed. needed,
+    called only when the disk is full, gives the file's full size for the message."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
@@ -96,7 +74,10 @@ def atomic_write(path: str, needed: Callable[[], int] | None = None) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
         if is_disk_full(exc):
-            raise disk_full_error(path, needed() if needed else None, written) from None
+            size = f"{needed()} bytes" if needed else f"more than {written} bytes"
+            raise ConfigError(f"no space left to write '{path}': it needs {size} and "
+                              f"{free_bytes(folder)} bytes are free there; free some space or "
+                              f"choose a folder on a larger disk") from None
         raise
     fsync_dir(folder)
 

@@ -1,8 +1,7 @@
 """The run's record: printed lines teed to ``log.txt``, one JSON line per epoch, and a plot.
 
 Only the main process writes; the others get a logger that drops everything, so call sites
-need no rank checks. ``metrics.jsonl`` is rewritten on resume without the epochs that will be
-trained again, so it never holds an epoch twice.
+need no rank checks.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ CURVES_NAME = "curves.png"
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The epoch records of a metrics.jsonl file ([] when there is none); a torn last line is
-    dropped."""
+    """The epoch records of a metrics.jsonl file ([] when there is none)."""
     if not os.path.isfile(path):
         return []
     records = []
@@ -48,41 +46,30 @@ def describe_validation(stats: Mapping[str, float]) -> str:
             f"loss {stats['loss']:.4f}  ({stats['images']} images)")
 
 
-def _json_number(value: Any) -> Any:
-    """NaN and infinity are not JSON; write them as null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
     """Loss and error against epoch, train and validation, written atomically as a PNG."""
     # Imported here: only the main process plots. A bare Figure renders with Agg and stays
     # out of pyplot's global list of open figures.
     from matplotlib.figure import Figure
 
-    epochs = [r["epoch"] for r in records]
-
-    def series(key: str) -> list[float]:
-        return [float("nan") if r.get(key) is None else r[key] for r in records]
-
+    # Each panel: its title, its y label and its curves (a record's key and the curve's label).
+    panels = [("Loss", "loss", [("train_loss", "train"), ("val_loss", "validation")]),
+              ("Error", "error (%)", [("train_top1_err", "train top-1"),
+                                      ("val_top1_err", "validation top-1"),
+                                      ("val_top5_err", "validation top-5")])]
     shares = [(key, label) for key, label in (
         ("train_regularisation_share", "regularisation share"),
         ("train_mean_weight", "mean WSLD weight")) if any(r.get(key) is not None for r in records)]
-    fig = Figure(figsize=(15 if shares else 10, 4))
+    if shares:  # WSLD's view: samples where the student beats the teacher
+        panels.append(("Regularisation samples (CE_s < CE_t)", "share of training samples", shares))
+    fig = Figure(figsize=(5 * len(panels), 4))
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.92, wspace=0.25)
-    loss_ax, err_ax, *share_ax = fig.subplots(1, 3 if shares else 2)
-    loss_ax.plot(epochs, series("train_loss"), marker="o", markersize=3, label="train")
-    loss_ax.plot(epochs, series("val_loss"), marker="o", markersize=3, label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    err_ax.plot(epochs, series("train_top1_err"), marker="o", markersize=3, label="train top-1")
-    err_ax.plot(epochs, series("val_top1_err"), marker="o", markersize=3, label="validation top-1")
-    err_ax.plot(epochs, series("val_top5_err"), marker="o", markersize=3, label="validation top-5")
-    err_ax.set(xlabel="epoch", ylabel="error (%)", title="Error")
-    for key, label in shares:  # WSLD's view: samples where the student beats the teacher
-        share_ax[0].plot(epochs, series(key), marker="o", markersize=3, label=label)
-    if shares:
-        share_ax[0].set(xlabel="epoch", ylabel="share of training samples",
-                        title="Regularisation samples (CE_s < CE_t)")
-    for ax in (loss_ax, err_ax, *share_ax):
+    epochs = [r["epoch"] for r in records]
+    for ax, (title, ylabel, curves) in zip(fig.subplots(1, len(panels)), panels):
+        for key, label in curves:
+            values = [float("nan") if r.get(key) is None else r[key] for r in records]
+            ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.legend()
     with atomic_write(path) as f:
@@ -90,10 +77,8 @@ def plot_curves(records: list[Mapping[str, Any]], path: str) -> None:
 
 
 class RunLogger:
-    """Prints on the main process, appending every line to ``<output_dir>/log.txt``.
-
-    A quiet logger prints only ``summary`` lines (one per epoch); the rest goes to log.txt alone.
-    """
+    """Prints on the main process, appending every line to ``<output_dir>/log.txt``; a quiet
+    logger prints only ``summary`` lines (one per epoch)."""
 
     def __init__(self, output_dir: str, enabled: bool = True, quiet: bool = False,
                  curves: bool = True) -> None:
@@ -101,15 +86,12 @@ class RunLogger:
         self.enabled = enabled
         self.quiet = quiet
         self.curves = curves
+        self.metrics_path = os.path.join(output_dir, METRICS_NAME)
         self._log_file = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             log_path = os.path.join(output_dir, LOG_NAME)
             self._log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
-
-    @property
-    def metrics_path(self) -> str:
-        return os.path.join(self.output_dir, METRICS_NAME)
 
     def info(self, message: str) -> None:
         if self.enabled and not self.quiet:
@@ -129,8 +111,8 @@ class RunLogger:
             self._log_file.flush()
 
     def start_metrics(self, completed_epochs: int) -> None:
-        """Keep only the records of epochs 1..completed_epochs, the ones a resumed run will not
-        redo."""
+        """Keep only the records of epochs 1..completed_epochs: a resumed run redoes the rest,
+        and metrics.jsonl never holds an epoch twice."""
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", 0) <= completed_epochs]
@@ -142,7 +124,9 @@ class RunLogger:
         (unless curves is off: matplotlib costs a second at the first epoch of a run)."""
         if not self.enabled:
             return
-        line = json.dumps({k: _json_number(v) for k, v in record.items()})
+        # NaN and infinity are not JSON: they are written as null.
+        line = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                           for k, v in record.items()})
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()

@@ -1,28 +1,9 @@
-"""Stopping on a signal at an agreed step, and checkpoints by the clock.
+"""Stopping on a signal at a step every process agrees on, and checkpoints by the clock.
 
-Clusters warn a job before they end it: SLURM sends SIGTERM, or the signal asked for with
-``--signal`` (often SIGUSR1); spot machines give 30 s to 2 min; torchrun passes SIGTERM on to
-its workers; the spawn launcher (``utils.distributed``) passes both on to its processes. The
-handlers here only raise a flag, so a signal never interrupts a step or a checkpoint write
-half-way, and a second signal changes nothing.
-
-A process that saw a signal cannot stop alone: its peers would wait for it in the next
-gradient all-reduce. So every process asks ``Preemption`` at the same points (after each
-training step, and between validation batches) and all get the same answer. The answer comes
-from one all-reduce of two integers: "some process saw a signal" and "rank 0's clock says a
-time-based checkpoint is due" (one clock, so all agree when to checkpoint).
-
-That all-reduce runs on CPU tensors, over a gloo group of its own. A CUDA tensor reduced with
-NCCL would have to be copied back to the CPU to be read, which makes the CPU wait for every
-queued kernel each step: the stall the training loop is written to avoid. Nor does it block
-the loop: training polls every ``POLL_EVERY_STEPS`` steps, each poll starting the all-reduce
-of its flags and acting on the previous poll's, whose result has long arrived. Every process
-still acts at the same step, and no process's loop waits on its slowest peer here. Only the
-first poll of an epoch, of its validation and after its checkpoint wait for their answer,
-three round trips an epoch.
-
-A stopped run exits with ``PREEMPTED_EXIT_CODE`` (75, sysexits' EX_TEMPFAIL, "try again
-later"), which batch scripts test to requeue the job.
+Clusters warn a job before they end it (SLURM's SIGTERM, or ``--signal``'s, often SIGUSR1). The
+handlers only raise a flag, so a signal never cuts a step or a checkpoint write short. A process
+cannot stop alone (its peers would wait for it in the next all-reduce), so all poll at the same
+points and get the same answer: see ``Preemption.poll``.
 """
 
 from __future__ import annotations
@@ -33,11 +14,16 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Callable, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from utils.logger import RunLogger
+
+# A stopped run's exit status, which batch scripts test to requeue the job: sysexits'
+# EX_TEMPFAIL, "try again later".
 PREEMPTED_EXIT_CODE = 75
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Steps between two polls during training. Starting an all-reduce costs about a tenth of a
@@ -47,21 +33,16 @@ POLL_EVERY_STEPS = 16
 
 
 def loader_worker_signals(worker_id: int = 0) -> None:
-    """For loader workers (a DataLoader worker_init_fn). They ignore SIGUSR1, which a cluster may
-    send to every process of a job, so that they keep serving batches until the training process
-    has stopped; SIGTERM keeps its default action (a forked worker would otherwise inherit the
-    training process's handler), since the DataLoader and multiprocessing end workers with it.
-    """
+    """A DataLoader worker_init_fn. Workers ignore SIGUSR1, which a cluster may send to every
+    process, to serve batches until training has stopped; SIGTERM, which the DataLoader ends them
+    with, gets back its default action instead of the training process's inherited handler."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Preempted(SystemExit):
-    """The run stopped on a signal after saving its checkpoint.
-
-    A SystemExit, so that a process that does not catch it ends with ``PREEMPTED_EXIT_CODE``
-    and no traceback (a spawned process among them).
-    """
+    """The run stopped on a signal after saving its checkpoint. A SystemExit, so that uncaught
+    it ends a process with ``PREEMPTED_EXIT_CODE`` and no traceback."""
 
     def __init__(self, message: str) -> None:
         super().__init__(PREEMPTED_EXIT_CODE)
@@ -79,25 +60,14 @@ class Decision:
     checkpoint: bool = False  # write a mid-epoch checkpoint (always done before stopping)
 
 
-class Log(Protocol):
-    def info(self, message: str) -> None: ...
-    def summary(self, message: str) -> None: ...
-
-
 class Preemption:
-    """Signal handlers, and where the run stops or writes a timed checkpoint.
-
-    A context manager that installs the handlers as early as possible (before the process
-    group exists), so that a signal during start-up stops the run after its first step. The
-    training loop calls ``after_step`` once per step, ``stop_in_validation`` per validation
-    batch and ``after_epoch`` after each epoch-end checkpoint, in every process alike.
-
-    checkpoint_every_min > 0 asks for a checkpoint when that many minutes have passed, by rank
-    0's clock, since the last one (or since the start); 0 leaves checkpoints to epoch ends.
-    """
+    """Signal handlers, and where the run stops or writes a timed checkpoint. Entered before the
+    process group exists, so that a signal during start-up stops the run after its first step.
+    checkpoint_every_min > 0 asks for a checkpoint that many minutes (by rank 0's clock) after
+    the last one or the start; 0 leaves checkpoints to epoch ends."""
 
     def __init__(self, checkpoint_every_min: float = 0.0, timeout_s: float = 600.0,
-                 log: Log | None = None) -> None:
+                 log: RunLogger | None = None) -> None:
         self.checkpoint_every_s = 60.0 * max(0.0, float(checkpoint_every_min))
         self.timeout_s = timeout_s
         self.log = log
@@ -129,15 +99,10 @@ class Preemption:
             self.signal_name = signal.Signals(signum).name
         self.requested.set()
 
-    # ------------------------------------------------------------------ the loop's three calls
-
     def after_step(self, epoch: int, step: int, steps: int, save: Callable[[], str]) -> None:
-        """After step `step` of `steps` (1-based) of a 0-based epoch: checkpoint and/or stop.
-
-        save() writes the mid-epoch checkpoint, collectively, and returns its path. Polls at
-        an epoch's first step (waiting for the answer) and every POLL_EVERY_STEPS steps after
-        it (not waiting): the same steps in every process.
-        """
+        """After step `step` of `steps` (1-based) of a 0-based epoch; save() writes the mid-epoch
+        checkpoint, collectively, and returns its path. Polls at an epoch's first step (waiting
+        for the answer) and every POLL_EVERY_STEPS steps after it."""
         first_of_epoch = epoch != self._epoch
         self._epoch = epoch
         if not (first_of_epoch or (step - 1) % POLL_EVERY_STEPS == 0):
@@ -178,14 +143,12 @@ class Preemption:
             self.log.summary(message)
         raise Preempted(message)
 
-    # ------------------------------------------------------------------ the agreement
-
     def poll(self, checkpoints: bool = True, blocking: bool = False) -> Decision:
-        """The same Decision in every process; a collective, so all must call it at the same
-        points. It acts on the flags the previous call sent, and sends this call's without
-        waiting; the first poll of the run, and one with blocking=True, also wait for this
-        call's. checkpoints=False (during validation) asks about stopping only.
-        """
+        """The same Decision in every process (a collective: all call it at the same points),
+        from one all-reduce of two flags, "some process saw a signal" and "rank 0's clock says a
+        checkpoint is due". It acts on the previous call's flags, long arrived, and sends this
+        call's without waiting, so that no loop waits on its slowest peer; the run's first call
+        and a blocking one wait for theirs too. checkpoints=False asks about stopping only."""
         first = self._distributed is None
         if first:
             self._join_group()
@@ -219,8 +182,9 @@ class Preemption:
 
     def _join_group(self) -> None:
         """The CPU group the polls reduce over (the first poll is collective, so every process
-        creates it at the same point); none in a single process. A group of its own, so that
-        its messages never queue behind the gradients' on a gloo run."""
+        creates it at the same point); none in a single process. CPU, since reading an NCCL
+        result would make the CPU wait for every queued kernel; a group of its own, so that its
+        messages never queue behind the gradients' on a gloo run."""
         self._distributed = dist.is_available() and dist.is_initialized()  # one process too
         if self._distributed:
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
