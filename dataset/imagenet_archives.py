@@ -225,8 +225,7 @@ def val_lines(wnid_by_name: dict[str, str]) -> list[str]:
 
 def archive_val_labels(archives: Archives, val_labels: str | None,
                        classes: dict[int, str] | None = None) -> dict[str, str]:
-    """Name -> wnid of every validation tar image: from val_labels, else the devkit's (classes:
-    its ``devkit_classes``, where already read)."""
+    """Name -> wnid of every validation tar image: from val_labels, else the devkit's."""
     names = list_val_tar(archives.val)
     if val_labels is not None:
         return read_val_labels(val_labels, names, archives.val, archives.devkit)
