@@ -373,12 +373,17 @@ class WSLDistiller(nn.Module):
         return f"teacher={teacher} (frozen, not registered), teacher_bn={self.teacher_bn}"
 
 
+def build_teacher(cfg: Mapping) -> nn.Module:
+    """cfg.model's teacher, frozen, on the CPU."""
+    model = cfg["model"]
+    return freeze(build_model(model["teacher"], model["num_classes"], model["teacher_weights"]))
+
+
 def build_distiller(cfg: Mapping, loss: nn.Module, device: torch.device) -> WSLDistiller:
     """cfg.model's student, and its teacher when the loss needs one, on device in its memory
     format."""
     model = cfg["model"]
-    teacher = (build_model(model["teacher"], model["num_classes"], model["teacher_weights"])
-               if loss.needs_teacher else None)
+    teacher = build_teacher(cfg) if loss.needs_teacher else None
     student = build_model(model["student"], model["num_classes"], model["student_weights"] or None)
     distiller = WSLDistiller(teacher, student, loss, teacher_bn=cfg["distill"]["teacher_bn"])
     return distiller.to(device, memory_format=memory_format_for(device))

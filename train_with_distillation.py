@@ -31,7 +31,7 @@ from dataset.checks import check_data
 from dataset.demo_data import prepare_demo_data
 from dataset.imagenet_data import batches_in_every_shard, open_imagenet
 from dataset.prefetch_data import DevicePrefetcher, on_device
-from knowledge_distiller import WSLDistiller, build_distiller, build_loss, freeze
+from knowledge_distiller import WSLDistiller, build_distiller, build_loss, build_teacher
 from models import build_model, load_weights, teacher_student_names
 from utils import distributed
 from utils.checkpoint import (
@@ -176,12 +176,10 @@ def check_inputs(cfg: AttrDict, loss: nn.Module) -> None:
     """Look for the data, the networks and the checkpoint to resume, once per machine, before
     training. Building the teacher here also fetches official weights once, not per process."""
     data = open_imagenet(cfg.data, num_workers=0)
-    teacher_outputs = None
     if loss.needs_teacher or cfg.train_params.eval_teacher:
-        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
-        teacher_outputs = teacher.fc.out_features
+        build_teacher(cfg)
     # LMDBs whole, lists in step with them, classes within the classifiers: before any read.
-    check_data(data, cfg.model.num_classes, teacher_outputs)
+    check_data(data, cfg.model.num_classes)
     data.train_set()[0]  # opens the LMDB or folder and decodes an image: the data is there
     data.val_set()[0]
     build_model(cfg.model.student, cfg.model.num_classes, cfg.model.student_weights or None)
@@ -291,8 +289,7 @@ def set_up(proc: distributed.ProcessInfo, cfg: AttrDict, loss: nn.Module, log: R
     distiller = build_distiller(cfg, loss, device)
     teacher = distiller.teacher  # evaluated before training, alone if the loss needs none
     if teacher is None and tp.eval_teacher:
-        teacher = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
-        teacher = freeze(teacher.to(device, memory_format=memory_format_for(device)))
+        teacher = build_teacher(cfg).to(device, memory_format=memory_format_for(device))
     log.info(f"Teacher {cfg.model.teacher if distiller.teacher is not None else '(none)'}, "
              f"student {cfg.model.student}, loss {distiller.loss}")
     backend = backend_of(tp.compile)
@@ -499,11 +496,8 @@ def evaluate(cfg: AttrDict, checkpoint: str | None) -> dict[str, float]:
         print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
     workers = distributed.loader_workers_per_process(cfg.data.num_workers, local_world_size=1)
     val_loader = open_imagenet(cfg.data, workers).getTestLoader(cfg.data.batch_size)
-    if checkpoint is None:
-        model = build_model(cfg.model.teacher, cfg.model.num_classes, cfg.model.teacher_weights)
-    else:
-        model = load_weights(build_model(cfg.model.student, cfg.model.num_classes), checkpoint,
-                             cfg.model.student)
+    model = build_teacher(cfg) if checkpoint is None else load_weights(
+        build_model(cfg.model.student, cfg.model.num_classes), checkpoint, cfg.model.student)
     model = model.to(device, memory_format=memory_format_for(device))
     val_data = on_device(val_loader, device, cfg.data.mean, cfg.data.std)
     return validate(model, val_data, precision.dtype)

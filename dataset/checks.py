@@ -47,20 +47,17 @@ def check_list_in_lmdb(list_path: str, path: str) -> None:
                         f"list it was packed with")
 
 
-def check_class_count(classes: int, where: str, num_classes: int,
-                      teacher_outputs: int | None = None) -> None:
-    """ConfigError when the data has more classes than the networks' classifiers have outputs,
-    which on CUDA would be a device-side assert in the loss that names nothing."""
+def check_class_count(classes: int, where: str, num_classes: int) -> None:
+    """ConfigError when the data has more classes than the networks' classifiers have outputs
+    (model.num_classes, the teacher's too: its weights load only at that width), which on CUDA
+    would be a device-side assert in the loss that names nothing."""
     if classes > num_classes:
         raise ConfigError(f"{where} has {classes} classes but model.num_classes is "
                           f"{num_classes}; set model.num_classes={classes} (and a teacher "
                           f"with {classes} outputs)")
-    if teacher_outputs is not None and classes > teacher_outputs:
-        raise ConfigError(f"{where} has {classes} classes but the teacher's classifier has "
-                          f"{teacher_outputs} outputs; use a teacher trained on these classes")
 
 
-def check_data(data: ImageNet12, num_classes: int, teacher_outputs: int | None = None) -> None:
+def check_data(data: ImageNet12, num_classes: int) -> None:
     """All start-up checks of an ``ImageNet12``'s files, and its training classes against the
     classifiers; call once per machine, before the training processes read anything."""
     for data_type, root, list_path in [(data.train_data_type, data.trainFolder, data.train_list),
@@ -73,4 +70,4 @@ def check_data(data: ImageNet12, num_classes: int, teacher_outputs: int | None =
     else:
         classes = len({line.split("/", 1)[0] for line in read_list(data.train_list)})
         where = f"the training list '{data.train_list}'"
-    check_class_count(classes, where, num_classes, teacher_outputs)
+    check_class_count(classes, where, num_classes)

@@ -40,8 +40,8 @@ def random_photo(photos: list[np.ndarray], rng: np.random.Generator,
 def write_photo_tree(root: str, images_per_class: dict[str, int], num_classes: int = 4,
                      side_range: tuple[int, int] = (96, 160),
                      quality_range: tuple[int, int] = (75, 95),
-                     seed: int = 0) -> list[str]:
-    """Write ``root/<split>/<wnid>/<wnid>_<i>.JPEG`` photos; returns the sorted class names."""
+                     seed: int = 0) -> None:
+    """Write ``root/<split>/<wnid>/<wnid>_<i>.JPEG`` photos, wnids n00000000, n00000001, ..."""
     rng = np.random.default_rng(seed)
     photos = sample_photos()
     classes = [f"n{index:08d}" for index in range(num_classes)]
@@ -53,7 +53,6 @@ def write_photo_tree(root: str, images_per_class: dict[str, int], num_classes: i
                 image = random_photo(photos, rng, side_range)
                 quality = int(rng.integers(quality_range[0], quality_range[1] + 1))
                 image.save(os.path.join(folder, f"{wnid}_{i}.JPEG"), quality=quality)
-    return classes
 
 
 def write_digits_tree(root: str, val_fraction: float = 0.2, size: int = 32,
@@ -160,8 +159,8 @@ def write_devkit(path: str, class_ids: dict[str, int], ground_truth: list[int] |
 
 def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str, int]:
     """Write tree's train/ and val/ class folders as ImageNet's three official files in out_dir
-    and return wnid -> ID. The val tar holds the validation files flat, so their names must be
-    unique; the devkit numbers the classes in a shuffled order, unlike the sorted wnids."""
+    and return wnid -> ID. The val tar holds the validation files flat (of one name, the last
+    class's); the devkit numbers the classes in a shuffled order, unlike the sorted wnids."""
     train, val = os.path.join(tree, "train"), os.path.join(tree, "val")
     wnids = sorted(os.listdir(train))
     ids = np.random.default_rng(seed).permutation(len(wnids)) + 1
@@ -169,10 +168,10 @@ def write_official_archives(tree: str, out_dir: str, seed: int = 0) -> dict[str,
     os.makedirs(out_dir, exist_ok=True)
     write_tar(os.path.join(out_dir, "ILSVRC2012_img_train.tar"),
               {f"{wnid}.tar": tar_bytes(folder_files(os.path.join(train, wnid))) for wnid in wnids})
-    val_files = sorted((name, wnid, data) for wnid in os.listdir(val)
-                       for name, data in folder_files(os.path.join(val, wnid)).items())
+    val_files = dict(sorted((name, (wnid, data)) for wnid in os.listdir(val)
+                            for name, data in folder_files(os.path.join(val, wnid)).items()))
     write_tar(os.path.join(out_dir, "ILSVRC2012_img_val.tar"),
-              {name: data for name, _, data in val_files})
+              {name: data for name, (_, data) in val_files.items()})
     write_devkit(os.path.join(out_dir, "ILSVRC2012_devkit_t12.tar.gz"), class_ids,
-                 [class_ids[wnid] for _, wnid, _ in val_files])
+                 [class_ids[wnid] for wnid, _ in val_files.values()])
     return class_ids

@@ -223,25 +223,26 @@ def val_lines(wnid_by_name: dict[str, str]) -> list[str]:
     return sorted(f"{wnid}/{name}" for name, wnid in wnid_by_name.items())
 
 
-def archive_val_labels(archives: Archives, val_labels: str | None) -> dict[str, str]:
+def archive_val_labels(archives: Archives, val_labels: str | None,
+                       classes: dict[int, str] | None = None) -> dict[str, str]:
     """Name -> wnid of every validation tar image: from val_labels, else the devkit's."""
     names = list_val_tar(archives.val)
     if val_labels is not None:
         return read_val_labels(val_labels, names, archives.val, archives.devkit)
     ground_truth = _read_devkit_member(archives.devkit, GROUND_TRUTH).decode("ascii", "replace")
     return _ground_truth_labels(ground_truth, f"{archives.devkit}/{GROUND_TRUTH}", names,
-                                archives.val, devkit_classes(archives.devkit))
+                                archives.val, classes or devkit_classes(archives.devkit))
 
 
 def archive_lists(archives: Archives, val_labels: str | None) -> dict[str, list[str]]:
     """The train and val list lines of the official archives; every validation image labelled."""
-    classes = set(devkit_classes(archives.devkit).values())
+    classes = devkit_classes(archives.devkit)
     train = list_train_tar(archives.train)
-    unknown = sorted({line.partition("/")[0] for line in train} - classes)
+    unknown = sorted({line.partition("/")[0] for line in train} - set(classes.values()))
     if unknown:
         raise DataError(f"'{unknown[0]}.tar' in '{archives.train}' is not one of the devkit's "
                         f"{len(classes)} classes; remove it or download the archive again")
-    return {"train": train, "val": val_lines(archive_val_labels(archives, val_labels))}
+    return {"train": train, "val": val_lines(archive_val_labels(archives, val_labels, classes))}
 
 
 def stream_images(archives: Archives, split: str,

@@ -261,11 +261,10 @@ class RandomResizedCropFlip(RandomTransform):
                        decoded.bgr)
 
 
-def _resize_shorter_and_crop(source: _Source, shorter: int, top: int, left: int,
-                             size: tuple[int, int], flip: bool) -> torch.Tensor:
-    """torchvision's Resize(shorter), then the size crop at (top, left). The whole image is
-    resized, so the crop's border pixels see the filter support a resize-then-crop gives."""
-    new_w, new_h = shorter_side_size(source.width, source.height, shorter)
+def _resize_and_crop(source: _Source, new_w: int, new_h: int, top: int, left: int,
+                     size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """torchvision's Resize to new_w x new_h, then the size crop at (top, left). The whole image
+    is resized, so the crop's border pixels see the filter support a resize-then-crop gives."""
     factor = jpeg_reduction(source.width, source.height, new_w, new_h) if source.is_jpeg else 1
     decoded = _decode(source, factor)
     resized = resize_antialiased(decoded.image, new_h, new_w)
@@ -289,8 +288,8 @@ class RandomScaleCropFlip(RandomTransform):
         shorter = rng.randint(self.min_side, self.max_side)
         new_w, new_h = shorter_side_size(source.width, source.height, shorter)
         top, left = rng.randint(0, new_h - self.size[0]), rng.randint(0, new_w - self.size[1])
-        return _resize_shorter_and_crop(source, shorter, top, left, self.size,
-                                        rng.random() < self.flip_p)
+        return _resize_and_crop(source, new_w, new_h, top, left, self.size,
+                                rng.random() < self.flip_p)
 
 
 class ResizeCenterCrop:
@@ -306,7 +305,7 @@ class ResizeCenterCrop:
         new_w, new_h = shorter_side_size(source.width, source.height, self.shorter)
         top = int(round((new_h - self.size[0]) / 2.0))
         left = int(round((new_w - self.size[1]) / 2.0))
-        return _resize_shorter_and_crop(source, self.shorter, top, left, self.size, flip=False)
+        return _resize_and_crop(source, new_w, new_h, top, left, self.size, flip=False)
 
 
 def _planes(image: np.ndarray) -> np.ndarray:

@@ -16,12 +16,12 @@ from utils.demo import (
     DEMO_CONFIG,
     SHARE_KEY,
     DemoRow,
-    best_result,
     format_table,
-    last_share,
+    row_result,
     run_configs,
     split_methods,
 )
+from utils.errors import UserError
 from utils.logger import LOG_NAME, METRICS_NAME
 
 CONSOLE_BUDGET = 80  # lines a whole first demo may print, data preparation included
@@ -70,7 +70,7 @@ def test_best_result_and_table(tmp_path):
         f.write('{"epoch": 1, "val_top1_err": 40.0, "val_top5_err": 5.0}\n')
         f.write('{"epoch": 2, "val_top1_err": 12.5, "val_top5_err": 1.5}\n')
         f.write('{"epoch": 3, "val_top1_err": 20.0, "val_top5_err": 0.5}\n')
-    assert best_result(str(tmp_path)) == (87.5, 98.5)
+    assert row_result(str(tmp_path)) == (87.5, 98.5, None)
     table = format_table([DemoRow("ResNet 34", "Teacher", 87.5, 98.5, None),
                           DemoRow("ResNet 18", "Original", 80.0, 97.0, 12.0)], 30.0)
     assert "| ResNet 34 | Teacher | 87.50 | 98.50 | reused |" in table
@@ -131,14 +131,15 @@ def test_methods_need_a_student_row_to_copy():
 
 
 def test_last_share_is_the_last_epoch_that_recorded_one(tmp_path):
-    assert last_share(str(tmp_path)) is None  # no metrics file
+    with pytest.raises(UserError, match="no validation results"):
+        row_result(str(tmp_path))  # no metrics file
     with open(tmp_path / METRICS_NAME, "w") as f:
         f.write('{"epoch": 1, "val_top1_err": 40.0, "val_top5_err": 5.0}\n')
-    assert last_share(str(tmp_path)) is None  # written before the key existed, or no teacher
+    assert row_result(str(tmp_path))[2] is None  # written before the key existed, or no teacher
     with open(tmp_path / METRICS_NAME, "a") as f:
         f.write(json.dumps({"epoch": 2, SHARE_KEY: 0.5}) + "\n")
         f.write(json.dumps({"epoch": 3, SHARE_KEY: 0.125}) + "\n")
-    assert last_share(str(tmp_path)) == 0.125
+    assert row_result(str(tmp_path)) == (60.0, 95.0, 0.125)
 
 
 def test_table_shows_the_share_where_known_and_a_dash_elsewhere():

@@ -126,9 +126,9 @@ def test_checks_name_what_is_wrong(data, lmdb_copy):
     truncate(os.path.join(stub, "data.mdb"), 0.0001)
     with pytest.raises(DataError, match=r"the LMDB at '.*stub' cannot be opened .*img2lmdb"):
         check_lmdb_whole(stub)
-    check_class_count(4, "the list", num_classes=4, teacher_outputs=4)
-    with pytest.raises(ConfigError, match="the teacher's classifier has 3 outputs"):
-        check_class_count(4, "the list", num_classes=5, teacher_outputs=3)
+    check_class_count(4, "the list", num_classes=4)
+    with pytest.raises(ConfigError, match="the list has 4 classes but model.num_classes is 3"):
+        check_class_count(4, "the list", num_classes=3)
 
 
 @pytest.mark.slow

@@ -95,8 +95,9 @@ def crop_at(transform: RandomResizedCropFlip, sample: bytes | np.ndarray, box: B
 def scale_crop_at(transform: RandomScaleCropFlip, sample: bytes | np.ndarray, shorter: int,
                   top: int, left: int, flip: bool) -> torch.Tensor:
     """RandomScaleCropFlip's output for given parameters: its deterministic half."""
-    return transforms._resize_shorter_and_crop(transforms._inspect(sample), shorter, top, left,
-                                               transform.size, flip)
+    source = transforms._inspect(sample)
+    new_w, new_h = transforms.shorter_side_size(source.width, source.height, shorter)
+    return transforms._resize_and_crop(source, new_w, new_h, top, left, transform.size, flip)
 
 
 def mean_abs_diff(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import copy
 import difflib
 import importlib.util
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -91,9 +91,8 @@ def apply_mapping(cfg: AttrDict, mapping: Mapping[str, Any]) -> AttrDict:
     return cfg
 
 
-def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+def require_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     """The one check of every setting that takes one of a fixed set of values."""
-    choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
 

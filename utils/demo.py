@@ -105,22 +105,18 @@ def run_configs(cfg_path: str, overrides: Sequence[str],
     return configs
 
 
-def best_result(output_dir: str) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of the epoch with the lowest validation top-1 error."""
-    records = [r for r in read_metrics(os.path.join(output_dir, METRICS_NAME))
-               if r.get("val_top1_err") is not None]
-    if not records:
-        raise UserError(f"no validation results in {output_dir}/{METRICS_NAME}")
-    best = min(records, key=lambda r: r["val_top1_err"])
-    return 100.0 - best["val_top1_err"], 100.0 - best["val_top5_err"]
-
-
-def last_share(output_dir: str) -> float | None:
-    """The regularisation share of the last epoch that recorded one (None when none did: a row
+def row_result(output_dir: str) -> tuple[float, float, float | None]:
+    """Top-1 and top-5 accuracy (percent) of the epoch with the lowest validation top-1 error,
+    and the regularisation share of the last epoch that recorded one (None when none did: a row
     without a teacher, or a metrics file written before the key existed)."""
     records = read_metrics(os.path.join(output_dir, METRICS_NAME))
-    shares = [r[SHARE_KEY] for r in records if isinstance(r.get(SHARE_KEY), (int, float))]
-    return shares[-1] if shares else None
+    validated = [r for r in records if r.get("val_top1_err") is not None]
+    if not validated:
+        raise UserError(f"no validation results in {output_dir}/{METRICS_NAME}")
+    best = min(validated, key=lambda r: r["val_top1_err"])
+    share = next((r[SHARE_KEY] for r in reversed(records)
+                  if isinstance(r.get(SHARE_KEY), (int, float))), None)
+    return 100.0 - best["val_top1_err"], 100.0 - best["val_top5_err"], share
 
 
 def format_table(rows: Sequence[DemoRow], total_seconds: float) -> str:
@@ -189,11 +185,10 @@ def run_demo(train: Callable[[AttrDict], None], overrides: Sequence[str] = (),
             train_teacher(train, cfg)
         else:
             train(cfg)
-        top1, top5 = best_result(output_dir)
+        top1, top5, share = row_result(output_dir)
         print(f"Outputs: {output_dir} ({LOG_NAME}, config.json, {METRICS_NAME}, {CURVES_NAME}, "
               f"{BEST_NAME})", flush=True)
         seconds = None if reused else time.time() - run_start
-        rows.append(DemoRow(run["network"], run["method"], top1, top5, seconds,
-                            last_share(output_dir)))
+        rows.append(DemoRow(run["network"], run["method"], top1, top5, seconds, share))
     print(format_table(rows, time.time() - start), flush=True)
     return rows
