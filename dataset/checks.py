@@ -17,12 +17,14 @@ if TYPE_CHECKING:
     from dataset.imagenet_data import ImageNet12
 
 REPACK = "copy it again or rerun img2lmdb.py"
+# What else a user whose LMDB is missing can do: train from the JPEG folders.
+NO_LMDB_HINT = ", or set data.*_data_type='img'"
 
 
 def check_lmdb_whole(path: str) -> None:
     """DataError unless the LMDB's data.mdb holds every page its metadata names: reading past
     the end of an interrupted copy is a SIGBUS that kills the process without a word."""
-    require_lmdb(path)
+    require_lmdb(path, hint=NO_LMDB_HINT)
     size = os.path.getsize(os.path.join(path, "data.mdb"))
     try:
         env = open_lmdb_readonly(path)

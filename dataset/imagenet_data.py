@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset import jpeg_region, lmdb_dataset
+from dataset.checks import NO_LMDB_HINT
 from dataset.folder_dataset import FolderDataset, require_folder
 from dataset.image_list import class_folders
 from dataset.sampling import EpochSampler
@@ -148,7 +149,7 @@ class ImageNet12:
         """Datasets hand transform the file's bytes, so that it decodes each image once, at
         reduced size where it can."""
         if data_type == "lmdb":
-            lmdb_dataset.require_lmdb(root, hint=", or set data.*_data_type='img'")
+            lmdb_dataset.require_lmdb(root, hint=NO_LMDB_HINT)
             return lmdb_dataset.LMDBDataset(root, list_path, transform=transform, decode=False)
         return FolderDataset(root, list_path, transform=transform, decode=False,
                              classes=self.class_names())

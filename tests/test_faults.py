@@ -98,6 +98,14 @@ def test_start_up_checks_at_the_command_line(data, lmdb_copy, tmp_path, capsys):
                         line), line
     print(line)
 
+    # No LMDB at all: how to build one, or how to train from the JPEG folders instead.
+    empty = str(tmp_path / "no_lmdb")
+    os.makedirs(empty)
+    line = one_error_line(run_main(overrides(data, out, data__data_path=empty), capsys), 2)
+    assert line == (f"error: no LMDB at '{os.path.join(empty, 'train')}' (data.mdb missing); "
+                    f"build it with dataset/img2lmdb.py, or set data.*_data_type='img'"), line
+    print(line)
+
     # An interrupted copy: data.mdb cut to a third (checked before the lists).
     kept, size = truncate(os.path.join(lmdb_copy, "train", "data.mdb"), 1 / 3)
     line = one_error_line(run_main(overrides(data, out, data__data_path=lmdb_copy), capsys), 2)
