@@ -154,14 +154,14 @@ class ImageNet12:
         return FolderDataset(root, list_path, transform=transform, decode=False,
                              classes=self.class_names())
 
-    def getTrainLoader(self, batch_size: int, persistent_workers: bool = True) -> DataLoader:
+    def getTrainLoader(self, batch_size: int) -> DataLoader:
         """Reshuffled per ``loader.sampler.set_epoch(epoch)``; batch_size is per process."""
         dataset = self.train_set()
         self.train_num_examples = len(dataset)
         sampler = EpochSampler(dataset, num_replicas=distributed.get_world_size(),
                                rank=distributed.get_rank(), seed=self.seed)
         return self._loader(dataset, batch_size, sampler, drop_last=len(sampler) > batch_size,
-                            persistent_workers=persistent_workers)
+                            persistent_workers=True)
 
     def getTestLoader(self, batch_size: int) -> DataLoader:
         """In order; under a process group, this rank's disjoint shard. Its workers start for
@@ -176,7 +176,7 @@ class ImageNet12:
         return self.getTrainLoader(batch_size), self.getTestLoader(batch_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool,
-                persistent_workers: bool = True) -> DataLoader:
+                persistent_workers: bool) -> DataLoader:
         workers = self.num_workers
         if workers > 0 and cv2.getNumThreads() != 1:
             # before forking: a forked worker changing the thread count of a pool that has run
