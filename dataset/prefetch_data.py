@@ -23,7 +23,8 @@ class DevicePrefetcher:
         self.loader = loader
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        scaled = torch.tensor([mean, std], dtype=torch.float64) * 255.0  # rounded to float32 once
+        scaled = torch.tensor([[float(m) for m in mean], [float(s) for s in std]],
+                              dtype=torch.float64) * 255.0  # rounded to float32 once
         self.mean, self.std = scaled.to(self.device, torch.float32).view(2, 1, -1, 1, 1)
         # One side stream for every pass: the caching allocator reuses a freed block only on the
         # stream that allocated it, so a new stream per pass would strand each pass's buffers.

@@ -59,6 +59,8 @@ def build_model(name: str, num_classes: int = 1000,
     for the official ImageNet weights (1000 classes only), or a checkpoint file or state mapping
     (see models.weights). ConfigError for a bad name or combination, DataError for bad weights."""
     constructor, _ = _architecture(name)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be positive, got {num_classes}")
     if weights == OFFICIAL_WEIGHTS:
         if num_classes != 1000:
             raise ConfigError(f"the official '{name}' weights have 1000 classes, but num_classes "

@@ -108,6 +108,12 @@ def test_unknown_model_names_the_choices():
         build_model("vgg16")
 
 
+@pytest.mark.parametrize("num_classes", [0, -1])
+def test_a_classifier_without_outputs_is_a_config_error(num_classes):
+    with pytest.raises(ConfigError, match=f"num_classes must be positive, got {num_classes}"):
+        build_model("resnet18", num_classes=num_classes)
+
+
 def test_mobilenet_v1_has_the_standard_shape_and_size():
     model = MobileNetV1()
     assert sum(p.numel() for p in model.parameters()) == 4_231_976  # "4.2M" in the paper

@@ -38,6 +38,13 @@ def test_yields_normalised_float_images_and_int64_labels():
         assert labels.dtype == torch.int64 and torch.equal(labels, raw_labels)
 
 
+@pytest.mark.parametrize("as_type", [tuple, list, torch.tensor], ids=["tuple", "list", "tensor"])
+def test_mean_and_std_as_any_sequence_of_numbers(as_type):
+    batches = uint8_batches(count=1)
+    (images, _), = DevicePrefetcher(batches, "cpu", as_type(MEAN), as_type(STD))
+    torch.testing.assert_close(images.double(), reference(batches[0][0]), atol=1e-5, rtol=0)
+
+
 def test_leaves_the_loaders_batches_untouched():
     batches = uint8_batches(count=1)
     original = batches[0][0].clone()
